@@ -1,0 +1,379 @@
+//! One channel: a bounded, time-limited buffer of messages with strictly increasing ids, and
+//! the notification its live subscribers wait on.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use parking_lot::RwLock;
+use tokio::sync::Notify;
+
+use super::message::{Message, MessageId};
+use crate::config::{BufferPolicy, Transport};
+
+/// Why a channel stopped serving its subscribers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// `DELETE /pub/{channel}`.
+    Deleted,
+    /// The process is draining (SIGTERM).
+    ShuttingDown,
+}
+
+/// What a subscriber finds when it reads from its position.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Read {
+    /// This many messages were appended to the caller's batch.
+    Messages(usize),
+    /// Nothing new yet.
+    Empty,
+    /// Messages after the position already left the buffer: the subscriber fell behind.
+    Lagged,
+    Closed(CloseReason),
+}
+
+pub struct Channel {
+    pub name: Arc<str>,
+    policy: BufferPolicy,
+    /// parking_lot, not a Tokio lock: every critical section is a few pointer moves and no
+    /// `.await` ever happens while it is held. Readers (subscribers) share it; only publish,
+    /// trim and close take it exclusively.
+    state: RwLock<State>,
+    /// Woken (all waiters at once) after every append and on close. Notified *after* the
+    /// state lock is released, so woken subscribers do not find it still held.
+    notify: Notify,
+    /// Live subscribers per transport. Changed under the hub's map lock (see `Hub`), so a
+    /// channel is never freed while a subscriber is joining it.
+    subscribers: [AtomicUsize; 3],
+}
+
+struct State {
+    messages: VecDeque<Arc<Message>>,
+    /// Channel-local sequence number of `messages[0]`; subscribers hold positions in this
+    /// numbering, so reading is an index computation, not a search.
+    first_seq: u64,
+    last_id: Option<MessageId>,
+    /// The newest id that has left the buffer: a resume from before it has a gap.
+    evicted_through: Option<MessageId>,
+    published: u64,
+    closed: Option<CloseReason>,
+    /// Set under this lock when the hub drops the channel from its map; a publisher that
+    /// raced with that retries on a fresh channel instead of appending to a dead one.
+    removed: bool,
+}
+
+/// A subscriber's starting point, resolved against the buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StartPosition {
+    pub next_seq: u64,
+    /// Some message after the requested id had already left the buffer.
+    pub gap: bool,
+}
+
+/// Where a new subscriber starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// Only messages published from now on.
+    Newest,
+    /// The whole buffer.
+    Oldest,
+    /// Everything after this id.
+    After(MessageId),
+}
+
+pub struct AppendOutcome {
+    pub id: MessageId,
+    pub buffered: usize,
+}
+
+/// Figures for the publish API and `/channels`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ChannelStats {
+    pub channel: String,
+    pub subscribers: usize,
+    pub subscribers_by_transport: SubscriberCounts,
+    pub buffered: usize,
+    pub last_id: Option<String>,
+    pub published: u64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SubscriberCounts {
+    pub websocket: usize,
+    pub sse: usize,
+    pub longpoll: usize,
+}
+
+fn unix_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Channel {
+    pub(super) fn new(name: Arc<str>, policy: BufferPolicy) -> Channel {
+        Channel {
+            name,
+            policy,
+            state: RwLock::new(State {
+                messages: VecDeque::new(),
+                first_seq: 0,
+                last_id: None,
+                evicted_through: None,
+                published: 0,
+                closed: None,
+                removed: false,
+            }),
+            notify: Notify::new(),
+            subscribers: Default::default(),
+        }
+    }
+
+    pub fn notify(&self) -> &Notify {
+        &self.notify
+    }
+
+    /// Appends one message and wakes every waiting subscriber. Returns None when the channel
+    /// was removed from the hub meanwhile (the caller retries on the new channel).
+    pub(super) fn append(
+        &self,
+        event: Option<Box<str>>,
+        content_type: http::HeaderValue,
+        body: bytes::Bytes,
+        now: Instant,
+    ) -> Option<AppendOutcome> {
+        let outcome = {
+            let mut st = self.state.write();
+            if st.removed {
+                return None;
+            }
+            let id = MessageId::next_after(st.last_id, unix_millis());
+            let msg = Arc::new(Message::new(id, event, content_type, body, now));
+            st.messages.push_back(msg);
+            st.last_id = Some(id);
+            st.published += 1;
+            // Bound by count: the oldest message leaves; a subscriber still behind it lags.
+            while st.messages.len() > self.policy.buffer_messages.max(1) {
+                st.evict_front();
+            }
+            st.evict_expired(now, self.policy.buffer_ttl);
+            AppendOutcome {
+                id,
+                buffered: st.messages.len(),
+            }
+        };
+        self.notify.notify_waiters();
+        Some(outcome)
+    }
+
+    /// Drops messages older than the TTL. Returns true when the channel is idle and empty
+    /// (a candidate to free).
+    pub(super) fn trim(&self, now: Instant) -> bool {
+        let mut st = self.state.write();
+        st.evict_expired(now, self.policy.buffer_ttl);
+        st.messages.is_empty() && self.subscriber_count() == 0
+    }
+
+    pub(super) fn close(&self, reason: CloseReason) {
+        {
+            let mut st = self.state.write();
+            if st.closed.is_none() {
+                st.closed = Some(reason);
+            }
+        }
+        self.notify.notify_waiters();
+    }
+
+    /// Marks the channel removed if it is still free to remove (no subscribers, empty buffer).
+    pub(super) fn try_mark_removed(&self) -> bool {
+        let mut st = self.state.write();
+        if self.subscriber_count() == 0 && st.messages.is_empty() {
+            st.removed = true;
+            true
+        } else {
+            false
+        }
+    }
+
+    pub(super) fn mark_removed(&self) {
+        self.state.write().removed = true;
+    }
+
+    /// Resolves where a new subscriber starts.
+    pub fn start(&self, from: Start) -> StartPosition {
+        let st = self.state.read();
+        let end = st.first_seq + st.messages.len() as u64;
+        match from {
+            Start::Newest => StartPosition {
+                next_seq: end,
+                gap: false,
+            },
+            Start::Oldest => StartPosition {
+                next_seq: st.first_seq,
+                gap: false,
+            },
+            Start::After(last) => {
+                let idx = st.messages.partition_point(|m| m.id <= last);
+                StartPosition {
+                    next_seq: st.first_seq + idx as u64,
+                    gap: st.evicted_through.is_some_and(|e| last < e),
+                }
+            }
+        }
+    }
+
+    /// Appends up to `max` messages from `next_seq` on to `out` and advances `next_seq`.
+    pub fn read(&self, next_seq: &mut u64, out: &mut Vec<Arc<Message>>, max: usize) -> Read {
+        let st = self.state.read();
+        if *next_seq < st.first_seq {
+            return Read::Lagged;
+        }
+        let start = (*next_seq - st.first_seq) as usize;
+        if start < st.messages.len() {
+            let n = (st.messages.len() - start).min(max);
+            out.extend(st.messages.range(start..start + n).cloned());
+            *next_seq += n as u64;
+            return Read::Messages(n);
+        }
+        match st.closed {
+            Some(r) => Read::Closed(r),
+            None => Read::Empty,
+        }
+    }
+
+    /// The id of the newest message ever published here (buffered or not).
+    pub fn last_id(&self) -> Option<MessageId> {
+        self.state.read().last_id
+    }
+
+    pub fn subscriber_count(&self) -> usize {
+        self.subscribers
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    pub(super) fn add_subscriber(&self, t: Transport) {
+        self.subscribers[t.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Returns the number of subscribers left.
+    pub(super) fn remove_subscriber(&self, t: Transport) -> usize {
+        self.subscribers[t.index()].fetch_sub(1, Ordering::Relaxed);
+        self.subscriber_count()
+    }
+
+    pub fn stats(&self) -> ChannelStats {
+        let st = self.state.read();
+        let by = |t: Transport| self.subscribers[t.index()].load(Ordering::Relaxed);
+        ChannelStats {
+            channel: self.name.to_string(),
+            subscribers: self.subscriber_count(),
+            subscribers_by_transport: SubscriberCounts {
+                websocket: by(Transport::WebSocket),
+                sse: by(Transport::Sse),
+                longpoll: by(Transport::LongPoll),
+            },
+            buffered: st.messages.len(),
+            last_id: st.last_id.map(|id| id.to_string()),
+            published: st.published,
+        }
+    }
+}
+
+impl State {
+    fn evict_front(&mut self) {
+        if let Some(m) = self.messages.pop_front() {
+            self.evicted_through = Some(m.id);
+            self.first_seq += 1;
+        }
+    }
+
+    fn evict_expired(&mut self, now: Instant, ttl: std::time::Duration) {
+        while self
+            .messages
+            .front()
+            .is_some_and(|m| now.saturating_duration_since(m.published_at) > ttl)
+        {
+            self.evict_front();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use std::time::Duration;
+
+    fn chan(n: usize, ttl: Duration) -> Channel {
+        Channel::new(
+            "c".into(),
+            BufferPolicy {
+                buffer_messages: n,
+                buffer_ttl: ttl,
+            },
+        )
+    }
+
+    fn put(c: &Channel, body: &'static str) -> MessageId {
+        c.append(
+            None,
+            http::HeaderValue::from_static("text/plain"),
+            Bytes::from_static(body.as_bytes()),
+            Instant::now(),
+        )
+        .unwrap()
+        .id
+    }
+
+    #[test]
+    fn buffer_is_bounded_and_resume_reports_gaps() {
+        let c = chan(3, Duration::from_secs(60));
+        let ids: Vec<_> = (0..5).map(|_| put(&c, "x")).collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]));
+        // ids[0] and ids[1] were evicted.
+        let p = c.start(Start::After(ids[0]));
+        assert!(p.gap);
+        let p = c.start(Start::After(ids[1]));
+        assert!(!p.gap, "everything after ids[1] is still buffered");
+        let mut seq = p.next_seq;
+        let mut out = Vec::new();
+        assert_eq!(c.read(&mut seq, &mut out, 10), Read::Messages(3));
+        assert_eq!(out.iter().map(|m| m.id).collect::<Vec<_>>(), ids[2..]);
+        assert_eq!(c.read(&mut seq, &mut out, 10), Read::Empty);
+    }
+
+    #[test]
+    fn slow_reader_lags() {
+        let c = chan(2, Duration::from_secs(60));
+        let mut seq = c.start(Start::Newest).next_seq;
+        for _ in 0..3 {
+            put(&c, "x");
+        }
+        assert_eq!(c.read(&mut seq, &mut Vec::new(), 10), Read::Lagged);
+    }
+
+    #[test]
+    fn ttl_evicts() {
+        let c = chan(10, Duration::from_millis(1));
+        put(&c, "x");
+        assert!(!c.trim(Instant::now()));
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(c.trim(Instant::now()), "expired and unsubscribed: free it");
+        assert_eq!(c.stats().buffered, 0);
+    }
+
+    #[test]
+    fn closed_after_drain() {
+        let c = chan(10, Duration::from_secs(60));
+        let mut seq = c.start(Start::Newest).next_seq;
+        put(&c, "x");
+        c.close(CloseReason::Deleted);
+        let mut out = Vec::new();
+        assert_eq!(c.read(&mut seq, &mut out, 10), Read::Messages(1));
+        assert_eq!(c.read(&mut seq, &mut out, 10), Read::Closed(CloseReason::Deleted));
+    }
+}

@@ -1,0 +1,217 @@
+//! The Prometheus registry and typed metric handles.
+//!
+//! Handles with a label are resolved once here (one per transport, reason, ...) so the hot
+//! path increments a plain atomic, never looks a label up. No per-channel labels: per-channel
+//! figures come from `/channels`.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::config::Transport;
+
+/// Why the hub let go of a subscriber.
+#[derive(Debug, Clone, Copy)]
+pub enum DropReason {
+    /// Fell behind the buffer (slow reader).
+    Lagged,
+    /// No pong within two keepalive intervals (WebSocket).
+    Timeout,
+    /// Sent a frame larger than allowed (WebSocket).
+    Oversized,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    connections: [IntGauge; 3],
+    connections_total: [IntCounter; 3],
+    pub messages_published: IntCounter,
+    messages_delivered: [IntCounter; 3],
+    delivered_bytes: [IntCounter; 3],
+    pub channels: IntGauge,
+    dropped: [IntCounter; 3],
+    pub publish_duration: Histogram,
+    pub delivery_lag: Histogram,
+    pub proxy_requests: [IntCounter; 5],
+    pub proxy_duration: Histogram,
+    pub upstream_errors_connect: IntCounter,
+    pub upstream_errors_timeout: IntCounter,
+    pub upstream_errors_other: IntCounter,
+    pub client_connections: IntGauge,
+    pub connections_refused: IntCounter,
+    pub config_reloads_ok: IntCounter,
+    pub config_reloads_error: IntCounter,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        let transports = |vec: &IntGaugeVec| Transport::ALL.map(|t| vec.with_label_values(&[t.as_str()]));
+        let per_transport = |vec: &IntCounterVec| {
+            Transport::ALL.map(|t| vec.with_label_values(&[t.as_str()]))
+        };
+        let gauge_vec = |name: &str, help: &str, label: &str| {
+            let v = IntGaugeVec::new(Opts::new(name, help).namespace("crier"), &[label])
+                .expect("valid metric"); // ok: constant names
+            r.register(Box::new(v.clone())).expect("unique metric"); // ok: registered once
+            v
+        };
+        let counter_vec = |name: &str, help: &str, label: &str| {
+            let v = IntCounterVec::new(Opts::new(name, help).namespace("crier"), &[label])
+                .expect("valid metric"); // ok: constant names
+            r.register(Box::new(v.clone())).expect("unique metric"); // ok
+            v
+        };
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::with_opts(Opts::new(name, help).namespace("crier"))
+                .expect("valid metric"); // ok
+            r.register(Box::new(c.clone())).expect("unique metric"); // ok
+            c
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::with_opts(Opts::new(name, help).namespace("crier"))
+                .expect("valid metric"); // ok
+            r.register(Box::new(g.clone())).expect("unique metric"); // ok
+            g
+        };
+        let histogram = |name: &str, help: &str| {
+            let h = Histogram::with_opts(
+                HistogramOpts::new(name, help)
+                    .namespace("crier")
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+            )
+            .expect("valid metric"); // ok
+            r.register(Box::new(h.clone())).expect("unique metric"); // ok
+            h
+        };
+
+        let connections = transports(&gauge_vec(
+            "connections",
+            "Open subscriber connections.",
+            "transport",
+        ));
+        let connections_total = per_transport(&counter_vec(
+            "connections_total",
+            "Subscriber connections accepted.",
+            "transport",
+        ));
+        let messages_delivered = per_transport(&counter_vec(
+            "messages_delivered_total",
+            "Messages handed to subscriber connections.",
+            "transport",
+        ));
+        let delivered_bytes = per_transport(&counter_vec(
+            "delivered_bytes_total",
+            "Message body bytes handed to subscriber connections.",
+            "transport",
+        ));
+        let dropped_vec = counter_vec(
+            "subscribers_dropped_total",
+            "Subscribers the server disconnected, by reason.",
+            "reason",
+        );
+        let dropped = ["lagged", "timeout", "oversized"].map(|r| dropped_vec.with_label_values(&[r]));
+        let proxy_vec = counter_vec(
+            "proxy_requests_total",
+            "Proxied requests by response status class.",
+            "code_class",
+        );
+        let proxy_requests = ["1xx", "2xx", "3xx", "4xx", "5xx"].map(|c| proxy_vec.with_label_values(&[c]));
+        let upstream_errors = counter_vec(
+            "upstream_errors_total",
+            "Failed upstream requests by kind.",
+            "kind",
+        );
+        let reloads = counter_vec(
+            "config_reloads_total",
+            "Config reloads (SIGHUP) by result.",
+            "result",
+        );
+
+        let m = Metrics {
+            connections,
+            connections_total,
+            messages_published: counter("messages_published_total", "Messages accepted by the publish API."),
+            messages_delivered,
+            delivered_bytes,
+            channels: gauge("channels", "Channels in the hub."),
+            dropped,
+            publish_duration: histogram(
+                "publish_duration_seconds",
+                "Time to accept a publish (body read, append, wake).",
+            ),
+            delivery_lag: histogram(
+                "delivery_lag_seconds",
+                "Time from publish accepted to the message handed to the subscriber's connection.",
+            ),
+            proxy_requests,
+            proxy_duration: histogram(
+                "proxy_request_duration_seconds",
+                "Time from a proxied request's arrival to its upstream response headers.",
+            ),
+            upstream_errors_connect: upstream_errors.with_label_values(&["connect"]),
+            upstream_errors_timeout: upstream_errors.with_label_values(&["timeout"]),
+            upstream_errors_other: upstream_errors.with_label_values(&["other"]),
+            client_connections: gauge("client_connections", "Open client connections on the public listeners."),
+            connections_refused: counter(
+                "client_connections_refused_total",
+                "Client connections refused because server.max_connections was reached.",
+            ),
+            config_reloads_ok: reloads.with_label_values(&["ok"]),
+            config_reloads_error: reloads.with_label_values(&["error"]),
+            registry: r,
+        };
+        #[cfg(target_os = "linux")]
+        {
+            let pc = prometheus::process_collector::ProcessCollector::for_self();
+            // A second in-process server (tests) shares the process: one collector is enough.
+            let _ = m.registry.register(Box::new(pc));
+        }
+        m
+    }
+
+    pub fn subscriber_connected(&self, t: Transport) {
+        self.connections[t.index()].inc();
+        self.connections_total[t.index()].inc();
+    }
+
+    pub fn subscriber_disconnected(&self, t: Transport) {
+        self.connections[t.index()].dec();
+    }
+
+    pub fn delivered(&self, t: Transport, messages: u64, bytes: u64) {
+        self.messages_delivered[t.index()].inc_by(messages);
+        self.delivered_bytes[t.index()].inc_by(bytes);
+    }
+
+    pub fn dropped(&self, reason: DropReason) {
+        self.dropped[reason as usize].inc();
+    }
+
+    pub fn proxy_response(&self, status: u16) {
+        let class = (status / 100).clamp(1, 5) as usize - 1;
+        self.proxy_requests[class].inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        // Encoding into a Vec cannot fail on I/O; a failure would be a bad metric name.
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!("metrics encoding failed: {e}");
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

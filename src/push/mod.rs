@@ -1,0 +1,259 @@
+//! Subscriber transports. One URL per channel serves all three; the request picks one:
+//! `Upgrade: websocket` → WebSocket, `Accept: text/event-stream` → SSE, anything else → long-poll.
+//! Each transport owns its wire encoding and its loop, in its own file.
+
+pub mod longpoll;
+pub mod sse;
+pub mod ws;
+
+use std::sync::Arc;
+
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{FirstMessage, PushLocation, Transport};
+use crate::hub::{Hub, HubError, MessageId, Start, Subscription};
+use crate::response::{self, Body};
+
+/// The wire-encoding slots of [`crate::hub::Message`], one per encoding that is worth building
+/// once per message and sharing between subscribers.
+pub mod encoding {
+    pub const SSE: usize = 0;
+    pub const WS_JSON: usize = 1;
+}
+
+pub const RESUME_HEADER: &str = "crier-resume";
+
+/// What a push request needs from the server.
+pub struct PushContext<'a> {
+    pub hub: &'a Hub,
+    /// WebSocket tasks live outside the HTTP connection; shutdown waits on this tracker.
+    pub ws_tasks: &'a TaskTracker,
+}
+
+/// Where the client says it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Position {
+    /// Nothing named: the location's `first_message` decides.
+    Unnamed,
+    /// `last_event_id=earliest`: the whole buffer.
+    Earliest,
+    After(MessageId),
+}
+
+impl Position {
+    fn start(self, loc: &PushLocation) -> Start {
+        match self {
+            Position::Unnamed => match loc.first_message {
+                FirstMessage::Newest => Start::Newest,
+                FirstMessage::Oldest => Start::Oldest,
+            },
+            Position::Earliest => Start::Oldest,
+            Position::After(id) => Start::After(id),
+        }
+    }
+}
+
+/// Serves one request at a push location.
+pub async fn serve(
+    ctx: PushContext<'_>,
+    mut req: Request<Incoming>,
+    loc: &PushLocation,
+    channel: &str,
+) -> Response<Body> {
+    let cors = match check_origin(req.headers(), loc) {
+        Ok(c) => c,
+        Err(()) => return response::text(StatusCode::FORBIDDEN, "origin not allowed"),
+    };
+    let transport = if hyper_tungstenite::is_upgrade_request(&req) {
+        Transport::WebSocket
+    } else if req.method() == Method::OPTIONS {
+        return preflight(cors);
+    } else if req.method() != Method::GET && req.method() != Method::HEAD {
+        return response::method_not_allowed("GET, OPTIONS", false);
+    } else if accepts_event_stream(req.headers()) {
+        Transport::Sse
+    } else {
+        Transport::LongPoll
+    };
+    if !loc.allows(transport) {
+        return if transport == Transport::WebSocket {
+            response::text(StatusCode::BAD_REQUEST, "websocket is not enabled at this location")
+        } else {
+            response::text(
+                StatusCode::NOT_ACCEPTABLE,
+                &format!("{} is not enabled at this location", transport.as_str()),
+            )
+        };
+    }
+    let position = match position(&req, transport) {
+        Ok(p) => p,
+        Err(e) => return response::text(StatusCode::BAD_REQUEST, &e),
+    };
+    let sub = match ctx.hub.subscribe(channel, transport, position.start(loc)) {
+        Ok(s) => s,
+        Err(e) => return hub_error(e),
+    };
+    let mut resp = match transport {
+        Transport::Sse => sse::respond(sub, loc),
+        Transport::WebSocket => ws::respond(&mut req, sub, loc, ctx.ws_tasks),
+        Transport::LongPoll => longpoll::respond(sub, loc, position).await,
+    };
+    if let Some(origin) = cors {
+        add_cors(resp.headers_mut(), origin);
+    }
+    resp
+}
+
+pub fn hub_error(e: HubError) -> Response<Body> {
+    match e {
+        HubError::TooManyChannels(_) => {
+            response::text(StatusCode::TOO_MANY_REQUESTS, &e.to_string())
+        }
+        HubError::NoSuchChannel => response::text(StatusCode::NOT_FOUND, &e.to_string()),
+        HubError::ShuttingDown => {
+            let mut r = response::text(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            r
+        }
+    }
+}
+
+/// `Crier-Resume: gap` when messages after the client's position were already gone.
+pub fn resume_header(sub: &Subscription) -> HeaderValue {
+    HeaderValue::from_static(if sub.gap() { "gap" } else { "ok" })
+}
+
+fn accepts_event_stream(h: &HeaderMap) -> bool {
+    h.get_all(header::ACCEPT).iter().any(|v| {
+        v.to_str().is_ok_and(|s| {
+            s.split(',').any(|m| {
+                m.split(';')
+                    .next()
+                    .is_some_and(|t| t.trim().eq_ignore_ascii_case("text/event-stream"))
+            })
+        })
+    })
+}
+
+/// Reads the client's position: `last_event_id` in the query (all transports),
+/// `Last-Event-ID` (SSE), `If-None-Match: "<id>"` (long-poll). The query wins.
+fn position(req: &Request<Incoming>, t: Transport) -> Result<Position, String> {
+    if let Some(q) = req.uri().query() {
+        for pair in q.split('&') {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            if k == "last_event_id" {
+                return parse_position(v);
+            }
+        }
+    }
+    let h = req.headers();
+    match t {
+        Transport::Sse => match h.get("last-event-id") {
+            Some(v) => parse_position(v.to_str().map_err(|_| "malformed Last-Event-ID")?.trim()),
+            None => Ok(Position::Unnamed),
+        },
+        Transport::LongPoll => match h.get(header::IF_NONE_MATCH) {
+            Some(v) => {
+                let s = v.to_str().map_err(|_| "malformed If-None-Match")?.trim();
+                if s == "*" {
+                    return Ok(Position::Unnamed);
+                }
+                let s = s.trim_start_matches("W/").trim_matches('"');
+                parse_position(s)
+            }
+            None => Ok(Position::Unnamed),
+        },
+        Transport::WebSocket => Ok(Position::Unnamed),
+    }
+}
+
+fn parse_position(v: &str) -> Result<Position, String> {
+    match v {
+        "" => Ok(Position::Unnamed),
+        "earliest" => Ok(Position::Earliest),
+        id => id
+            .parse::<MessageId>()
+            .map(Position::After)
+            .map_err(|e| e.to_string()),
+    }
+}
+
+/// Ok(Some(origin)) when the request is cross-origin and allowed (CORS headers needed),
+/// Ok(None) when it is same-origin or carries no Origin, Err when it is not allowed.
+fn check_origin(h: &HeaderMap, loc: &PushLocation) -> Result<Option<HeaderValue>, ()> {
+    let Some(origin) = h.get(header::ORIGIN) else {
+        return Ok(None);
+    };
+    let o = origin.to_str().map_err(|_| ())?.trim_end_matches('/');
+    let host = h.get(header::HOST).and_then(|v| v.to_str().ok());
+    let same_origin = host.is_some_and(|host| {
+        o.split_once("://")
+            .is_some_and(|(_, rest)| rest.eq_ignore_ascii_case(host))
+    });
+    if same_origin {
+        return Ok(None);
+    }
+    if loc
+        .allow_origins
+        .iter()
+        .any(|a| a == "*" || a.eq_ignore_ascii_case(o))
+    {
+        return Ok(Some(origin.clone()));
+    }
+    Err(())
+}
+
+fn add_cors(h: &mut HeaderMap, origin: HeaderValue) {
+    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+        HeaderValue::from_static("true"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        HeaderValue::from_static("ETag, Crier-Resume"),
+    );
+    h.append(header::VARY, HeaderValue::from_static("Origin"));
+}
+
+fn preflight(cors: Option<HeaderValue>) -> Response<Body> {
+    let mut r = Response::new(response::empty());
+    *r.status_mut() = StatusCode::NO_CONTENT;
+    let h = r.headers_mut();
+    h.insert(header::ALLOW, HeaderValue::from_static("GET, OPTIONS"));
+    if let Some(origin) = cors {
+        add_cors(h, origin);
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static("GET, OPTIONS"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            HeaderValue::from_static("Last-Event-ID, If-None-Match, Cache-Control, Authorization"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from_static("600"),
+        );
+    }
+    r
+}
+
+/// Records one batch handed to a subscriber connection.
+pub(crate) fn record_delivery(
+    sub: &Subscription,
+    t: Transport,
+    batch: &[Arc<crate::hub::Message>],
+) {
+    let Some(first) = batch.first() else { return };
+    let bytes: usize = batch.iter().map(|m| m.body.len()).sum();
+    let m = sub.metrics();
+    m.delivered(t, batch.len() as u64, bytes as u64);
+    // One observation per batch keeps the histogram off the per-message path.
+    m.delivery_lag
+        .observe(first.published_at.elapsed().as_secs_f64());
+}
