@@ -917,6 +917,21 @@ mod tests {
     }
 
     #[test]
+    fn shipped_example_is_the_defaults() {
+        let c = Config::from_toml(include_str!("../conf/crier.toml"), None).unwrap();
+        let d = Config::default();
+        assert_eq!(c.server.listen, d.server.listen);
+        assert_eq!(c.upstream.url, d.upstream.url);
+        assert_eq!(c.publish.listen, d.publish.listen);
+        assert_eq!(c.publish.unix, d.publish.unix);
+        assert_eq!(c.channels.buffer, d.channels.buffer);
+        assert_eq!(c.push.len(), 1);
+        assert_eq!(c.push[0].path, d.push[0].path);
+        assert_eq!(c.push[0].keepalive, d.push[0].keepalive);
+        assert_eq!(c.admin.listen, d.admin.listen);
+    }
+
+    #[test]
     fn durations_and_sizes() {
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("15s").unwrap(), Duration::from_secs(15));

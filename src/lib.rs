@@ -15,6 +15,7 @@ pub mod push;
 pub mod response;
 pub mod router;
 pub mod sd_notify;
+pub mod tls;
 pub mod server;
 
 pub use config::Config;

@@ -160,6 +160,9 @@ fn run(config: Config) -> ExitCode {
         for l in &a.public {
             tracing::info!("listening on http://{l} (public)");
         }
+        for l in &a.public_tls {
+            tracing::info!("listening on https://{l} (public, TLS)");
+        }
         for l in &a.publish {
             tracing::info!("publish API on http://{l}");
         }
@@ -212,9 +215,8 @@ fn reload(handle: &crier::ServerHandle, source: Option<&std::path::Path>) {
         tracing::info!("SIGHUP: running on built-in defaults; nothing to reload");
         return;
     };
-    match Config::load(path) {
-        Ok(c) => {
-            handle.reload(c);
+    match Config::load(path).map_err(|e| e.to_string()).and_then(|c| handle.reload(c).map_err(|e| e.to_string())) {
+        Ok(()) => {
             handle.metrics().config_reloads_ok.inc();
             tracing::info!("config reloaded from {}", path.display());
         }

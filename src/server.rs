@@ -20,7 +20,8 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
+use tokio_rustls::TlsAcceptor;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket, UnixListener};
 use tokio_util::sync::CancellationToken;
@@ -51,13 +52,73 @@ pub enum StartError {
     },
     #[error("publish socket {0}: another process is listening on it")]
     UnixInUse(PathBuf),
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
-/// The parts of the server that a config reload replaces as a whole.
+/// The parts of the server that a config reload replaces as a whole. Connections accepted
+/// after a reload use the new parts; open ones keep what they started with.
 struct Live {
     config: Arc<Config>,
     router: Router,
     proxy: Proxy,
+    http: Arc<auto::Builder<TokioExecutor>>,
+    tls: Option<TlsAcceptor>,
+}
+
+impl Live {
+    fn new(config: Arc<Config>, state_metrics: &Arc<Metrics>, upgraded: &TaskTracker) -> Result<Live, StartError> {
+        let tls = match &config.server.tls {
+            Some(t) => Some(TlsAcceptor::from(crate::tls::load(t)?)),
+            None => None,
+        };
+        Ok(Live {
+            router: Router::new(&config),
+            proxy: Proxy::new(&config.upstream, state_metrics.clone(), upgraded.clone()),
+            http: Arc::new(http_builder(&config.server)),
+            tls,
+            config,
+        })
+    }
+}
+
+/// What a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Public,
+    PublicTls,
+    Publish,
+    Admin,
+}
+
+impl Kind {
+    fn key(self) -> &'static str {
+        match self {
+            Kind::Public => "server.listen",
+            Kind::PublicTls => "server.tls.listen",
+            Kind::Publish => "publish.listen",
+            Kind::Admin => "admin.listen",
+        }
+    }
+}
+
+/// A listener as configured: reload compares these to decide what to open and close.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ListenKey {
+    Tcp(Kind, SocketAddr),
+    Unix(PathBuf),
+}
+
+enum Bound {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+/// An open listener: its accept loop stops when `stop` is cancelled.
+struct Listening {
+    key: ListenKey,
+    local: Option<SocketAddr>,
+    stop: CancellationToken,
 }
 
 /// Shared by every connection.
@@ -71,12 +132,24 @@ struct State {
     /// waits on them separately.
     upgraded: TaskTracker,
     open_connections: AtomicUsize,
+    /// Cancelled on shutdown: the public and publish accept loops stop.
+    stop: CancellationToken,
+    /// Cancelled when the drain is over: the admin listener (which answers `/readyz` 503
+    /// during the drain) stops too.
+    finished: CancellationToken,
+    /// Cancelled after the listeners closed: connections finish their request and close.
+    drain: CancellationToken,
+    conns: TaskTracker,
+    accept: TaskTracker,
+    /// parking_lot: touched only at start, reload and shutdown, never across `.await`.
+    listeners: Mutex<Vec<Listening>>,
 }
 
 /// The addresses the server really listens on (port 0 resolved).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Addrs {
     pub public: Vec<SocketAddr>,
+    pub public_tls: Vec<SocketAddr>,
     pub publish: Vec<SocketAddr>,
     pub publish_unix: Option<PathBuf>,
     pub admin: Option<SocketAddr>,
@@ -84,42 +157,71 @@ pub struct Addrs {
 
 pub struct Server {
     state: Arc<State>,
-    public: Vec<TcpListener>,
-    publish: Vec<TcpListener>,
-    publish_unix: Option<(UnixListener, PathBuf)>,
-    admin: Option<TcpListener>,
+    /// Bound but not yet accepting, in the order of `State::listeners`: `run` starts them.
+    pending: Vec<Bound>,
     addrs: Addrs,
-    stop: CancellationToken,
 }
 
 /// Controls a running server from outside (signals, tests).
 #[derive(Clone)]
 pub struct ServerHandle {
     state: Arc<State>,
-    stop: CancellationToken,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("{0}")]
+    Start(#[from] StartError),
+    #[error("server is shutting down")]
+    ShuttingDown,
 }
 
 impl ServerHandle {
     /// Begins the draining shutdown; `Server::run` returns when it is done.
     pub fn shutdown(&self) {
-        self.stop.cancel();
+        self.state.stop.cancel();
     }
 
-    /// Applies a new config to what can change without rebinding: push locations, upstream,
-    /// channel defaults. Open connections stay.
-    pub fn reload(&self, config: Config) {
+    /// Applies a new config: listeners opened and closed, push locations, upstream, channel
+    /// defaults, TLS certificates re-read. Connections the new config still serves stay open.
+    /// On any error nothing changes.
+    pub fn reload(&self, config: Config) -> Result<(), ReloadError> {
+        let st = &self.state;
+        if st.stop.is_cancelled() {
+            return Err(ReloadError::ShuttingDown);
+        }
         let config = Arc::new(config);
-        let live = Live {
-            router: Router::new(&config),
-            proxy: Proxy::new(
-                &config.upstream,
-                self.state.metrics.clone(),
-                self.state.upgraded.clone(),
-            ),
-            config: config.clone(),
-        };
-        self.state.hub.set_config(config);
-        *self.state.live.write() = Arc::new(live);
+        let live = Live::new(config.clone(), &st.metrics, &st.upgraded)?;
+        let wanted = listen_keys(&config);
+        let mut listeners = st.listeners.lock();
+        let open: Vec<ListenKey> = listeners.iter().map(|l| l.key.clone()).collect();
+        let fresh = bind_keys(
+            wanted.iter().filter(|k| !open.contains(k)),
+            config.publish.unix_mode,
+        )?;
+        st.hub.set_config(config);
+        *st.live.write() = Arc::new(live);
+        listeners.retain(|l| {
+            if wanted.contains(&l.key) {
+                return true;
+            }
+            l.stop.cancel();
+            if let ListenKey::Unix(p) = &l.key {
+                let _ = std::fs::remove_file(p);
+            }
+            tracing::info!("closed listener {:?}", l.key);
+            false
+        });
+        for (key, bound) in fresh {
+            tracing::info!("opened listener {key:?}");
+            listeners.push(start_listener(st, key, bound));
+        }
+        Ok(())
+    }
+
+    /// The addresses currently listened on.
+    pub fn addrs(&self) -> Addrs {
+        addrs_of(&self.state.listeners.lock())
     }
 
     pub fn config(&self) -> Arc<Config> {
@@ -135,35 +237,126 @@ impl ServerHandle {
     }
 }
 
+fn listen_keys(c: &Config) -> Vec<ListenKey> {
+    let mut keys: Vec<ListenKey> = c
+        .server
+        .listen
+        .iter()
+        .map(|a| ListenKey::Tcp(Kind::Public, *a))
+        .collect();
+    if let Some(t) = &c.server.tls {
+        keys.extend(t.listen.iter().map(|a| ListenKey::Tcp(Kind::PublicTls, *a)));
+    }
+    keys.extend(c.publish.listen.iter().map(|a| ListenKey::Tcp(Kind::Publish, *a)));
+    if let Some(p) = &c.publish.unix {
+        keys.push(ListenKey::Unix(p.clone()));
+    }
+    if let Some(a) = c.admin.listen {
+        keys.push(ListenKey::Tcp(Kind::Admin, a));
+    }
+    keys
+}
+
+/// Binds every key; on the first error the ones already bound are dropped (closed).
+fn bind_keys<'a>(
+    keys: impl Iterator<Item = &'a ListenKey>,
+    unix_mode: u32,
+) -> Result<Vec<(ListenKey, Bound)>, StartError> {
+    keys.map(|k| {
+        let b = match k {
+            ListenKey::Tcp(kind, addr) => Bound::Tcp(bind_tcp(*addr, kind.key())?),
+            ListenKey::Unix(p) => Bound::Unix(bind_unix(p, unix_mode)?),
+        };
+        Ok((k.clone(), b))
+    })
+    .collect()
+}
+
+fn addrs_of(listeners: &[Listening]) -> Addrs {
+    let mut a = Addrs::default();
+    for l in listeners {
+        match (&l.key, l.local) {
+            (ListenKey::Tcp(Kind::Public, _), Some(s)) => a.public.push(s),
+            (ListenKey::Tcp(Kind::PublicTls, _), Some(s)) => a.public_tls.push(s),
+            (ListenKey::Tcp(Kind::Publish, _), Some(s)) => a.publish.push(s),
+            (ListenKey::Tcp(Kind::Admin, _), Some(s)) => a.admin = Some(s),
+            (ListenKey::Unix(p), _) => a.publish_unix = Some(p.clone()),
+            _ => {}
+        }
+    }
+    a
+}
+
+/// The admin listener outlives the drain; every other one stops when it begins.
+fn listener_stop(
+    key: &ListenKey,
+    stop: &CancellationToken,
+    finished: &CancellationToken,
+) -> CancellationToken {
+    match key {
+        ListenKey::Tcp(Kind::Admin, _) => finished.child_token(),
+        _ => stop.child_token(),
+    }
+}
+
+/// Registers a bound listener and starts its accept loop.
+fn start_listener(st: &Arc<State>, key: ListenKey, bound: Bound) -> Listening {
+    let l = Listening {
+        local: match &bound {
+            Bound::Tcp(l) => l.local_addr().ok(),
+            Bound::Unix(_) => None,
+        },
+        stop: listener_stop(&key, &st.stop, &st.finished),
+        key,
+    };
+    spawn_accept(st, &l, bound);
+    l
+}
+
+fn spawn_accept(st: &Arc<State>, l: &Listening, bound: Bound) {
+    match (bound, &l.key) {
+        (Bound::Tcp(t), ListenKey::Tcp(Kind::Admin, _)) => {
+            // Not on the accept tracker: the admin listener stays up through the drain.
+            tokio::spawn(accept_tcp(t, Kind::Admin, st.clone(), l.stop.clone()));
+        }
+        (Bound::Tcp(t), ListenKey::Tcp(kind, _)) => {
+            st.accept
+                .spawn(accept_tcp(t, *kind, st.clone(), l.stop.clone()));
+        }
+        (Bound::Unix(u), _) => {
+            st.accept.spawn(accept_unix(u, st.clone(), l.stop.clone()));
+        }
+        (Bound::Tcp(_), ListenKey::Unix(_)) => {}
+    }
+}
+
 impl Server {
-    /// Binds every listener of `config`. Nothing is served until [`Server::run`].
+    /// Binds every listener of `config` and loads its TLS certificate. Nothing is served
+    /// until [`Server::run`].
     pub async fn bind(config: Config) -> Result<Server, StartError> {
         let metrics = Arc::new(Metrics::new());
         let config = Arc::new(config);
         let upgraded = TaskTracker::new();
         let hub = Hub::new(config.clone(), metrics.clone());
-        let live = Live {
-            router: Router::new(&config),
-            proxy: Proxy::new(&config.upstream, metrics.clone(), upgraded.clone()),
-            config: config.clone(),
-        };
-        let public = bind_all(&config.server.listen, "server.listen")?;
-        let publish = bind_all(&config.publish.listen, "publish.listen")?;
-        let admin = match config.admin.listen {
-            Some(a) => Some(bind_tcp(a, "admin.listen")?),
-            None => None,
-        };
-        let publish_unix = match &config.publish.unix {
-            Some(p) => Some((bind_unix(p, config.publish.unix_mode)?, p.clone())),
-            None => None,
-        };
-        let local = |ls: &[TcpListener]| ls.iter().filter_map(|l| l.local_addr().ok()).collect();
-        let addrs = Addrs {
-            public: local(&public),
-            publish: local(&publish),
-            publish_unix: publish_unix.as_ref().map(|(_, p)| p.clone()),
-            admin: admin.as_ref().and_then(|l| l.local_addr().ok()),
-        };
+        let live = Live::new(config.clone(), &metrics, &upgraded)?;
+        let bound = bind_keys(listen_keys(&config).iter(), config.publish.unix_mode)?;
+        let stop = CancellationToken::new();
+        let finished = CancellationToken::new();
+        let mut listening = Vec::new();
+        let mut pending = Vec::new();
+        for (key, b) in bound {
+            let local = match &b {
+                Bound::Tcp(l) => l.local_addr().ok(),
+                Bound::Unix(_) => None,
+            };
+            listening.push(Listening {
+                stop: listener_stop(&key, &stop, &finished),
+                key,
+                local,
+            });
+            pending.push(b);
+        }
+        let addrs = addrs_of(&listening);
         Ok(Server {
             state: Arc::new(State {
                 live: RwLock::new(Arc::new(live)),
@@ -172,13 +365,15 @@ impl Server {
                 draining: AtomicBool::new(false),
                 upgraded,
                 open_connections: AtomicUsize::new(0),
+                stop,
+                finished,
+                drain: CancellationToken::new(),
+                conns: TaskTracker::new(),
+                accept: TaskTracker::new(),
+                listeners: Mutex::new(listening),
             }),
-            public,
-            publish,
-            publish_unix,
-            admin,
+            pending,
             addrs,
-            stop: CancellationToken::new(),
         })
     }
 
@@ -189,74 +384,34 @@ impl Server {
     pub fn handle(&self) -> ServerHandle {
         ServerHandle {
             state: self.state.clone(),
-            stop: self.stop.clone(),
         }
     }
 
     /// Serves until the handle's `shutdown`, then drains: stop accepting, tell subscribers to
     /// go, let in-flight requests finish up to `server.shutdown_timeout`.
     pub async fn run(self) {
-        let Server {
-            state,
-            public,
-            publish,
-            publish_unix,
-            admin,
-            stop,
-            ..
-        } = self;
-        let cfg = state.live.read().config.clone();
-        let builder = Arc::new(http_builder(&cfg.server));
-        // `drain` tells live connections to finish; `conns` lets us wait until they have.
-        let drain = CancellationToken::new();
-        let conns = TaskTracker::new();
-        let accept = TaskTracker::new();
-        let spawn_tcp = |l: TcpListener, kind: Kind| {
-            accept.spawn(accept_tcp(
-                l,
-                kind,
-                state.clone(),
-                builder.clone(),
-                stop.clone(),
-                drain.clone(),
-                conns.clone(),
-            ));
-        };
-        for l in public {
-            spawn_tcp(l, Kind::Public);
+        let Server { state, pending, .. } = self;
+        {
+            let listeners = state.listeners.lock();
+            for (l, bound) in listeners.iter().zip(pending) {
+                spawn_accept(&state, l, bound);
+            }
         }
-        for l in publish {
-            spawn_tcp(l, Kind::Publish);
-        }
-        if let Some(l) = admin {
-            spawn_tcp(l, Kind::Admin);
-        }
-        let unix_path = publish_unix.map(|(l, path)| {
-            accept.spawn(accept_unix(
-                l,
-                state.clone(),
-                builder.clone(),
-                stop.clone(),
-                drain.clone(),
-                conns.clone(),
-            ));
-            path
-        });
         let sweeper = tokio::spawn(state.hub.clone().run_sweeper(Duration::from_secs(1)));
         tracing::info!("crier is ready");
 
-        stop.cancelled().await;
+        state.stop.cancelled().await;
         tracing::info!("shutting down: draining connections");
         state.draining.store(true, Ordering::SeqCst);
-        accept.close();
-        accept.wait().await; // listeners closed: no new connections
+        state.accept.close();
+        state.accept.wait().await; // listeners closed: no new connections
         state.hub.close_all(); // subscribers: SSE ends, WebSocket 1001, long-poll 503
-        drain.cancel(); // keep-alive connections close after their in-flight request
-        conns.close();
+        state.drain.cancel(); // keep-alive connections close after their in-flight request
+        state.conns.close();
         state.upgraded.close();
-        let deadline = cfg.server.shutdown_timeout;
+        let deadline = state.live.read().config.server.shutdown_timeout;
         let all = async {
-            conns.wait().await;
+            state.conns.wait().await;
             state.upgraded.wait().await;
         };
         if tokio::time::timeout(deadline, all).await.is_err() {
@@ -266,8 +421,11 @@ impl Server {
             );
         }
         sweeper.abort();
-        if let Some(path) = unix_path {
-            let _ = std::fs::remove_file(path);
+        state.finished.cancel();
+        for l in state.listeners.lock().drain(..) {
+            if let ListenKey::Unix(p) = l.key {
+                let _ = std::fs::remove_file(p);
+            }
         }
         tracing::info!("stopped");
     }
@@ -288,10 +446,6 @@ fn http_builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));
     b
-}
-
-fn bind_all(addrs: &[SocketAddr], key: &'static str) -> Result<Vec<TcpListener>, StartError> {
-    addrs.iter().map(|a| bind_tcp(*a, key)).collect()
 }
 
 fn bind_tcp(addr: SocketAddr, key: &'static str) -> Result<TcpListener, StartError> {
@@ -332,22 +486,7 @@ fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, StartError> {
     Ok(l)
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Public,
-    Publish,
-    Admin,
-}
-
-async fn accept_tcp(
-    listener: TcpListener,
-    kind: Kind,
-    state: Arc<State>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
-    stop: CancellationToken,
-    drain: CancellationToken,
-    conns: TaskTracker,
-) {
+async fn accept_tcp(listener: TcpListener, kind: Kind, state: Arc<State>, stop: CancellationToken) {
     loop {
         let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -362,35 +501,45 @@ async fn accept_tcp(
             },
         };
         let _ = stream.set_nodelay(true);
-        let guard = if kind == Kind::Public {
-            match ConnectionGuard::acquire(&state) {
+        let guard = match kind {
+            Kind::Public | Kind::PublicTls => match ConnectionGuard::acquire(&state) {
                 Some(g) => Some(g),
                 None => {
                     refuse(stream, &state);
                     continue;
                 }
-            }
-        } else {
-            None
+            },
+            Kind::Publish | Kind::Admin => None,
         };
-        let conn = ConnInfo { peer, tls: false };
-        let st = state.clone();
-        let svc = service_fn(move |req| {
-            let st = st.clone();
-            async move { Ok::<_, Infallible>(dispatch(&st, kind, req, conn).await) }
-        });
-        conns.spawn(serve(stream, svc, builder.clone(), drain.clone(), guard));
+        let live = state.live.read().clone();
+        let conn = ConnInfo {
+            peer,
+            tls: kind == Kind::PublicTls,
+        };
+        let svc = service(&state, kind, conn);
+        let drain = state.drain.clone();
+        if kind == Kind::Admin {
+            // Admin connections are not drained: /readyz must answer 503 during the drain.
+            tokio::spawn(serve(stream, svc, live.http.clone(), CancellationToken::new(), None));
+        } else if kind == Kind::PublicTls {
+            let Some(acceptor) = live.tls.clone() else { continue };
+            let handshake_timeout = live.config.server.header_timeout;
+            state.conns.spawn(async move {
+                match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => serve(tls, svc, live.http.clone(), drain, guard).await,
+                    Ok(Err(e)) => tracing::debug!("TLS handshake with {peer} failed: {e}"),
+                    Err(_) => tracing::debug!("TLS handshake with {peer} timed out"),
+                }
+            });
+        } else {
+            state
+                .conns
+                .spawn(serve(stream, svc, live.http.clone(), drain, guard));
+        }
     }
 }
 
-async fn accept_unix(
-    listener: UnixListener,
-    state: Arc<State>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
-    stop: CancellationToken,
-    drain: CancellationToken,
-    conns: TaskTracker,
-) {
+async fn accept_unix(listener: UnixListener, state: Arc<State>, stop: CancellationToken) {
     loop {
         let stream = tokio::select! {
             _ = stop.cancelled() => return,
@@ -407,13 +556,30 @@ async fn accept_unix(
             peer: SocketAddr::from(([127, 0, 0, 1], 0)),
             tls: false,
         };
-        let st = state.clone();
-        let svc = service_fn(move |req| {
-            let st = st.clone();
-            async move { Ok::<_, Infallible>(dispatch(&st, Kind::Publish, req, conn).await) }
-        });
-        conns.spawn(serve(stream, svc, builder.clone(), drain.clone(), None));
+        let http = state.live.read().http.clone();
+        let svc = service(&state, Kind::Publish, conn);
+        state
+            .conns
+            .spawn(serve(stream, svc, http, state.drain.clone(), None));
     }
+}
+
+fn service(
+    state: &Arc<State>,
+    kind: Kind,
+    conn: ConnInfo,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<Body>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+> + Send
+       + 'static {
+    let st = state.clone();
+    service_fn(move |req| {
+        let st = st.clone();
+        async move { Ok::<_, Infallible>(dispatch(&st, kind, req, conn).await) }
+    })
 }
 
 async fn serve<I, S>(
@@ -450,7 +616,7 @@ async fn dispatch(
     conn: ConnInfo,
 ) -> Response<Body> {
     match kind {
-        Kind::Public => public(state, req, conn).await,
+        Kind::Public | Kind::PublicTls => public(state, req, conn).await,
         Kind::Publish => {
             let max = state.live.read().config.channels.max_message_size;
             crate::publish::handle(&state.hub, max, req).await
