@@ -33,7 +33,10 @@ pub fn handle(v: AdminView<'_>, req: &Request<Incoming>) -> Response<Body> {
         "/readyz" if v.ready => response::text(StatusCode::OK, "ready"),
         "/readyz" => response::text(StatusCode::SERVICE_UNAVAILABLE, "draining"),
         "/channels" => channels(v.hub, req.uri().query().unwrap_or("")),
-        _ => response::text(StatusCode::NOT_FOUND, "not found (try /metrics, /healthz, /readyz, /channels)"),
+        _ => response::text(
+            StatusCode::NOT_FOUND,
+            "not found (try /metrics, /healthz, /readyz, /channels)",
+        ),
     }
 }
 
@@ -45,7 +48,9 @@ fn channels(hub: &Hub, query: &str) -> Response<Body> {
             Some(("prefix", p)) => prefix = p,
             Some(("limit", l)) => match l.parse() {
                 Ok(n) => limit = n,
-                Err(_) => return response::json_error(StatusCode::BAD_REQUEST, "limit must be a number"),
+                Err(_) => {
+                    return response::json_error(StatusCode::BAD_REQUEST, "limit must be a number")
+                }
             },
             _ => {}
         }

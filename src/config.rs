@@ -563,7 +563,12 @@ impl Validator<'_> {
                 raw.pool_idle_timeout,
                 Duration::from_secs(90),
             ),
-            pool_max_idle: self.count("upstream.pool_max_idle", raw.pool_max_idle, (0, 100_000), 256),
+            pool_max_idle: self.count(
+                "upstream.pool_max_idle",
+                raw.pool_max_idle,
+                (0, 100_000),
+                256,
+            ),
         }
     }
 
@@ -839,7 +844,11 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
         "KB" | "kB" => 1000,
         "MB" => 1_000_000,
         "GB" => 1_000_000_000,
-        u => return Err(format!("{s:?} has an unknown unit {u:?} (B, KiB, MiB, GiB)")),
+        u => {
+            return Err(format!(
+                "{s:?} has an unknown unit {u:?} (B, KiB, MiB, GiB)"
+            ))
+        }
     };
     n.checked_mul(mult)
         .filter(|b| *b <= 1 << 40)
@@ -869,7 +878,9 @@ fn parse_upstream(s: &str) -> Result<UpstreamAddr, String> {
     if let Some(path) = s.strip_prefix("unix:") {
         let path = path.trim_start_matches("//");
         if path.is_empty() || !path.starts_with('/') {
-            return Err(format!("{s:?}: a Unix socket is \"unix:/absolute/path.sock\""));
+            return Err(format!(
+                "{s:?}: a Unix socket is \"unix:/absolute/path.sock\""
+            ));
         }
         return Ok(UpstreamAddr::Unix(PathBuf::from(path)));
     }
@@ -885,7 +896,10 @@ fn parse_upstream(s: &str) -> Result<UpstreamAddr, String> {
     let uri: http::uri::Authority = authority
         .parse()
         .map_err(|_| format!("{s:?} is not a valid host:port"))?;
-    if let Some(p) = authority.rsplit_once(':').and_then(|(_, p)| p.parse::<u64>().ok()) {
+    if let Some(p) = authority
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse::<u64>().ok())
+    {
         if p == 0 || p > 65535 {
             return Err(format!("port {p} is out of range (1..=65535)"));
         }
@@ -965,15 +979,27 @@ mod tests {
         );
         let lines: Vec<_> = e.lines().collect();
         assert_eq!(lines.len(), 3, "{e}");
-        assert!(lines[0].contains("c.toml:2:11: server.listen: port 70000"), "{e}");
-        assert!(lines[1].contains("c.toml:4:19: upstream.connect_timeout"), "{e}");
-        assert!(lines[2].contains("upstream.response_timeout: must be greater than zero"), "{e}");
+        assert!(
+            lines[0].contains("c.toml:2:11: server.listen: port 70000"),
+            "{e}"
+        );
+        assert!(
+            lines[1].contains("c.toml:4:19: upstream.connect_timeout"),
+            "{e}"
+        );
+        assert!(
+            lines[2].contains("upstream.response_timeout: must be greater than zero"),
+            "{e}"
+        );
     }
 
     #[test]
     fn empty_listen_list() {
         let e = errs("[server]\nlisten = []\n");
-        assert!(e.contains("server.listen: needs at least one address"), "{e}");
+        assert!(
+            e.contains("server.listen: needs at least one address"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -15,8 +15,8 @@ pub mod push;
 pub mod response;
 pub mod router;
 pub mod sd_notify;
-pub mod tls;
 pub mod server;
+pub mod tls;
 
 pub use config::Config;
 pub use server::{Addrs, Server, ServerHandle};

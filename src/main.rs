@@ -97,20 +97,22 @@ fn main() -> ExitCode {
             let target = match (socket, url) {
                 (Some(s), _) => Target::Socket(s),
                 (None, Some(u)) => Target::Url(u),
-                (None, None) => match load() {
-                    Ok(c) => match (&c.publish.unix, c.publish.listen.first()) {
-                        (Some(s), _) => Target::Socket(s.clone()),
-                        (None, Some(a)) => Target::Url(format!("http://{a}")),
-                        (None, None) => {
-                            eprintln!("crier: the config has no publish socket; pass --socket or --url");
+                (None, None) => {
+                    match load() {
+                        Ok(c) => match (&c.publish.unix, c.publish.listen.first()) {
+                            (Some(s), _) => Target::Socket(s.clone()),
+                            (None, Some(a)) => Target::Url(format!("http://{a}")),
+                            (None, None) => {
+                                eprintln!("crier: the config has no publish socket; pass --socket or --url");
+                                return ExitCode::from(1);
+                            }
+                        },
+                        Err(e) => {
+                            eprintln!("{e}");
                             return ExitCode::from(1);
                         }
-                    },
-                    Err(e) => {
-                        eprintln!("{e}");
-                        return ExitCode::from(1);
                     }
-                },
+                }
             };
             publish(target, event, channel, message)
         }
@@ -215,7 +217,10 @@ fn reload(handle: &crier::ServerHandle, source: Option<&std::path::Path>) {
         tracing::info!("SIGHUP: running on built-in defaults; nothing to reload");
         return;
     };
-    match Config::load(path).map_err(|e| e.to_string()).and_then(|c| handle.reload(c).map_err(|e| e.to_string())) {
+    match Config::load(path)
+        .map_err(|e| e.to_string())
+        .and_then(|c| handle.reload(c).map_err(|e| e.to_string()))
+    {
         Ok(()) => {
             handle.metrics().config_reloads_ok.inc();
             tracing::info!("config reloaded from {}", path.display());
@@ -227,7 +232,12 @@ fn reload(handle: &crier::ServerHandle, source: Option<&std::path::Path>) {
     }
 }
 
-fn publish(target: Target, event: Option<String>, channel: String, message: Option<String>) -> ExitCode {
+fn publish(
+    target: Target,
+    event: Option<String>,
+    channel: String,
+    message: Option<String>,
+) -> ExitCode {
     let body = match message {
         Some(m) => Bytes::from(m),
         None => {

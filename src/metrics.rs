@@ -52,10 +52,10 @@ const LATENCY_BUCKETS: &[f64] = &[
 impl Metrics {
     pub fn new() -> Metrics {
         let r = Registry::new();
-        let transports = |vec: &IntGaugeVec| Transport::ALL.map(|t| vec.with_label_values(&[t.as_str()]));
-        let per_transport = |vec: &IntCounterVec| {
-            Transport::ALL.map(|t| vec.with_label_values(&[t.as_str()]))
-        };
+        let transports =
+            |vec: &IntGaugeVec| Transport::ALL.map(|t| vec.with_label_values(&[t.as_str()]));
+        let per_transport =
+            |vec: &IntCounterVec| Transport::ALL.map(|t| vec.with_label_values(&[t.as_str()]));
         let gauge_vec = |name: &str, help: &str, label: &str| {
             let v = IntGaugeVec::new(Opts::new(name, help).namespace("crier"), &[label])
                 .expect("valid metric"); // ok: constant names
@@ -116,13 +116,15 @@ impl Metrics {
             "Subscribers the server disconnected, by reason.",
             "reason",
         );
-        let dropped = ["lagged", "timeout", "oversized"].map(|r| dropped_vec.with_label_values(&[r]));
+        let dropped =
+            ["lagged", "timeout", "oversized"].map(|r| dropped_vec.with_label_values(&[r]));
         let proxy_vec = counter_vec(
             "proxy_requests_total",
             "Proxied requests by response status class.",
             "code_class",
         );
-        let proxy_requests = ["1xx", "2xx", "3xx", "4xx", "5xx"].map(|c| proxy_vec.with_label_values(&[c]));
+        let proxy_requests =
+            ["1xx", "2xx", "3xx", "4xx", "5xx"].map(|c| proxy_vec.with_label_values(&[c]));
         let upstream_errors = counter_vec(
             "upstream_errors_total",
             "Failed upstream requests by kind.",
@@ -137,7 +139,10 @@ impl Metrics {
         let m = Metrics {
             connections,
             connections_total,
-            messages_published: counter("messages_published_total", "Messages accepted by the publish API."),
+            messages_published: counter(
+                "messages_published_total",
+                "Messages accepted by the publish API.",
+            ),
             messages_delivered,
             delivered_bytes,
             channels: gauge("channels", "Channels in the hub."),
@@ -158,7 +163,10 @@ impl Metrics {
             upstream_errors_connect: upstream_errors.with_label_values(&["connect"]),
             upstream_errors_timeout: upstream_errors.with_label_values(&["timeout"]),
             upstream_errors_other: upstream_errors.with_label_values(&["other"]),
-            client_connections: gauge("client_connections", "Open client connections on the public listeners."),
+            client_connections: gauge(
+                "client_connections",
+                "Open client connections on the public listeners.",
+            ),
             connections_refused: counter(
                 "client_connections_refused_total",
                 "Client connections refused because server.max_connections was reached.",

@@ -143,7 +143,9 @@ impl Proxy {
         uri.push_str(&self.base);
         uri.push_str(path);
         let client_authority = parts.uri.authority().cloned();
-        parts.uri = uri.parse::<Uri>().map_err(|_| "request target cannot be proxied")?;
+        parts.uri = uri
+            .parse::<Uri>()
+            .map_err(|_| "request target cannot be proxied")?;
         // The upstream is a plain HTTP/1.1 app, whatever the client spoke.
         parts.version = Version::HTTP_11;
         let upgrade_proto = if upgrade {
@@ -241,10 +243,8 @@ fn wants_upgrade(h: &HeaderMap) -> bool {
 
 pub fn header_has_token(h: &HeaderMap, name: &HeaderName, token: &str) -> bool {
     h.get_all(name).iter().any(|v| {
-        v.to_str().is_ok_and(|s| {
-            s.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case(token))
-        })
+        v.to_str()
+            .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
     })
 }
 
@@ -278,16 +278,17 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
 
 fn add_forwarded_headers(h: &mut HeaderMap, conn: &ConnInfo) {
     let ip = conn.peer.ip().to_string();
-    let xff = match h.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).fold(
-        String::new(),
-        |mut acc, v| {
+    let xff = match h
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .fold(String::new(), |mut acc, v| {
             if !acc.is_empty() {
                 acc.push_str(", ");
             }
             acc.push_str(v);
             acc
-        },
-    ) {
+        }) {
         prior if prior.is_empty() => ip,
         mut prior => {
             prior.push_str(", ");
@@ -298,10 +299,7 @@ fn add_forwarded_headers(h: &mut HeaderMap, conn: &ConnInfo) {
     if let Ok(v) = HeaderValue::from_str(&xff) {
         h.insert("x-forwarded-for", v);
     }
-    h.insert(
-        "x-forwarded-proto",
-        HeaderValue::from_static(conn.scheme()),
-    );
+    h.insert("x-forwarded-proto", HeaderValue::from_static(conn.scheme()));
     if let Some(host) = h.get(header::HOST).cloned() {
         h.insert("x-forwarded-host", host);
     }
@@ -321,7 +319,10 @@ fn humanize(d: Duration) -> String {
 #[derive(Clone)]
 pub enum UpstreamConnector {
     Tcp(HttpConnector),
-    Unix { path: Arc<PathBuf>, timeout: Duration },
+    Unix {
+        path: Arc<PathBuf>,
+        timeout: Duration,
+    },
 }
 
 pub enum UpstreamIo {
@@ -349,7 +350,9 @@ impl tower_service::Service<Uri> for UpstreamConnector {
                 Box::pin(async move {
                     let s = tokio::time::timeout(timeout, UnixStream::connect(path.as_path()))
                         .await
-                        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+                        .map_err(|_| {
+                            io::Error::new(io::ErrorKind::TimedOut, "connect timed out")
+                        })??;
                     Ok(UpstreamIo::Unix(TokioIo::new(s)))
                 })
             }
@@ -431,11 +434,17 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_go() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert(header::TE, HeaderValue::from_static("trailers"));
-        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         h.insert("x-kept", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);

@@ -65,12 +65,7 @@ pub async fn handle(hub: &Hub, max_message_size: usize, req: Request<Incoming>) 
     }
 }
 
-async fn publish(
-    hub: &Hub,
-    channel: &str,
-    max: usize,
-    req: Request<Incoming>,
-) -> Response<Body> {
+async fn publish(hub: &Hub, channel: &str, max: usize, req: Request<Incoming>) -> Response<Body> {
     let too_big = || {
         response::json_error(
             StatusCode::PAYLOAD_TOO_LARGE,

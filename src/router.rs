@@ -87,13 +87,21 @@ mod tests {
     fn matches_template() {
         let r = router("[[push]]\npath = \"/live/{channel}\"\n[[push]]\npath = \"/rooms/{channel}/events\"\nchannel_prefix = \"room:\"\n");
         assert!(matches!(r.route("/live/news"), Route::Push { channel, .. } if channel == "news"));
-        assert!(matches!(r.route("/rooms/a1/events"), Route::Push { channel, .. } if channel == "room:a1"));
+        assert!(
+            matches!(r.route("/rooms/a1/events"), Route::Push { channel, .. } if channel == "room:a1")
+        );
         assert!(matches!(r.route("/live/a/b"), Route::Proxy));
         assert!(matches!(r.route("/rooms/a1"), Route::Proxy));
         assert!(matches!(r.route("/"), Route::Proxy));
         assert!(matches!(r.route("/live/"), Route::BadChannel(_)));
         assert!(matches!(r.route("/live/a%20b"), Route::BadChannel(_)));
-        assert!(matches!(r.route(&format!("/live/{}", "x".repeat(129))), Route::BadChannel(_)));
-        assert!(matches!(r.route(&format!("/live/{}", "x".repeat(128))), Route::Push { .. }));
+        assert!(matches!(
+            r.route(&format!("/live/{}", "x".repeat(129))),
+            Route::BadChannel(_)
+        ));
+        assert!(matches!(
+            r.route(&format!("/live/{}", "x".repeat(128))),
+            Route::Push { .. }
+        ));
     }
 }

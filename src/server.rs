@@ -21,9 +21,9 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use parking_lot::{Mutex, RwLock};
-use tokio_rustls::TlsAcceptor;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket, UnixListener};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -67,7 +67,11 @@ struct Live {
 }
 
 impl Live {
-    fn new(config: Arc<Config>, state_metrics: &Arc<Metrics>, upgraded: &TaskTracker) -> Result<Live, StartError> {
+    fn new(
+        config: Arc<Config>,
+        state_metrics: &Arc<Metrics>,
+        upgraded: &TaskTracker,
+    ) -> Result<Live, StartError> {
         let tls = match &config.server.tls {
             Some(t) => Some(TlsAcceptor::from(crate::tls::load(t)?)),
             None => None,
@@ -247,7 +251,12 @@ fn listen_keys(c: &Config) -> Vec<ListenKey> {
     if let Some(t) = &c.server.tls {
         keys.extend(t.listen.iter().map(|a| ListenKey::Tcp(Kind::PublicTls, *a)));
     }
-    keys.extend(c.publish.listen.iter().map(|a| ListenKey::Tcp(Kind::Publish, *a)));
+    keys.extend(
+        c.publish
+            .listen
+            .iter()
+            .map(|a| ListenKey::Tcp(Kind::Publish, *a)),
+    );
     if let Some(p) = &c.publish.unix {
         keys.push(ListenKey::Unix(p.clone()));
     }
@@ -520,9 +529,17 @@ async fn accept_tcp(listener: TcpListener, kind: Kind, state: Arc<State>, stop: 
         let drain = state.drain.clone();
         if kind == Kind::Admin {
             // Admin connections are not drained: /readyz must answer 503 during the drain.
-            tokio::spawn(serve(stream, svc, live.http.clone(), CancellationToken::new(), None));
+            tokio::spawn(serve(
+                stream,
+                svc,
+                live.http.clone(),
+                CancellationToken::new(),
+                None,
+            ));
         } else if kind == Kind::PublicTls {
-            let Some(acceptor) = live.tls.clone() else { continue };
+            let Some(acceptor) = live.tls.clone() else {
+                continue;
+            };
             let handshake_timeout = live.config.server.header_timeout;
             state.conns.spawn(async move {
                 match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {

@@ -374,6 +374,9 @@ mod tests {
         c.close(CloseReason::Deleted);
         let mut out = Vec::new();
         assert_eq!(c.read(&mut seq, &mut out, 10), Read::Messages(1));
-        assert_eq!(c.read(&mut seq, &mut out, 10), Read::Closed(CloseReason::Deleted));
+        assert_eq!(
+            c.read(&mut seq, &mut out, 10),
+            Read::Closed(CloseReason::Deleted)
+        );
     }
 }

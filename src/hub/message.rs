@@ -48,7 +48,8 @@ impl FromStr for MessageId {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || BadMessageId(s.chars().take(64).collect());
         let (ms, seq) = s.split_once('-').ok_or_else(bad)?;
-        let digits = |p: &str| !p.is_empty() && p.len() <= 20 && p.bytes().all(|b| b.is_ascii_digit());
+        let digits =
+            |p: &str| !p.is_empty() && p.len() <= 20 && p.bytes().all(|b| b.is_ascii_digit());
         if !digits(ms) || !digits(seq) {
             return Err(bad());
         }
@@ -124,9 +125,27 @@ mod tests {
     #[test]
     fn ids_parse_and_print() {
         let id: MessageId = "1732400000123-7".parse().unwrap();
-        assert_eq!(id, MessageId { ms: 1732400000123, seq: 7 });
+        assert_eq!(
+            id,
+            MessageId {
+                ms: 1732400000123,
+                seq: 7
+            }
+        );
         assert_eq!(id.to_string(), "1732400000123-7");
-        for bad in ["", "-", "1-", "-1", "1", "a-1", "1-b", "1-2-3", "+1-2", "1 -2", "999999999999999999999-0"] {
+        for bad in [
+            "",
+            "-",
+            "1-",
+            "-1",
+            "1",
+            "a-1",
+            "1-b",
+            "1-2-3",
+            "+1-2",
+            "1 -2",
+            "999999999999999999999-0",
+        ] {
             assert!(bad.parse::<MessageId>().is_err(), "{bad:?}");
         }
     }
@@ -144,7 +163,13 @@ mod tests {
     #[test]
     fn text_detection() {
         let m = |ct: &'static str, body: &'static [u8]| {
-            Message::new(MessageId::ZERO, None, HeaderValue::from_static(ct), Bytes::from_static(body), Instant::now())
+            Message::new(
+                MessageId::ZERO,
+                None,
+                HeaderValue::from_static(ct),
+                Bytes::from_static(body),
+                Instant::now(),
+            )
         };
         assert!(m("text/plain; charset=utf-8", b"hi").is_text);
         assert!(m("application/json", b"{}").is_text);
@@ -155,10 +180,26 @@ mod tests {
 
     #[test]
     fn encoding_is_built_once() {
-        let msg = Message::new(MessageId::ZERO, None, HeaderValue::from_static("text/plain"), Bytes::from_static(b"x"), Instant::now());
+        let msg = Message::new(
+            MessageId::ZERO,
+            None,
+            HeaderValue::from_static("text/plain"),
+            Bytes::from_static(b"x"),
+            Instant::now(),
+        );
         let mut calls = 0;
-        let a = msg.encoded(0, |_| { calls += 1; Bytes::from_static(b"frame") }).clone();
-        let b = msg.encoded(0, |_| { calls += 1; Bytes::from_static(b"other") }).clone();
+        let a = msg
+            .encoded(0, |_| {
+                calls += 1;
+                Bytes::from_static(b"frame")
+            })
+            .clone();
+        let b = msg
+            .encoded(0, |_| {
+                calls += 1;
+                Bytes::from_static(b"other")
+            })
+            .clone();
         assert_eq!(calls, 1);
         assert_eq!(a.as_ptr(), b.as_ptr());
     }

@@ -343,15 +343,24 @@ mod tests {
         let h = hub(2);
         h.publish("a", msg("x")).unwrap();
         h.publish("b", msg("x")).unwrap();
-        assert_eq!(h.publish("c", msg("x")).unwrap_err(), HubError::TooManyChannels(2));
-        assert!(h.publish("a", msg("y")).is_ok(), "existing channels still take messages");
+        assert_eq!(
+            h.publish("c", msg("x")).unwrap_err(),
+            HubError::TooManyChannels(2)
+        );
+        assert!(
+            h.publish("a", msg("y")).is_ok(),
+            "existing channels still take messages"
+        );
     }
 
     #[test]
     fn publish_stores_one_body_for_all_subscribers() {
         let h = hub(10);
         let mut subs: Vec<_> = (0..100)
-            .map(|_| h.subscribe("a", Transport::WebSocket, Start::Newest).unwrap())
+            .map(|_| {
+                h.subscribe("a", Transport::WebSocket, Start::Newest)
+                    .unwrap()
+            })
             .collect();
         let r = h.publish("a", msg("hello")).unwrap();
         assert_eq!(r.subscribers, 100);
@@ -371,8 +380,15 @@ mod tests {
         h.delete("a").unwrap();
         assert_eq!(h.delete("a").unwrap_err(), HubError::NoSuchChannel);
         h.publish("a", msg("new")).unwrap();
-        assert_eq!(old.try_read(&mut Vec::new(), 10), Read::Closed(CloseReason::Deleted));
+        assert_eq!(
+            old.try_read(&mut Vec::new(), 10),
+            Read::Closed(CloseReason::Deleted)
+        );
         drop(old);
-        assert_eq!(h.channel_count(), 1, "dropping the old subscriber keeps the new channel");
+        assert_eq!(
+            h.channel_count(),
+            1,
+            "dropping the old subscriber keeps the new channel"
+        );
     }
 }

@@ -80,7 +80,10 @@ pub async fn serve(
     };
     if !loc.allows(transport) {
         return if transport == Transport::WebSocket {
-            response::text(StatusCode::BAD_REQUEST, "websocket is not enabled at this location")
+            response::text(
+                StatusCode::BAD_REQUEST,
+                "websocket is not enabled at this location",
+            )
         } else {
             response::text(
                 StatusCode::NOT_ACCEPTABLE,

@@ -160,8 +160,14 @@ mod tests {
     #[test]
     fn splits_at_every_line_ending() {
         assert_eq!(frame(b"hi", None), "id: 5-1\ndata: hi\n\n");
-        assert_eq!(frame(b"a\nb", Some("up")), "id: 5-1\nevent: up\ndata: a\ndata: b\n\n");
-        assert_eq!(frame(b"a\r\nb\rc\n", None), "id: 5-1\ndata: a\ndata: b\ndata: c\ndata: \n\n");
+        assert_eq!(
+            frame(b"a\nb", Some("up")),
+            "id: 5-1\nevent: up\ndata: a\ndata: b\n\n"
+        );
+        assert_eq!(
+            frame(b"a\r\nb\rc\n", None),
+            "id: 5-1\ndata: a\ndata: b\ndata: c\ndata: \n\n"
+        );
         assert_eq!(frame(b"", None), "id: 5-1\ndata: \n\n");
         assert_eq!(frame(b"\r", None), "id: 5-1\ndata: \ndata: \n\n");
     }

@@ -207,15 +207,26 @@ mod tests {
     #[test]
     fn text_or_binary() {
         assert!(matches!(frame(&msg("text/plain", b"hi"), false), WsMessage::Text(t) if t == "hi"));
-        assert!(matches!(frame(&msg("application/octet-stream", b"hi"), false), WsMessage::Binary(_)));
-        assert!(matches!(frame(&msg("text/plain", b"\xff"), false), WsMessage::Binary(_)));
+        assert!(matches!(
+            frame(&msg("application/octet-stream", b"hi"), false),
+            WsMessage::Binary(_)
+        ));
+        assert!(matches!(
+            frame(&msg("text/plain", b"\xff"), false),
+            WsMessage::Binary(_)
+        ));
     }
 
     #[test]
     fn json_envelope() {
-        let v: serde_json::Value = serde_json::from_slice(&encode_json_envelope(&msg("text/plain", b"a\nb"))).unwrap();
-        assert_eq!(v, serde_json::json!({"id": "1-2", "event": "ev", "data": "a\nb"}));
-        let v: serde_json::Value = serde_json::from_slice(&encode_json_envelope(&msg("x/y", b"\xff\x00"))).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(&encode_json_envelope(&msg("text/plain", b"a\nb"))).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"id": "1-2", "event": "ev", "data": "a\nb"})
+        );
+        let v: serde_json::Value =
+            serde_json::from_slice(&encode_json_envelope(&msg("x/y", b"\xff\x00"))).unwrap();
         assert_eq!(v["data_b64"], "/wA=");
     }
 }

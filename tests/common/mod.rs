@@ -35,10 +35,13 @@ impl Crier {
     /// Starts crier in front of `upstream` with extra TOML appended to a base config that
     /// puts every listener on port 0 and the publish socket in a temp dir.
     pub async fn start(upstream: &str, extra: &str) -> Crier {
-        Self::try_start(upstream, extra).await.expect("crier starts")
+        Self::try_start(upstream, extra)
+            .await
+            .expect("crier starts")
     }
 
     pub async fn try_start(upstream: &str, extra: &str) -> Result<Crier, String> {
+        raise_fd_limit();
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let sock = dir.path().join("publish.sock");
         Self::try_start_in(dir, &sock, upstream, extra).await
@@ -101,7 +104,12 @@ impl Crier {
             .send()
             .await
             .expect("publish");
-        assert_eq!(r.status(), StatusCode::CREATED, "publish answered {}", r.status());
+        assert_eq!(
+            r.status(),
+            StatusCode::CREATED,
+            "publish answered {}",
+            r.status()
+        );
         let v: serde_json::Value = r.json().await.expect("publish json");
         v["id"].as_str().expect("id").to_string()
     }
@@ -125,9 +133,27 @@ pub fn base_config(upstream: &str, sock: &std::path::Path, extra: &str) -> Strin
 
 /// Lines before the first `[section]` of `extra` belong to `[server]`.
 fn split_server_section(extra: &str) -> (String, String) {
-    match extra.find("\n[").or_else(|| extra.starts_with('[').then_some(0)) {
+    match extra
+        .find("\n[")
+        .or_else(|| extra.starts_with('[').then_some(0))
+    {
         Some(i) => (extra[..i].to_string(), extra[i..].to_string()),
         None => (extra.to_string(), String::new()),
+    }
+}
+
+/// Tests hold both ends of many connections in one process: lift the soft fd limit.
+pub fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only touch the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
     }
 }
 
@@ -168,7 +194,9 @@ impl Upstream {
         let addr = listener.local_addr().expect("addr");
         tokio::spawn(async move {
             loop {
-                let Ok((s, _)) = listener.accept().await else { continue };
+                let Ok((s, _)) = listener.accept().await else {
+                    continue;
+                };
                 tokio::spawn(async move {
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(s), service_fn(upstream_handle))
@@ -211,7 +239,12 @@ async fn upstream_handle(mut req: Request<Incoming>) -> Result<Response<UpBody>,
             let method = req.method().to_string();
             let uri = req.uri().to_string();
             let version = format!("{:?}", req.version());
-            let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            let body = req
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
             let v = serde_json::json!({
                 "method": method,
                 "uri": uri,
@@ -231,7 +264,10 @@ async fn upstream_handle(mut req: Request<Incoming>) -> Result<Response<UpBody>,
         "/slow" => {
             let s = futures_util::stream::unfold(0u8, |n| async move {
                 match n {
-                    0 => Some((Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"first\n"))), 1)),
+                    0 => Some((
+                        Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"first\n"))),
+                        1,
+                    )),
                     1 => {
                         tokio::time::sleep(Duration::from_secs(1)).await;
                         Some((Ok(Frame::data(Bytes::from_static(b"second\n"))), 2))
@@ -255,7 +291,10 @@ async fn upstream_handle(mut req: Request<Incoming>) -> Result<Response<UpBody>,
                         return None;
                     }
                     let n = left.min(chunk.len() as u64);
-                    Some((Ok::<_, BoxError>(Frame::data(chunk.slice(..n as usize))), left - n))
+                    Some((
+                        Ok::<_, BoxError>(Frame::data(chunk.slice(..n as usize))),
+                        left - n,
+                    ))
                 }
             });
             Response::new(StreamBody::new(s).boxed_unsync())
@@ -308,7 +347,9 @@ async fn upstream_handle(mut req: Request<Incoming>) -> Result<Response<UpBody>,
 
 /// An address where nothing listens (bound, then closed).
 pub async fn dead_addr() -> SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     l.local_addr().expect("addr")
 }
 
@@ -426,7 +467,9 @@ impl SseClient {
 
     /// The next event within `d`: Ok(None) when the stream ended, Err when nothing came.
     pub async fn next_within(&mut self, d: Duration) -> Result<Option<SseEvent>, ()> {
-        tokio::time::timeout(d, self.next_event()).await.map_err(|_| ())
+        tokio::time::timeout(d, self.next_event())
+            .await
+            .map_err(|_| ())
     }
 
     /// Splits at CRLF, LF or CR, as EventSource does.
@@ -436,7 +479,11 @@ impl SseClient {
             return None; // maybe CRLF split across reads
         }
         let line = String::from_utf8_lossy(&self.buf[..i]).into_owned();
-        let skip = if self.buf[i] == b'\r' && self.buf.get(i + 1) == Some(&b'\n') { 2 } else { 1 };
+        let skip = if self.buf[i] == b'\r' && self.buf.get(i + 1) == Some(&b'\n') {
+            2
+        } else {
+            1
+        };
         self.buf.drain(..i + skip);
         Some(line)
     }
@@ -473,8 +520,13 @@ pub async fn metric(c: &Crier, sample: &str) -> Option<f64> {
         .text()
         .await
         .ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.trim().parse().ok())
+    text.lines().find_map(|l| {
+        l.strip_prefix(sample)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 /// Connects a raw HTTP client over a Unix socket (for publish tests).
@@ -482,7 +534,9 @@ pub async fn unix_request(
     path: &std::path::Path,
     req: Request<Full<Bytes>>,
 ) -> (StatusCode, String) {
-    let s = tokio::net::UnixStream::connect(path).await.expect("connect unix");
+    let s = tokio::net::UnixStream::connect(path)
+        .await
+        .expect("connect unix");
     let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
         .await
         .expect("handshake");
@@ -509,9 +563,8 @@ pub fn h2_client() -> reqwest::Client {
 // ---------------------------------------------------------------------------------------
 // WebSocket subscribers (tokio-tungstenite).
 
-pub type Ws = tokio_tungstenite::WebSocketStream<
-    tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
->;
+pub type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 pub type WsResponse = tokio_tungstenite::tungstenite::handshake::client::Response;
 
 /// Opens a WebSocket to `url` with extra request headers (`Origin`, `Sec-WebSocket-Protocol`).
@@ -531,7 +584,9 @@ pub async fn ws_try_connect(
 }
 
 pub async fn ws_connect(url: &str, headers: &[(&str, &str)]) -> (Ws, WsResponse) {
-    ws_try_connect(url, headers).await.expect("websocket connect")
+    ws_try_connect(url, headers)
+        .await
+        .expect("websocket connect")
 }
 
 /// The next data or close frame (pings are answered by tungstenite and skipped), within 10s.
@@ -585,7 +640,11 @@ pub async fn longpoll(client: &reqwest::Client, url: &str, etag: Option<&str>) -
     }
     let r = req.send().await.expect("long-poll request");
     let h = r.headers().clone();
-    let s = |name: &str| h.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let s = |name: &str| {
+        h.get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
     Polled {
         status: r.status(),
         etag: s("etag"),
@@ -601,7 +660,11 @@ pub async fn longpoll(client: &reqwest::Client, url: &str, etag: Option<&str>) -
 
 /// GET /pub/{channel}: the status and the JSON (Null when not JSON).
 pub async fn channel_info(c: &Crier, channel: &str) -> (StatusCode, serde_json::Value) {
-    let r = client().get(c.pub_url(channel)).send().await.expect("channel info");
+    let r = client()
+        .get(c.pub_url(channel))
+        .send()
+        .await
+        .expect("channel info");
     let status = r.status();
     let v = r.json().await.unwrap_or(serde_json::Value::Null);
     (status, v)
