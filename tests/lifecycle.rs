@@ -124,8 +124,13 @@ impl Proc {
             .text()
             .await
             .ok()?;
-        text.lines()
-            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.trim().parse().ok())
+        text.lines().find_map(|l| {
+            l.strip_prefix(sample)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
     }
 
     /// Waits for a log line containing `needle`.
@@ -208,11 +213,17 @@ async fn sigterm_drains_every_kind_of_connection_and_exits_zero() {
 
     // SSE: a retry hint, then the end of the stream.
     assert!(sse.next_event().await.is_none(), "SSE stream ends");
-    assert_eq!(sse.retries, 2, "one retry hint at the start, one before the end");
+    assert_eq!(
+        sse.retries, 2,
+        "one retry hint at the start, one before the end"
+    );
     assert_eq!(sse.retry, Some(2000));
     // WebSocket: close 1001.
     let close = loop {
-        match tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap() {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .unwrap()
+        {
             Some(Ok(WsMessage::Close(f))) => break f,
             Some(Ok(_)) => continue,
             other => panic!("expected a close frame, got {other:?}"),
@@ -254,7 +265,10 @@ async fn sighup_applies_a_new_config_without_dropping_subscribers() {
     std::fs::write(&p.config, text).unwrap();
     p.signal(libc::SIGHUP);
     assert!(p.wait_log("config reloaded"), "reload logged");
-    assert_eq!(p.metric("crier_config_reloads_total{result=\"ok\"}").await, Some(1.0));
+    assert_eq!(
+        p.metric("crier_config_reloads_total{result=\"ok\"}").await,
+        Some(1.0)
+    );
 
     // Proxy now goes to the new (dead) upstream; the new location is served by crier.
     let r = client().get(p.url("/")).send().await.unwrap();
@@ -285,11 +299,16 @@ async fn sighup_with_a_broken_config_keeps_the_old_one() {
     p.signal(libc::SIGHUP);
     assert!(p.wait_log("config reload failed"), "failure logged");
     assert_eq!(
-        p.metric("crier_config_reloads_total{result=\"error\"}").await,
+        p.metric("crier_config_reloads_total{result=\"error\"}")
+            .await,
         Some(1.0)
     );
     let r = client().get(p.url("/")).send().await.unwrap();
-    assert_eq!(r.text().await.unwrap(), "hello from upstream", "still proxying");
+    assert_eq!(
+        r.text().await.unwrap(),
+        "hello from upstream",
+        "still proxying"
+    );
     assert_eq!(p.publish("k", "still here").await, 201);
     assert_eq!(sse.next_event().await.unwrap().data, "still here");
     p.signal(libc::SIGTERM);
@@ -301,7 +320,8 @@ async fn sd_notify_messages() {
     let dir = tempfile::tempdir().unwrap();
     let sock_path = dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let up = Upstream::start().await;
     let mut p = Proc::start(
         &up.url(),

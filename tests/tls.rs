@@ -75,7 +75,10 @@ async fn https_h1_and_h2_reach_the_upstream() {
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["headers"]["x-forwarded-proto"], "https");
     assert_eq!(v["headers"]["host"], format!("localhost:{port}"));
-    assert_eq!(v["version"], "HTTP/1.1", "the upstream is spoken to in HTTP/1.1");
+    assert_eq!(
+        v["version"], "HTTP/1.1",
+        "the upstream is spoken to in HTTP/1.1"
+    );
 
     let h1 = reqwest::Client::builder()
         .no_proxy()
@@ -184,7 +187,10 @@ async fn bad_pem_is_a_startup_error_naming_the_file() {
         .await
         .err()
         .expect("refused");
-    assert!(err.contains("key.pem") && err.contains("cannot read"), "{err}");
+    assert!(
+        err.contains("key.pem") && err.contains("cannot read"),
+        "{err}"
+    );
 }
 
 fn certs_missing_key() -> Certs {
