@@ -289,29 +289,31 @@ impl Config {
         let name = path
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| "<config>".into());
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let at = e
-                .span()
-                .map(|s| line_col(text, s.start))
-                .map(|(l, c)| format!("{l}:{c}: "))
-                .unwrap_or_default();
-            ConfigError {
-                problems: vec![format!("{name}:{at}{}", e.message().trim_end())],
-            }
-        })?;
+        let mut problems = Vec::new();
+        let Some(raw) = read_raw(text, &name, &mut problems) else {
+            return Err(ConfigError { problems });
+        };
         let mut v = Validator {
             text,
             name,
-            problems: Vec::new(),
+            problems,
         };
         let cfg = v.build(raw, path);
         if v.problems.is_empty() {
-            Ok(cfg)
-        } else {
-            Err(ConfigError {
-                problems: v.problems,
-            })
+            return Ok(cfg);
         }
+        // In file order, so the operator reads them top to bottom.
+        let at = |p: &String| -> (usize, usize) {
+            let mut nums = p[v.name.len()..]
+                .split(':')
+                .skip(1)
+                .map_while(|n| n.parse::<usize>().ok());
+            (nums.next().unwrap_or(0), nums.next().unwrap_or(0))
+        };
+        v.problems.sort_by_key(at);
+        Err(ConfigError {
+            problems: v.problems,
+        })
     }
 
     /// The buffer policy of a channel: the override of the location with the longest
@@ -324,6 +326,91 @@ impl Config {
             .and_then(|p| p.buffer_override)
             .unwrap_or(self.channels.buffer)
     }
+}
+
+/// TOML text → the raw structs, reporting *every* unknown key and wrongly typed value, each
+/// with its dotted key. serde stops at the first such error, so the offending entry is removed
+/// from the parsed document and the document read again, until it reads cleanly. Returns None
+/// (with the problem recorded) when the text is not TOML or an error cannot be pinned to a key.
+fn read_raw(text: &str, name: &str, problems: &mut Vec<String>) -> Option<RawConfig> {
+    let at = |span: Option<std::ops::Range<usize>>| {
+        span.map(|s| line_col(text, s.start))
+            .map(|(l, c)| format!("{l}:{c}: "))
+            .unwrap_or_default()
+    };
+    let mut doc = match toml::de::DeTable::parse(text) {
+        Ok(doc) => doc,
+        Err(e) => {
+            problems.push(format!("{name}:{}{}", at(e.span()), e.message().trim_end()));
+            return None;
+        }
+    };
+    // Each pass removes one entry, so this ends; the bound only guards against a surprise.
+    for _ in 0..1000 {
+        let e = match RawConfig::deserialize(toml::de::Deserializer::from(doc.clone())) {
+            Ok(raw) => return Some(raw),
+            Err(e) => e,
+        };
+        let key = e
+            .span()
+            .and_then(|span| remove_entry_at(doc.get_mut(), &span, ""));
+        // serde's words → TOML's words (and no internal type names).
+        let mut message = e
+            .message()
+            .trim_end()
+            .replace("unknown field", "unknown key")
+            .replace("expected i64", "expected an integer")
+            .replace("expected a sequence", "expected an array");
+        if let Some(i) = message.find("expected struct ") {
+            message.truncate(i);
+            message.push_str("expected a table");
+        }
+        let Some(key) = key else {
+            problems.push(format!("{name}:{}{message}", at(e.span())));
+            return None;
+        };
+        problems.push(format!("{name}:{}{key}: {message}", at(e.span())));
+    }
+    None
+}
+
+/// Removes the entry that an error at `span` is about (its key is the span, or its value holds
+/// it), looking into nested tables and arrays of tables first; returns its dotted key.
+fn remove_entry_at(
+    table: &mut toml::de::DeTable<'_>,
+    span: &std::ops::Range<usize>,
+    prefix: &str,
+) -> Option<String> {
+    let dotted = |key: &str| {
+        if prefix.is_empty() {
+            key.to_string()
+        } else {
+            format!("{prefix}.{key}")
+        }
+    };
+    for (key, value) in table.iter_mut() {
+        let path = dotted(key.get_ref());
+        let found = match value.get_mut() {
+            toml::de::DeValue::Table(t) => remove_entry_at(t, span, &path),
+            toml::de::DeValue::Array(items) => {
+                items.iter_mut().find_map(|item| match item.get_mut() {
+                    toml::de::DeValue::Table(t) => remove_entry_at(t, span, &path),
+                    _ => None,
+                })
+            }
+            _ => None,
+        };
+        if found.is_some() {
+            return found;
+        }
+    }
+    let holds = |outer: std::ops::Range<usize>| outer.start <= span.start && span.end <= outer.end;
+    let key = table
+        .iter()
+        .find(|(k, v)| k.span() == *span || holds(v.span()))
+        .map(|(k, _)| k.get_ref().to_string())?;
+    table.remove(key.as_str());
+    Some(dotted(&key))
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
@@ -426,7 +513,7 @@ impl Validator<'_> {
                 let mut out = Vec::new();
                 for p in list.into_inner() {
                     let span_holder = Spanned::clone(&p.get_ref().path);
-                    if let Some(loc) = self.push_location(p.into_inner()) {
+                    if let Some(loc) = self.push_location(p.into_inner(), &channels.buffer) {
                         if !seen.insert(loc.path.clone()) {
                             self.err("push.path", &span_holder, "the same path is used twice");
                         }
@@ -486,12 +573,10 @@ impl Validator<'_> {
                 key: resolve(base, t.key.get_ref()),
             }
         });
+        let max_header_at = raw.max_header_size.clone();
         let max_header_bytes = self.size("server.max_header_size", raw.max_header_size, 16 * 1024);
-        if max_header_bytes < 8192 {
-            self.problems.push(format!(
-                "{}: server.max_header_size: must be at least 8KiB",
-                self.name
-            ));
+        if let Some(at) = max_header_at.filter(|_| max_header_bytes < 8192) {
+            self.err("server.max_header_size", &at, "must be at least 8KiB");
         }
         ServerConfig {
             listen: self.addrs("server.listen", raw.listen, &["127.0.0.1:8080"], false),
@@ -642,7 +727,8 @@ impl Validator<'_> {
         }
     }
 
-    fn push_location(&mut self, raw: RawPush) -> Option<PushLocation> {
+    /// `defaults`: the `[channels]` buffer policy, for the half a location does not override.
+    fn push_location(&mut self, raw: RawPush, defaults: &BufferPolicy) -> Option<PushLocation> {
         let path = raw.path.get_ref().clone();
         let mut ok = true;
         let (prefix, suffix) = match path.split_once("{channel}") {
@@ -697,13 +783,9 @@ impl Validator<'_> {
                     "push.buffer_messages",
                     raw.buffer_messages,
                     (0, 10_000_000),
-                    100,
+                    defaults.buffer_messages,
                 ),
-                buffer_ttl: self.duration(
-                    "push.buffer_ttl",
-                    raw.buffer_ttl,
-                    Duration::from_secs(600),
-                ),
+                buffer_ttl: self.duration("push.buffer_ttl", raw.buffer_ttl, defaults.buffer_ttl),
             })
         } else {
             None
@@ -989,6 +1071,31 @@ mod tests {
         );
         assert!(
             lines[2].contains("upstream.response_timeout: must be greater than zero"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_are_all_reported_with_their_key() {
+        let e = errs(
+            "[server]\nlisen = 1\nmax_connections = \"many\"\nlisten = [\"127.0.0.1:70000\"]\n[upstream]\nconnect_timeout = 5\n",
+        );
+        let lines: Vec<_> = e.lines().collect();
+        assert_eq!(lines.len(), 4, "{e}");
+        assert!(
+            lines[0].starts_with("c.toml:2:1: server.lisen: unknown key"),
+            "{e}"
+        );
+        assert!(
+            lines[1].starts_with("c.toml:3:19: server.max_connections: invalid type"),
+            "{e}"
+        );
+        assert!(
+            lines[2].starts_with("c.toml:4:11: server.listen: port 70000"),
+            "{e}"
+        );
+        assert!(
+            lines[3].starts_with("c.toml:6:19: upstream.connect_timeout: invalid type"),
             "{e}"
         );
     }

@@ -243,6 +243,11 @@ impl Channel {
         }
     }
 
+    /// The message at `next_seq` already left the buffer (a reader there would lag).
+    pub fn is_behind(&self, next_seq: u64) -> bool {
+        next_seq < self.state.read().first_seq
+    }
+
     /// The id of the newest message ever published here (buffered or not).
     pub fn last_id(&self) -> Option<MessageId> {
         self.state.read().last_id

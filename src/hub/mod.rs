@@ -287,6 +287,21 @@ impl Subscription {
         self.channel.read(&mut self.next_seq, out, max)
     }
 
+    /// Resolves once the next message this subscription needs has left the buffer. A
+    /// transport stuck writing to a client that stopped reading selects on this, so the slow
+    /// client is let go when it falls behind, not only when (if ever) it reads again.
+    pub async fn fell_behind(&self) {
+        loop {
+            let notified = self.channel.notify().notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.channel.is_behind(self.next_seq) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     /// Waits until there is something to report: messages (appended to `out`), lag or close.
     /// Cancel-safe: the position only moves in the poll that returns.
     pub async fn next(&mut self, out: &mut Vec<Arc<Message>>, max: usize) -> Read {

@@ -63,6 +63,16 @@ pub async fn serve(
     loc: &PushLocation,
     channel: &str,
 ) -> Response<Body> {
+    // HTTP/2 carries the request's host in `:authority`, not `Host`: same-origin checks need it.
+    if !req.headers().contains_key(header::HOST) {
+        if let Some(v) = req
+            .uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            req.headers_mut().insert(header::HOST, v);
+        }
+    }
     let cors = match check_origin(req.headers(), loc) {
         Ok(c) => c,
         Err(()) => return response::text(StatusCode::FORBIDDEN, "origin not allowed"),
@@ -91,7 +101,7 @@ pub async fn serve(
             )
         };
     }
-    let position = match position(&req, transport) {
+    let position = match position(req.uri().query(), req.headers(), transport) {
         Ok(p) => p,
         Err(e) => return response::text(StatusCode::BAD_REQUEST, &e),
     };
@@ -108,6 +118,36 @@ pub async fn serve(
         add_cors(resp.headers_mut(), origin);
     }
     resp
+}
+
+/// An SSE subscription the fast path may serve itself (see `sse::serve_h1`).
+pub struct FastSse {
+    pub sub: Subscription,
+    pub cors: Option<HeaderValue>,
+}
+
+/// Everything [`serve`] checks for a GET that asks for SSE, on a request head the server
+/// parsed itself. None whenever `serve` would answer anything but a plain SSE stream (an
+/// error, another transport): the general path then answers the request.
+pub fn subscribe_fast_sse(
+    hub: &Hub,
+    loc: &PushLocation,
+    channel: &str,
+    query: Option<&str>,
+    headers: &HeaderMap,
+) -> Option<FastSse> {
+    if !loc.allows(Transport::Sse)
+        || !accepts_event_stream(headers)
+        || headers.contains_key(header::UPGRADE)
+    {
+        return None;
+    }
+    let cors = check_origin(headers, loc).ok()?;
+    let position = position(query, headers, Transport::Sse).ok()?;
+    let sub = hub
+        .subscribe(channel, Transport::Sse, position.start(loc))
+        .ok()?;
+    Some(FastSse { sub, cors })
 }
 
 pub fn hub_error(e: HubError) -> Response<Body> {
@@ -144,8 +184,8 @@ fn accepts_event_stream(h: &HeaderMap) -> bool {
 
 /// Reads the client's position: `last_event_id` in the query (all transports),
 /// `Last-Event-ID` (SSE), `If-None-Match: "<id>"` (long-poll). The query wins.
-fn position(req: &Request<Incoming>, t: Transport) -> Result<Position, String> {
-    if let Some(q) = req.uri().query() {
+fn position(query: Option<&str>, h: &HeaderMap, t: Transport) -> Result<Position, String> {
+    if let Some(q) = query {
         for pair in q.split('&') {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             if k == "last_event_id" {
@@ -153,7 +193,6 @@ fn position(req: &Request<Incoming>, t: Transport) -> Result<Position, String> {
             }
         }
     }
-    let h = req.headers();
     match t {
         Transport::Sse => match h.get("last-event-id") {
             Some(v) => parse_position(v.to_str().map_err(|_| "malformed Last-Event-ID")?.trim()),
@@ -210,17 +249,26 @@ fn check_origin(h: &HeaderMap, loc: &PushLocation) -> Result<Option<HeaderValue>
     Err(())
 }
 
+/// The CORS headers for an allowed cross-origin subscriber.
+pub fn cors_headers(origin: &HeaderValue) -> [(header::HeaderName, HeaderValue); 4] {
+    [
+        (header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone()),
+        (
+            header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+            HeaderValue::from_static("true"),
+        ),
+        (
+            header::ACCESS_CONTROL_EXPOSE_HEADERS,
+            HeaderValue::from_static("ETag, Crier-Resume"),
+        ),
+        (header::VARY, HeaderValue::from_static("Origin")),
+    ]
+}
+
 fn add_cors(h: &mut HeaderMap, origin: HeaderValue) {
-    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
-        HeaderValue::from_static("true"),
-    );
-    h.insert(
-        header::ACCESS_CONTROL_EXPOSE_HEADERS,
-        HeaderValue::from_static("ETag, Crier-Resume"),
-    );
-    h.append(header::VARY, HeaderValue::from_static("Origin"));
+    for (name, value) in cors_headers(&origin) {
+        h.append(name, value);
+    }
 }
 
 fn preflight(cors: Option<HeaderValue>) -> Response<Body> {

@@ -1,10 +1,18 @@
-//! Server-Sent Events: a never-ending response body fed from the subscription.
+//! Server-Sent Events: a never-ending stream of frames fed from the subscription.
 //!
-//! The body is polled only when the connection can take more, so a slow reader holds at most
-//! what sits in its socket; once it falls behind the buffer its stream ends (counted) and its
-//! EventSource reconnects with `Last-Event-ID`, which tells it of any gap.
+//! Two writers share one [`Feed`]: a hyper response body (HTTP/2, TLS, and any request hyper
+//! had to parse), and a direct writer for a plain HTTP/1.1 connection whose first request is
+//! an SSE subscription ([`serve_h1`]). The direct writer exists for memory: a hyper HTTP/1
+//! connection keeps two 8 KiB buffers for its whole life, while an idle subscriber needs
+//! almost nothing; it also writes a whole batch of frames with one `writev`.
+//!
+//! Either way the stream is only fed when the connection can take more, so a slow reader
+//! holds at most what sits in its socket; once it falls behind the buffer its stream ends
+//! (counted) and its EventSource reconnects with `Last-Event-ID`, which tells it of any gap.
 
+use std::io::{self, IoSlice};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::stream;
@@ -12,6 +20,7 @@ use http::header::{self, HeaderValue};
 use http::Response;
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
+use tokio::net::TcpStream;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 
 use super::{encoding, record_delivery, resume_header, RESUME_HEADER};
@@ -25,6 +34,7 @@ const BATCH: usize = 64;
 /// Reconnect delay suggested to EventSource at the start and on shutdown.
 const RETRY: &[u8] = b"retry: 2000\n\n";
 const KEEPALIVE: &[u8] = b":\n\n";
+const LAGGED: &[u8] = b": fell behind the buffer; reconnect\n\n";
 
 /// Builds the SSE frame of a message: `id:`, optional `event:`, one `data:` line per body
 /// line. Called once per message (cached in the message), never once per subscriber.
@@ -44,17 +54,14 @@ pub fn encode_sse_frame(m: &Message) -> Bytes {
     let mut start = 0;
     let mut i = 0;
     while i < body.len() {
-        match body[i] {
-            b'\n' | b'\r' => {
-                b.put_slice(b"data: ");
-                b.put_slice(&body[start..i]);
-                b.put_u8(b'\n');
-                if body[i] == b'\r' && body.get(i + 1) == Some(&b'\n') {
-                    i += 1;
-                }
-                start = i + 1;
+        if body[i] == b'\n' || body[i] == b'\r' {
+            b.put_slice(b"data: ");
+            b.put_slice(&body[start..i]);
+            b.put_u8(b'\n');
+            if body[i] == b'\r' && body.get(i + 1) == Some(&b'\n') {
+                i += 1;
             }
-            _ => {}
+            start = i + 1;
         }
         i += 1;
     }
@@ -65,38 +72,106 @@ pub fn encode_sse_frame(m: &Message) -> Bytes {
 }
 
 enum Phase {
+    /// Nothing sent yet: the `retry:` hint goes first.
+    Start,
     Open,
     /// Send this last frame, then end the stream.
     Closing(&'static [u8]),
     Done,
 }
 
-struct Stream {
+/// Turns a subscription into SSE frames: messages (each frame shared by every subscriber),
+/// keepalive comments, and the last words on lag or shutdown.
+pub struct Feed {
     sub: Subscription,
     batch: Vec<Arc<Message>>,
-    next: usize,
     keepalive: Interval,
     phase: Phase,
 }
 
+impl Feed {
+    pub fn new(sub: Subscription, keepalive: Duration) -> Feed {
+        let mut tick = tokio::time::interval_at(Instant::now() + keepalive, keepalive);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        Feed {
+            sub,
+            batch: Vec::new(),
+            keepalive: tick,
+            phase: Phase::Start,
+        }
+    }
+
+    /// Waits for what to send next and appends it to `out`. Returns false when the stream is
+    /// over. Cancel-safe: nothing is taken from the subscription until it returns.
+    pub async fn next(&mut self, out: &mut Vec<Bytes>) -> bool {
+        loop {
+            match self.phase {
+                Phase::Done => return false,
+                Phase::Start => {
+                    self.phase = Phase::Open;
+                    out.push(Bytes::from_static(RETRY));
+                    return true;
+                }
+                Phase::Closing(last) => {
+                    self.phase = Phase::Done;
+                    out.push(Bytes::from_static(last));
+                    return true;
+                }
+                Phase::Open => {}
+            }
+            tokio::select! {
+                r = self.sub.next(&mut self.batch, BATCH) => match r {
+                    Read::Messages(_) => {
+                        record_delivery(&self.sub, Transport::Sse, &self.batch);
+                        out.extend(
+                            self.batch
+                                .drain(..)
+                                .map(|m| m.encoded(encoding::SSE, encode_sse_frame).clone()),
+                        );
+                        return true;
+                    }
+                    Read::Empty => {}
+                    Read::Lagged => {
+                        self.sub.metrics().dropped(DropReason::Lagged);
+                        // The client reconnects from its last id and learns of the gap.
+                        self.phase = Phase::Closing(LAGGED);
+                    }
+                    Read::Closed(CloseReason::Deleted) => self.phase = Phase::Done,
+                    Read::Closed(CloseReason::ShuttingDown) => self.phase = Phase::Closing(RETRY),
+                },
+                _ = self.keepalive.tick() => {
+                    out.push(Bytes::from_static(KEEPALIVE));
+                    return true;
+                }
+            }
+        }
+    }
+
+    pub fn subscription(&self) -> &Subscription {
+        &self.sub
+    }
+}
+
+/// The SSE response through hyper: the body yields the feed's frames one by one.
 pub fn respond(sub: Subscription, loc: &PushLocation) -> Response<Body> {
     let resume = resume_header(&sub);
-    let mut keepalive = tokio::time::interval_at(Instant::now() + loc.keepalive, loc.keepalive);
-    keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let st = Stream {
-        sub,
-        batch: Vec::new(),
-        next: 0,
-        keepalive,
-        phase: Phase::Open,
-    };
-    let first = stream::once(async { Ok::<_, BoxError>(Frame::data(Bytes::from_static(RETRY))) });
-    let frames = stream::unfold(st, |mut st| async move {
-        let data = next_frame(&mut st).await?;
-        Some((Ok(Frame::data(data)), st))
-    });
-    let body = StreamBody::new(futures_util::StreamExt::chain(first, frames)).boxed_unsync();
-    let mut r = Response::new(body);
+    let feed = Feed::new(sub, loc.keepalive);
+    let frames = stream::unfold(
+        (feed, Vec::new(), 0usize),
+        |(mut feed, mut pending, mut next)| async move {
+            if next == pending.len() {
+                pending.clear();
+                next = 0;
+                if !feed.next(&mut pending).await {
+                    return None;
+                }
+            }
+            let frame = pending[next].clone();
+            next += 1;
+            Some((Ok::<_, BoxError>(Frame::data(frame)), (feed, pending, next)))
+        },
+    );
+    let mut r = Response::new(StreamBody::new(frames).boxed_unsync());
     let h = r.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
@@ -108,37 +183,151 @@ pub fn respond(sub: Subscription, loc: &PushLocation) -> Response<Body> {
     r
 }
 
-async fn next_frame(st: &mut Stream) -> Option<Bytes> {
+/// The SSE fast path: the whole HTTP/1.1 response written straight to the socket (chunked),
+/// each wake-up's frames in one chunk and one `writev`. The request head was already read.
+pub async fn serve_h1(
+    mut stream: TcpStream,
+    sub: Subscription,
+    cors: Option<HeaderValue>,
+    keepalive: Duration,
+) {
+    let head = response_head(&sub, cors.as_ref());
+    // A write that cannot finish in two keepalive intervals means a peer that stopped
+    // reading; its buffer share is bounded by the socket, so let it go.
+    let stall = keepalive * 2;
+    let mut feed = Feed::new(sub, keepalive);
+    if write_timed(&mut stream, &mut [IoSlice::new(&head)], stall).await != Wrote::All {
+        return;
+    }
+    drop(head);
+    let mut frames: Vec<Bytes> = Vec::new();
+    let mut peer_buf = [0u8; 64];
     loop {
-        match st.phase {
-            Phase::Done => return None,
-            Phase::Closing(last) => {
-                st.phase = Phase::Done;
-                return Some(Bytes::from_static(last));
-            }
-            Phase::Open => {}
-        }
-        if let Some(m) = st.batch.get(st.next) {
-            st.next += 1;
-            return Some(m.encoded(encoding::SSE, encode_sse_frame).clone());
-        }
-        st.batch.clear();
-        st.next = 0;
         tokio::select! {
-            r = st.sub.next(&mut st.batch, BATCH) => match r {
-                Read::Messages(_) => record_delivery(&st.sub, Transport::Sse, &st.batch),
-                Read::Empty => {}
-                Read::Lagged => {
-                    st.sub.metrics().dropped(DropReason::Lagged);
-                    // The client reconnects from its last id and learns of the gap.
-                    st.phase = Phase::Closing(b": fell behind the buffer; reconnect\n\n");
+            more = feed.next(&mut frames) => {
+                if !more {
+                    let _ = write_timed(&mut stream, &mut [IoSlice::new(b"0\r\n\r\n")], stall).await;
+                    return;
                 }
-                Read::Closed(CloseReason::Deleted) => st.phase = Phase::Done,
-                Read::Closed(CloseReason::ShuttingDown) => st.phase = Phase::Closing(RETRY),
-            },
-            _ = st.keepalive.tick() => return Some(Bytes::from_static(KEEPALIVE)),
+                match write_chunks(&mut stream, &frames, stall).await {
+                    Wrote::All => {}
+                    Wrote::Stalled => {
+                        feed.subscription().metrics().dropped(DropReason::Timeout);
+                        return;
+                    }
+                    Wrote::Closed => return,
+                }
+                frames.clear();
+            }
+            // The peer sends nothing on an SSE stream; readable means it closed (or broke
+            // protocol): either way the subscription ends.
+            r = stream.readable() => {
+                if r.is_err() {
+                    return;
+                }
+                match stream.try_read(&mut peer_buf) {
+                    Ok(0) => return,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => return,
+                }
+            }
         }
     }
+}
+
+fn response_head(sub: &Subscription, cors: Option<&HeaderValue>) -> Vec<u8> {
+    let mut h = Vec::with_capacity(384);
+    h.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\nx-accel-buffering: no\r\ntransfer-encoding: chunked\r\n");
+    h.extend_from_slice(b"crier-resume: ");
+    h.extend_from_slice(resume_header(sub).as_bytes());
+    h.extend_from_slice(b"\r\ndate: ");
+    h.extend_from_slice(httpdate::fmt_http_date(std::time::SystemTime::now()).as_bytes());
+    h.extend_from_slice(b"\r\n");
+    if let Some(origin) = cors {
+        for (name, value) in super::cors_headers(origin) {
+            h.extend_from_slice(name.as_str().as_bytes());
+            h.extend_from_slice(b": ");
+            h.extend_from_slice(value.as_bytes());
+            h.extend_from_slice(b"\r\n");
+        }
+    }
+    h.extend_from_slice(b"\r\n");
+    h
+}
+
+/// Frames per chunk (and per `writev`): the slices live on the stack, so no allocation
+/// happens per delivery.
+const GROUP: usize = 14;
+
+/// Writes the frames as HTTP/1.1 chunks (size line, frames, CRLF), one `writev` per group.
+async fn write_chunks(stream: &mut TcpStream, frames: &[Bytes], stall: Duration) -> Wrote {
+    for group in frames.chunks(GROUP) {
+        let len: usize = group.iter().map(Bytes::len).sum();
+        let mut size_line = [0u8; 20];
+        let n = hex_line(len, &mut size_line);
+        let mut slices = [IoSlice::new(&[]); GROUP + 2];
+        slices[0] = IoSlice::new(&size_line[..n]);
+        for (slot, f) in slices[1..].iter_mut().zip(group) {
+            *slot = IoSlice::new(f);
+        }
+        slices[group.len() + 1] = IoSlice::new(b"\r\n");
+        match write_timed(stream, &mut slices[..group.len() + 2], stall).await {
+            Wrote::All => {}
+            other => return other,
+        }
+    }
+    Wrote::All
+}
+
+/// `{len:x}\r\n` into `buf`; returns its length.
+fn hex_line(mut len: usize, buf: &mut [u8; 20]) -> usize {
+    let mut digits = [0u8; 16];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b"0123456789abcdef"[len & 0xf];
+        len >>= 4;
+        if len == 0 {
+            break;
+        }
+    }
+    let d = &digits[i..];
+    buf[..d.len()].copy_from_slice(d);
+    buf[d.len()..d.len() + 2].copy_from_slice(b"\r\n");
+    d.len() + 2
+}
+
+/// Writes every slice, or gives up when the socket takes nothing for `stall`. Tries the
+/// write first: a timer is armed only when the socket is full.
+async fn write_timed(
+    stream: &mut TcpStream,
+    mut bufs: &mut [IoSlice<'_>],
+    stall: Duration,
+) -> Wrote {
+    while !bufs.is_empty() {
+        match stream.try_write_vectored(bufs) {
+            Ok(0) => return Wrote::Closed,
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                match tokio::time::timeout(stall, stream.writable()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return Wrote::Closed,
+                    Err(_) => return Wrote::Stalled,
+                }
+            }
+            Err(_) => return Wrote::Closed,
+        }
+    }
+    Wrote::All
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Wrote {
+    All,
+    /// The peer took nothing for the stall limit.
+    Stalled,
+    Closed,
 }
 
 #[cfg(test)]
@@ -170,5 +359,16 @@ mod tests {
         );
         assert_eq!(frame(b"", None), "id: 5-1\ndata: \n\n");
         assert_eq!(frame(b"\r", None), "id: 5-1\ndata: \ndata: \n\n");
+    }
+
+    #[test]
+    fn chunk_size_lines() {
+        let mut b = [0u8; 20];
+        let n = hex_line(0, &mut b);
+        assert_eq!(&b[..n], b"0\r\n");
+        let n = hex_line(255, &mut b);
+        assert_eq!(&b[..n], b"ff\r\n");
+        let n = hex_line(0x1234abcd, &mut b);
+        assert_eq!(&b[..n], b"1234abcd\r\n");
     }
 }

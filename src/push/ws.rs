@@ -35,7 +35,7 @@ const CLOSE_WAIT: Duration = Duration::from_secs(2);
 fn ws_config() -> WebSocketConfig {
     // Small buffers: a subscriber connection mostly idles; read buffers are eagerly allocated.
     WebSocketConfig::default()
-        .read_buffer_size(4 * 1024)
+        .read_buffer_size(512)
         .write_buffer_size(0)
         .max_write_buffer_size(4 << 20)
         .max_message_size(Some(MAX_CLIENT_MESSAGE))
@@ -143,15 +143,23 @@ async fn run(mut ws: HyperWebsocketStream, mut sub: Subscription, keepalive: Dur
             r = sub.next(&mut batch, BATCH) => match r {
                 Read::Messages(_) => {
                     record_delivery(&sub, Transport::WebSocket, &batch);
-                    let mut failed = false;
-                    for m in batch.drain(..) {
-                        if ws.feed(frame(&m, json)).await.is_err() {
-                            failed = true;
-                            break;
+                    let write = async {
+                        for m in batch.drain(..) {
+                            ws.feed(frame(&m, json)).await?;
                         }
-                    }
-                    if failed || ws.flush().await.is_err() {
-                        return;
+                        ws.flush().await
+                    };
+                    // A client that stops reading blocks the write; it must not hold its
+                    // connection (and this task) forever: once it has fallen behind the
+                    // buffer it is let go, as a slow reader that is not stuck would be.
+                    tokio::select! {
+                        r = write => if r.is_err() {
+                            return;
+                        },
+                        _ = sub.fell_behind() => {
+                            sub.metrics().dropped(DropReason::Lagged);
+                            break Some((CloseCode::Again, "fell behind the buffer; reconnect"));
+                        }
                     }
                 }
                 Read::Empty => {}

@@ -5,8 +5,8 @@
 //! clear startup error) and reports the real addresses; [`Server::run`] serves until the
 //! [`ServerHandle`] says stop, then drains.
 
-use std::convert::Infallible;
-use std::future::Future;
+mod conn;
+
 use std::io;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -15,26 +15,18 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use parking_lot::{Mutex, RwLock};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket, UnixListener};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::admin::{self, AdminView};
-use crate::config::{Config, ServerConfig};
+use crate::config::Config;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
-use crate::proxy::{ConnInfo, Proxy};
-use crate::push::{self, PushContext};
-use crate::response::{self, Body};
-use crate::router::{Route, Router};
+use crate::proxy::Proxy;
+use crate::router::Router;
+use conn::HttpBuilders;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -62,7 +54,7 @@ struct Live {
     config: Arc<Config>,
     router: Router,
     proxy: Proxy,
-    http: Arc<auto::Builder<TokioExecutor>>,
+    http: Arc<HttpBuilders>,
     tls: Option<TlsAcceptor>,
 }
 
@@ -79,7 +71,7 @@ impl Live {
         Ok(Live {
             router: Router::new(&config),
             proxy: Proxy::new(&config.upstream, state_metrics.clone(), upgraded.clone()),
-            http: Arc::new(http_builder(&config.server)),
+            http: Arc::new(HttpBuilders::new(&config.server)),
             tls,
             config,
         })
@@ -326,14 +318,15 @@ fn spawn_accept(st: &Arc<State>, l: &Listening, bound: Bound) {
     match (bound, &l.key) {
         (Bound::Tcp(t), ListenKey::Tcp(Kind::Admin, _)) => {
             // Not on the accept tracker: the admin listener stays up through the drain.
-            tokio::spawn(accept_tcp(t, Kind::Admin, st.clone(), l.stop.clone()));
+            tokio::spawn(conn::accept_tcp(t, Kind::Admin, st.clone(), l.stop.clone()));
         }
         (Bound::Tcp(t), ListenKey::Tcp(kind, _)) => {
             st.accept
-                .spawn(accept_tcp(t, *kind, st.clone(), l.stop.clone()));
+                .spawn(conn::accept_tcp(t, *kind, st.clone(), l.stop.clone()));
         }
         (Bound::Unix(u), _) => {
-            st.accept.spawn(accept_unix(u, st.clone(), l.stop.clone()));
+            st.accept
+                .spawn(conn::accept_unix(u, st.clone(), l.stop.clone()));
         }
         (Bound::Tcp(_), ListenKey::Unix(_)) => {}
     }
@@ -440,23 +433,6 @@ impl Server {
     }
 }
 
-fn http_builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(cfg.header_timeout)
-        .max_buf_size(cfg.max_header_bytes)
-        .max_headers(cfg.max_headers)
-        .keep_alive(true);
-    b.http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(cfg.h2_max_concurrent_streams)
-        .max_header_list_size(cfg.max_header_bytes as u32)
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(20));
-    b
-}
-
 fn bind_tcp(addr: SocketAddr, key: &'static str) -> Result<TcpListener, StartError> {
     let err = |source| StartError::Bind { key, addr, source };
     let sock = if addr.is_ipv4() {
@@ -493,212 +469,4 @@ fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, StartError> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(|e| err("cannot set its file mode", e))?;
     Ok(l)
-}
-
-async fn accept_tcp(listener: TcpListener, kind: Kind, state: Arc<State>, stop: CancellationToken) {
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(pair) => pair,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning; the listener stays.
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        let guard = match kind {
-            Kind::Public | Kind::PublicTls => match ConnectionGuard::acquire(&state) {
-                Some(g) => Some(g),
-                None => {
-                    refuse(stream, &state);
-                    continue;
-                }
-            },
-            Kind::Publish | Kind::Admin => None,
-        };
-        let live = state.live.read().clone();
-        let conn = ConnInfo {
-            peer,
-            tls: kind == Kind::PublicTls,
-        };
-        let svc = service(&state, kind, conn);
-        let drain = state.drain.clone();
-        if kind == Kind::Admin {
-            // Admin connections are not drained: /readyz must answer 503 during the drain.
-            tokio::spawn(serve(
-                stream,
-                svc,
-                live.http.clone(),
-                CancellationToken::new(),
-                None,
-            ));
-        } else if kind == Kind::PublicTls {
-            let Some(acceptor) = live.tls.clone() else {
-                continue;
-            };
-            let handshake_timeout = live.config.server.header_timeout;
-            state.conns.spawn(async move {
-                match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => serve(tls, svc, live.http.clone(), drain, guard).await,
-                    Ok(Err(e)) => tracing::debug!("TLS handshake with {peer} failed: {e}"),
-                    Err(_) => tracing::debug!("TLS handshake with {peer} timed out"),
-                }
-            });
-        } else {
-            state
-                .conns
-                .spawn(serve(stream, svc, live.http.clone(), drain, guard));
-        }
-    }
-}
-
-async fn accept_unix(listener: UnixListener, state: Arc<State>, stop: CancellationToken) {
-    loop {
-        let stream = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!("accept on the publish socket failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let conn = ConnInfo {
-            peer: SocketAddr::from(([127, 0, 0, 1], 0)),
-            tls: false,
-        };
-        let http = state.live.read().http.clone();
-        let svc = service(&state, Kind::Publish, conn);
-        state
-            .conns
-            .spawn(serve(stream, svc, http, state.drain.clone(), None));
-    }
-}
-
-fn service(
-    state: &Arc<State>,
-    kind: Kind,
-    conn: ConnInfo,
-) -> impl hyper::service::Service<
-    Request<Incoming>,
-    Response = Response<Body>,
-    Error = Infallible,
-    Future = impl Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
-> + Send
-       + 'static {
-    let st = state.clone();
-    service_fn(move |req| {
-        let st = st.clone();
-        async move { Ok::<_, Infallible>(dispatch(&st, kind, req, conn).await) }
-    })
-}
-
-async fn serve<I, S>(
-    io: I,
-    svc: S,
-    builder: Arc<auto::Builder<TokioExecutor>>,
-    drain: CancellationToken,
-    _guard: Option<ConnectionGuard>,
-) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
-    tokio::pin!(conn);
-    let r = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = drain.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
-    if let Err(e) = r {
-        tracing::debug!("connection ended with an error: {e}");
-    }
-}
-
-async fn dispatch(
-    state: &Arc<State>,
-    kind: Kind,
-    req: Request<Incoming>,
-    conn: ConnInfo,
-) -> Response<Body> {
-    match kind {
-        Kind::Public | Kind::PublicTls => public(state, req, conn).await,
-        Kind::Publish => {
-            let max = state.live.read().config.channels.max_message_size;
-            crate::publish::handle(&state.hub, max, req).await
-        }
-        Kind::Admin => admin::handle(
-            AdminView {
-                hub: &state.hub,
-                metrics: &state.metrics,
-                ready: !state.draining.load(Ordering::Relaxed),
-            },
-            &req,
-        ),
-    }
-}
-
-async fn public(state: &Arc<State>, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
-    let live = state.live.read().clone();
-    match live.router.route(req.uri().path()) {
-        Route::Proxy => live.proxy.forward(req, &conn).await,
-        Route::BadChannel(reason) => response::text(StatusCode::BAD_REQUEST, reason),
-        Route::Push { location, channel } => {
-            let ctx = PushContext {
-                hub: &state.hub,
-                ws_tasks: &state.upgraded,
-            };
-            push::serve(ctx, req, &location, &channel).await
-        }
-    }
-}
-
-/// Counts an open public connection; dropping it uncounts.
-struct ConnectionGuard(Arc<State>);
-
-impl ConnectionGuard {
-    fn acquire(state: &Arc<State>) -> Option<ConnectionGuard> {
-        let max = state.live.read().config.server.max_connections;
-        let prev = state.open_connections.fetch_add(1, Ordering::AcqRel);
-        if prev >= max {
-            state.open_connections.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        state.metrics.client_connections.inc();
-        Some(ConnectionGuard(state.clone()))
-    }
-}
-
-impl Drop for ConnectionGuard {
-    fn drop(&mut self) {
-        self.0.open_connections.fetch_sub(1, Ordering::AcqRel);
-        self.0.metrics.client_connections.dec();
-    }
-}
-
-/// Over `max_connections`: a best-effort 503 written without waiting, then close.
-fn refuse(stream: tokio::net::TcpStream, state: &State) {
-    state.metrics.connections_refused.inc();
-    const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 21\r\nConnection: close\r\nRetry-After: 1\r\n\r\ntoo many connections\n";
-    let _ = stream.try_write(BUSY);
-}
-
-/// Runs a server until `shutdown` resolves (tests and embedders).
-pub async fn run_until(server: Server, shutdown: impl Future<Output = ()>) {
-    let h = server.handle();
-    let run = tokio::spawn(server.run());
-    shutdown.await;
-    h.shutdown();
-    let _ = run.await;
 }
