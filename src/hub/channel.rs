@@ -54,6 +54,8 @@ struct State {
     /// numbering, so reading is an index computation, not a search.
     first_seq: u64,
     last_id: Option<MessageId>,
+    /// See [`Channel::new`].
+    floor: MessageId,
     /// The newest id that has left the buffer: a resume from before it has a gap.
     evicted_through: Option<MessageId>,
     published: u64,
@@ -113,7 +115,10 @@ fn unix_millis() -> u64 {
 }
 
 impl Channel {
-    pub(super) fn new(name: Arc<str>, policy: BufferPolicy) -> Channel {
+    /// `floor`: every id up to it is gone (a previous incarnation's last id, or the moment
+    /// this process started): a resume from at or before it cannot be proven complete, so it
+    /// reports a gap; new ids are all greater.
+    pub(super) fn new(name: Arc<str>, policy: BufferPolicy, floor: MessageId) -> Channel {
         Channel {
             name,
             policy,
@@ -121,7 +126,8 @@ impl Channel {
                 messages: VecDeque::new(),
                 first_seq: 0,
                 last_id: None,
-                evicted_through: None,
+                floor,
+                evicted_through: Some(floor),
                 published: 0,
                 closed: None,
                 removed: false,
@@ -149,7 +155,7 @@ impl Channel {
             if st.removed {
                 return None;
             }
-            let id = MessageId::next_after(st.last_id, unix_millis());
+            let id = MessageId::next_after(Some(st.last_id.unwrap_or(st.floor)), unix_millis());
             let msg = Arc::new(Message::new(id, event, content_type, body, now));
             st.messages.push_back(msg);
             st.last_id = Some(id);
@@ -253,6 +259,13 @@ impl Channel {
         self.state.read().last_id
     }
 
+    /// The position "after everything so far": the last id, or the floor when nothing was
+    /// published. Resuming from it reports no gap.
+    pub fn head_id(&self) -> MessageId {
+        let st = self.state.read();
+        st.last_id.unwrap_or(st.floor)
+    }
+
     pub fn subscriber_count(&self) -> usize {
         self.subscribers
             .iter()
@@ -320,6 +333,7 @@ mod tests {
                 buffer_messages: n,
                 buffer_ttl: ttl,
             },
+            MessageId::ZERO,
         )
     }
 

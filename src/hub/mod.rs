@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
 pub use channel::{Channel, ChannelStats, CloseReason, Read, Start, StartPosition};
 pub use message::{BadMessageId, Message, MessageId, ENCODING_SLOTS};
@@ -62,7 +62,16 @@ struct Inner {
     config: RwLock<Arc<Config>>,
     closing: AtomicBool,
     metrics: Arc<Metrics>,
+    /// Sorts before every id this process makes: the floor of a channel never seen before.
+    floor: MessageId,
+    /// The last id of freed and deleted channels (with when they went), so a channel made
+    /// again continues above it and a resume from an older id reports the gap. Bounded by
+    /// `max_channels` and a day (see `sweep`).
+    tombstones: Mutex<HashMap<Arc<str>, (MessageId, Instant)>>,
 }
+
+/// How long a freed channel's last id is remembered for gap reporting.
+const TOMBSTONE_TTL: Duration = Duration::from_secs(24 * 3600);
 
 impl Hub {
     pub fn new(config: Arc<Config>, metrics: Arc<Metrics>) -> Hub {
@@ -72,6 +81,8 @@ impl Hub {
                 config: RwLock::new(config),
                 closing: AtomicBool::new(false),
                 metrics,
+                floor: process_floor(),
+                tombstones: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -105,7 +116,17 @@ impl Hub {
                     return Err(HubError::TooManyChannels(config.channels.max_channels));
                 }
                 let name: Arc<str> = name.into();
-                let c = Arc::new(Channel::new(name.clone(), config.buffer_policy_for(&name)));
+                let floor = self
+                    .inner
+                    .tombstones
+                    .lock()
+                    .remove(&name)
+                    .map_or(self.inner.floor, |t| t.0);
+                let c = Arc::new(Channel::new(
+                    name.clone(),
+                    config.buffer_policy_for(&name),
+                    floor,
+                ));
                 map.insert(name, c.clone());
                 self.inner.metrics.channels.set(map.len() as i64);
                 c
@@ -175,6 +196,7 @@ impl Hub {
         };
         chan.mark_removed();
         chan.close(CloseReason::Deleted);
+        self.bury(&chan);
         Ok(())
     }
 
@@ -213,6 +235,7 @@ impl Hub {
     /// Drops expired messages everywhere and frees channels that are idle and empty.
     pub fn sweep(&self) {
         let now = Instant::now();
+        self.sweep_tombstones(now);
         let chans: Vec<_> = self.inner.channels.read().values().cloned().collect();
         let idle: Vec<_> = chans.into_iter().filter(|c| c.trim(now)).collect();
         if idle.is_empty() {
@@ -229,6 +252,29 @@ impl Hub {
         // Only the incarnation we hold: a deleted-and-recreated channel of the same name stays.
         if map.get(&c.name).is_some_and(|m| Arc::ptr_eq(m, c)) && c.try_mark_removed() {
             map.remove(&c.name);
+            self.bury(c);
+        }
+    }
+
+    /// Remembers a freed channel's last id (if it ever had a message).
+    fn bury(&self, c: &Channel) {
+        if let Some(id) = c.last_id() {
+            self.inner
+                .tombstones
+                .lock()
+                .insert(c.name.clone(), (id, Instant::now()));
+        }
+    }
+
+    fn sweep_tombstones(&self, now: Instant) {
+        let cap = self.inner.config.read().channels.max_channels;
+        let mut t = self.inner.tombstones.lock();
+        t.retain(|_, (_, at)| now.saturating_duration_since(*at) < TOMBSTONE_TTL);
+        if t.len() > cap {
+            let mut ages: Vec<Instant> = t.values().map(|(_, at)| *at).collect();
+            ages.sort_unstable();
+            let cutoff = ages[t.len() - cap];
+            t.retain(|_, (_, at)| *at >= cutoff);
         }
     }
 
@@ -249,6 +295,18 @@ impl Hub {
             self.remove_if_idle(&mut map, chan);
             self.inner.metrics.channels.set(map.len() as i64);
         }
+    }
+}
+
+/// Just below the first id this process can make: `<start-millis - 1>-<max>`.
+fn process_floor() -> MessageId {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(1);
+    MessageId {
+        ms: ms.saturating_sub(1),
+        seq: u64::MAX,
     }
 }
 
@@ -386,6 +444,40 @@ mod tests {
             ptrs.push(out[0].body.as_ptr());
         }
         assert!(ptrs.windows(2).all(|w| w[0] == w[1]), "one shared body");
+    }
+
+    #[test]
+    fn a_freed_channel_made_again_keeps_ids_increasing_and_reports_gaps() {
+        let h = hub(10);
+        let first: MessageId = h.publish("a", msg("1")).unwrap().id.parse().unwrap();
+        let last: MessageId = h.publish("a", msg("2")).unwrap().id.parse().unwrap();
+        h.delete("a").unwrap();
+        let again: MessageId = h.publish("a", msg("3")).unwrap().id.parse().unwrap();
+        assert!(again > last, "ids keep increasing across incarnations");
+        let from_first = h
+            .subscribe("a", Transport::Sse, Start::After(first))
+            .unwrap();
+        assert!(from_first.gap(), "message 2 is gone");
+        let from_last = h
+            .subscribe("a", Transport::Sse, Start::After(last))
+            .unwrap();
+        assert!(!from_last.gap(), "nothing after `last` was lost");
+    }
+
+    #[test]
+    fn ids_from_before_this_process_report_a_gap() {
+        let h = hub(10);
+        let old = MessageId { ms: 1_000, seq: 0 };
+        let s = h
+            .subscribe("new", Transport::LongPoll, Start::After(old))
+            .unwrap();
+        assert!(s.gap(), "what happened before the restart cannot be known");
+        let head = s.channel().head_id();
+        drop(s);
+        let s = h
+            .subscribe("new", Transport::LongPoll, Start::After(head))
+            .unwrap();
+        assert!(!s.gap(), "the idle channel's head is a clean position");
     }
 
     #[test]

@@ -59,9 +59,7 @@ fn not_modified(sub: &Subscription, pos: Position) -> Response<Body> {
         Position::After(id) => id,
         // No position named: continue after what existed when we gave up (nothing newer
         // arrived, or we would have answered with it).
-        Position::Unnamed | Position::Earliest => {
-            sub.channel().last_id().unwrap_or(MessageId::ZERO)
-        }
+        Position::Unnamed | Position::Earliest => sub.channel().head_id(),
     };
     let mut r = Response::new(response::empty());
     *r.status_mut() = StatusCode::NOT_MODIFIED;

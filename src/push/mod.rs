@@ -204,8 +204,14 @@ fn position(query: Option<&str>, h: &HeaderMap, t: Transport) -> Result<Position
                 if s == "*" {
                     return Ok(Position::Unnamed);
                 }
-                let s = s.trim_start_matches("W/").trim_matches('"');
-                parse_position(s)
+                // An entity tag is `"<id>"`, perhaps weak (`W/"<id>"`): exactly one pair of
+                // quotes around exactly one id.
+                let s = s.strip_prefix("W/").unwrap_or(s);
+                let id = s
+                    .strip_prefix('"')
+                    .and_then(|s| s.strip_suffix('"'))
+                    .ok_or("If-None-Match must be a quoted message id like \"1732400000123-0\"")?;
+                parse_position(id)
             }
             None => Ok(Position::Unnamed),
         },

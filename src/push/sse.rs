@@ -209,7 +209,18 @@ pub async fn serve_h1(
                     let _ = write_timed(&mut stream, &mut [IoSlice::new(b"0\r\n\r\n")], stall).await;
                     return;
                 }
-                match write_chunks(&mut stream, &frames, stall).await {
+                // A peer that stops reading blocks the write: let it go once it has fallen
+                // behind the buffer (lagged), or when the socket takes nothing for the stall
+                // limit (a large buffer it may never fall behind).
+                let wrote = tokio::select! {
+                    biased;
+                    w = write_chunks(&mut stream, &frames, stall) => w,
+                    _ = feed.subscription().fell_behind() => {
+                        feed.subscription().metrics().dropped(DropReason::Lagged);
+                        return;
+                    }
+                };
+                match wrote {
                     Wrote::All => {}
                     Wrote::Stalled => {
                         feed.subscription().metrics().dropped(DropReason::Timeout);

@@ -152,13 +152,21 @@ async fn run(mut ws: HyperWebsocketStream, mut sub: Subscription, keepalive: Dur
                     // A client that stops reading blocks the write; it must not hold its
                     // connection (and this task) forever: once it has fallen behind the
                     // buffer it is let go, as a slow reader that is not stuck would be.
+                    // `biased`: the stall timer is only armed when the write does not finish
+                    // at once, so the common case costs no timer.
                     tokio::select! {
+                        biased;
                         r = write => if r.is_err() {
                             return;
                         },
                         _ = sub.fell_behind() => {
                             sub.metrics().dropped(DropReason::Lagged);
                             break Some((CloseCode::Again, "fell behind the buffer; reconnect"));
+                        }
+                        _ = tokio::time::sleep(keepalive * 2) => {
+                            // Not behind yet (a large buffer), but not reading either.
+                            sub.metrics().dropped(DropReason::Timeout);
+                            return;
                         }
                     }
                 }
@@ -175,8 +183,13 @@ async fn run(mut ws: HyperWebsocketStream, mut sub: Subscription, keepalive: Dur
                     sub.metrics().dropped(DropReason::Timeout);
                     break Some((CloseCode::Away, "no pong"));
                 }
-                if ws.send(WsMessage::Ping(Bytes::new())).await.is_err() {
-                    return;
+                match tokio::time::timeout(keepalive, ws.send(WsMessage::Ping(Bytes::new()))).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return,
+                    Err(_) => {
+                        sub.metrics().dropped(DropReason::Timeout);
+                        return;
+                    }
                 }
             }
         }

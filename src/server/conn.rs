@@ -187,14 +187,12 @@ async fn serve_public(
 /// consuming them, unless the fast path takes the connection.
 async fn first_bytes(stream: &mut TcpStream, state: &State, live: &Live) -> FirstBytes {
     let timeout = live.http.header_timeout;
-    match tokio::time::timeout(timeout, stream.readable()).await {
-        Ok(Ok(())) => {}
-        _ => return FirstBytes::Nothing,
-    }
     let mut buf = vec![0u8; PEEK];
-    let n = match stream.peek(&mut buf).await {
-        Ok(0) | Err(_) => return FirstBytes::Nothing,
-        Ok(n) => n,
+    // The timeout bounds the peek itself: tokio reports a fresh socket readable before any
+    // byte has arrived, so `readable()` alone does not wait for a silent client.
+    let n = match tokio::time::timeout(timeout, stream.peek(&mut buf)).await {
+        Ok(Ok(n)) if n > 0 => n,
+        _ => return FirstBytes::Nothing,
     };
     let head = &buf[..n];
     if head.len() >= 3 && H2_PREFACE.starts_with(&head[..head.len().min(H2_PREFACE.len())]) {

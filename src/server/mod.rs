@@ -459,7 +459,14 @@ fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, StartError> {
             let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750));
         }
     }
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(err(
+                "exists and is not a socket; refusing to remove it",
+                io::ErrorKind::AlreadyExists.into(),
+            ));
+        }
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(StartError::UnixInUse(path.to_path_buf()));
         }

@@ -386,6 +386,11 @@ impl SseClient {
         Self::connect_with(&client(), url, last_event_id).await
     }
 
+    /// `connect` without a position, for futures that must own their URL.
+    pub async fn connect_owned(url: String) -> SseClient {
+        Self::connect(&url, None).await
+    }
+
     /// Connects with a shared client (many subscribers, HTTP/2).
     pub async fn connect_with(
         client: &reqwest::Client,
