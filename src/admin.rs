@@ -1,5 +1,5 @@
-//! The admin listener: `/metrics`, `/healthz`, `/readyz`, `/channels`. Never served on the
-//! public listeners.
+//! The admin listener: the live status page (`/`, fed by `/stats/stream`), `/metrics`,
+//! `/healthz`, `/readyz`, `/channels`. Never served on the public listeners.
 
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
@@ -8,12 +8,16 @@ use hyper::body::Incoming;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::response::{self, Body};
+use crate::server::ServerHandle;
+use crate::status;
 
 /// What the admin endpoints read.
 pub struct AdminView<'a> {
     pub hub: &'a Hub,
     pub metrics: &'a Metrics,
     pub ready: bool,
+    /// For the status stream, which outlives the request.
+    pub server: ServerHandle,
 }
 
 pub fn handle(v: AdminView<'_>, req: &Request<Incoming>) -> Response<Body> {
@@ -21,6 +25,8 @@ pub fn handle(v: AdminView<'_>, req: &Request<Incoming>) -> Response<Body> {
         return response::method_not_allowed("GET, HEAD", false);
     }
     match req.uri().path() {
+        "/" => status::page(),
+        "/stats/stream" => status::stream(v.server),
         "/metrics" => {
             let mut r = Response::new(response::full(v.metrics.render()));
             r.headers_mut().insert(
@@ -35,7 +41,7 @@ pub fn handle(v: AdminView<'_>, req: &Request<Incoming>) -> Response<Body> {
         "/channels" => channels(v.hub, req.uri().query().unwrap_or("")),
         _ => response::text(
             StatusCode::NOT_FOUND,
-            "not found (try /metrics, /healthz, /readyz, /channels)",
+            "not found (try /, /metrics, /healthz, /readyz, /channels, /stats/stream)",
         ),
     }
 }

@@ -14,6 +14,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::auth::jwt::{JwtAlgorithm, JwtVerifier};
+use crate::auth::PublishToken;
+
 /// The whole, validated configuration. Read by every module, written by none after load.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -67,7 +70,8 @@ pub enum UpstreamAddr {
 pub struct UpstreamConfig {
     pub url: UpstreamAddr,
     pub connect_timeout: Duration,
-    /// Time from sending the request to the upstream's response headers; past it 504.
+    /// Time from the request (head and whole body) sent to the upstream's response headers;
+    /// past it 504. An upload still moving is never cut (see `Proxy::send`).
     pub response_timeout: Duration,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle: usize,
@@ -77,7 +81,19 @@ pub struct UpstreamConfig {
 pub struct PublishConfig {
     pub unix: Option<PathBuf>,
     pub unix_mode: u32,
+    /// The group the socket file is given (`chown :group`), so the app's user can reach it.
+    pub unix_group: Option<UnixGroup>,
     pub listen: Vec<SocketAddr>,
+    /// When set, TCP publishes need `Authorization: Bearer <token>`; the Unix socket does not.
+    pub token: Option<PublishToken>,
+    /// Where `token` was read from (`crier publish` reads it too).
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnixGroup {
+    pub name: String,
+    pub gid: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,6 +157,32 @@ pub struct PushLocation {
     pub longpoll_timeout: Duration,
     /// Empty: same origin only. `*` allows any origin.
     pub allow_origins: Vec<String>,
+    /// `auth_request`: ask the upstream app before a subscription starts.
+    pub forward_auth: Option<ForwardAuthConfig>,
+    /// `[push.jwt]`: require a signed token that names the channel.
+    pub jwt: Option<JwtConfig>,
+}
+
+/// `auth_request` and its knobs.
+#[derive(Debug, Clone)]
+pub struct ForwardAuthConfig {
+    /// Path (and query) on the upstream, e.g. `/auth/can-subscribe`.
+    pub path: String,
+    /// Bounds the whole check; past it the subscriber gets 503.
+    pub timeout: Duration,
+    /// None: every subscription asks the upstream (the default).
+    pub cache_ttl: Option<Duration>,
+}
+
+/// `[push.jwt]`: the key is read (and checked) when the config is loaded, so a missing or bad
+/// key file is a config error, and SIGHUP re-reads it.
+#[derive(Debug, Clone)]
+pub struct JwtConfig {
+    pub verifier: JwtVerifier,
+    pub key_file: PathBuf,
+    /// A cookie that may carry the token (besides `Authorization: Bearer` and `access_token`).
+    pub cookie: Option<String>,
+    pub leeway: Duration,
 }
 
 impl PushLocation {
@@ -225,7 +267,9 @@ struct RawUpstream {
 struct RawPublish {
     unix: Option<S<String>>,
     unix_mode: Option<S<String>>,
+    unix_group: Option<S<String>>,
     listen: Option<S<Vec<S<String>>>>,
+    token_file: Option<S<String>>,
 }
 
 #[derive(Deserialize)]
@@ -249,6 +293,20 @@ struct RawPush {
     keepalive: Option<S<String>>,
     longpoll_timeout: Option<S<String>>,
     allow_origins: Option<S<Vec<S<String>>>>,
+    auth_request: Option<S<String>>,
+    auth_timeout: Option<S<String>>,
+    auth_cache_ttl: Option<S<String>>,
+    jwt: Option<S<RawJwt>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJwt {
+    secret_file: Option<S<String>>,
+    public_key_file: Option<S<String>>,
+    algorithm: Option<S<String>>,
+    cookie: Option<S<String>>,
+    leeway: Option<S<String>>,
 }
 
 #[derive(Deserialize)]
@@ -504,7 +562,7 @@ impl Validator<'_> {
         let base = path.and_then(Path::parent).unwrap_or(Path::new(""));
         let server = self.server(raw.server.map(Spanned::into_inner), base);
         let upstream = self.upstream(raw.upstream.map(Spanned::into_inner));
-        let publish = self.publish(raw.publish.map(Spanned::into_inner));
+        let publish = self.publish(raw.publish.map(Spanned::into_inner), base);
         let channels = self.channels(raw.channels.map(Spanned::into_inner));
         let push = match raw.push {
             None => vec![default_push_location(&channels)],
@@ -513,7 +571,7 @@ impl Validator<'_> {
                 let mut out = Vec::new();
                 for p in list.into_inner() {
                     let span_holder = Spanned::clone(&p.get_ref().path);
-                    if let Some(loc) = self.push_location(p.into_inner(), &channels.buffer) {
+                    if let Some(loc) = self.push_location(p.into_inner(), &channels.buffer, base) {
                         if !seen.insert(loc.path.clone()) {
                             self.err("push.path", &span_holder, "the same path is used twice");
                         }
@@ -657,12 +715,15 @@ impl Validator<'_> {
         }
     }
 
-    fn publish(&mut self, raw: Option<RawPublish>) -> PublishConfig {
+    fn publish(&mut self, raw: Option<RawPublish>, base: &Path) -> PublishConfig {
         let Some(raw) = raw else {
             return PublishConfig {
                 unix: Some(default_publish_socket()),
                 unix_mode: 0o660,
+                unix_group: None,
                 listen: vec![SocketAddr::from(([127, 0, 0, 1], 8081))],
+                token: None,
+                token_file: None,
             };
         };
         let unix = match raw.unix {
@@ -684,11 +745,60 @@ impl Validator<'_> {
                 }
             },
         };
-        let listen = self.addrs("publish.listen", raw.listen, &["127.0.0.1:8081"], true);
+        let unix_group = raw
+            .unix_group
+            .and_then(|g| match lookup_group(g.get_ref()) {
+                Ok(gid) => Some(UnixGroup {
+                    name: g.get_ref().clone(),
+                    gid,
+                }),
+                Err(e) => {
+                    self.err("publish.unix_group", &g, e);
+                    None
+                }
+            });
+        let (token, token_file) = match raw.token_file {
+            None => (None, None),
+            Some(f) => {
+                let path = resolve(base, f.get_ref());
+                match PublishToken::load(&path) {
+                    Ok(t) => (Some(t), Some(path)),
+                    Err(e) => {
+                        self.err("publish.token_file", &f, e);
+                        (None, Some(path))
+                    }
+                }
+            }
+        };
+        let has_token_file = token_file.is_some();
+        let mut listen = Vec::new();
+        if let Some(list) = raw.listen {
+            for a in list.get_ref() {
+                let Ok(addr) = parse_addr(a.get_ref()) else {
+                    continue; // reported by `addrs` below
+                };
+                if !addr.ip().to_canonical().is_loopback() && !has_token_file {
+                    self.err(
+                        "publish.listen",
+                        a,
+                        format!(
+                            "{addr} is not a loopback address: anyone who reaches it could publish; \
+                             set publish.token_file to require a token, or listen on 127.0.0.1"
+                        ),
+                    );
+                }
+            }
+            listen = self.addrs("publish.listen", Some(list), &[], true);
+        } else {
+            listen.push(SocketAddr::from(([127, 0, 0, 1], 8081)));
+        }
         PublishConfig {
             unix,
             unix_mode,
+            unix_group,
             listen,
+            token,
+            token_file,
         }
     }
 
@@ -728,7 +838,12 @@ impl Validator<'_> {
     }
 
     /// `defaults`: the `[channels]` buffer policy, for the half a location does not override.
-    fn push_location(&mut self, raw: RawPush, defaults: &BufferPolicy) -> Option<PushLocation> {
+    fn push_location(
+        &mut self,
+        raw: RawPush,
+        defaults: &BufferPolicy,
+        base: &Path,
+    ) -> Option<PushLocation> {
         let path = raw.path.get_ref().clone();
         let mut ok = true;
         let (prefix, suffix) = match path.split_once("{channel}") {
@@ -825,6 +940,9 @@ impl Validator<'_> {
                 allow_origins.push(s.to_ascii_lowercase());
             }
         }
+        let forward_auth =
+            self.forward_auth(raw.auth_request, raw.auth_timeout, raw.auth_cache_ttl);
+        let jwt = raw.jwt.and_then(|j| self.jwt(j, base));
         ok.then_some(PushLocation {
             path,
             prefix,
@@ -836,7 +954,157 @@ impl Validator<'_> {
             keepalive,
             longpoll_timeout,
             allow_origins,
+            forward_auth,
+            jwt,
         })
+    }
+
+    fn forward_auth(
+        &mut self,
+        request: Option<S<String>>,
+        timeout: Option<S<String>>,
+        cache_ttl: Option<S<String>>,
+    ) -> Option<ForwardAuthConfig> {
+        let Some(request) = request else {
+            for (key, v) in [
+                ("push.auth_timeout", &timeout),
+                ("push.auth_cache_ttl", &cache_ttl),
+            ] {
+                if let Some(v) = v {
+                    self.err(key, v, "only applies with push.auth_request");
+                }
+            }
+            return None;
+        };
+        let path = request.get_ref();
+        let valid = path.starts_with('/')
+            && !path.contains('#')
+            && path.parse::<http::uri::PathAndQuery>().is_ok();
+        if !valid {
+            self.err(
+                "push.auth_request",
+                &request,
+                "is a path on the upstream app, like \"/auth/can-subscribe\"",
+            );
+        }
+        Some(ForwardAuthConfig {
+            path: path.clone(),
+            timeout: self.duration("push.auth_timeout", timeout, Duration::from_secs(5)),
+            cache_ttl: cache_ttl
+                .map(|t| self.duration("push.auth_cache_ttl", Some(t), Duration::ZERO)),
+        })
+    }
+
+    fn jwt(&mut self, raw: S<RawJwt>, base: &Path) -> Option<JwtConfig> {
+        let at = raw.span();
+        let raw = raw.into_inner();
+        let leeway = match raw.leeway {
+            None => Duration::from_secs(30),
+            Some(l) => match parse_duration(l.get_ref()) {
+                Ok(d) if d <= Duration::from_secs(3600) => d,
+                Ok(_) => {
+                    self.err("push.jwt.leeway", &l, "at most \"1h\"");
+                    Duration::from_secs(30)
+                }
+                Err(e) => {
+                    self.err("push.jwt.leeway", &l, e);
+                    Duration::from_secs(30)
+                }
+            },
+        };
+        let cookie = raw.cookie.map(|c| {
+            let ok = !c.get_ref().is_empty()
+                && c.get_ref()
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+            if !ok {
+                self.err("push.jwt.cookie", &c, "is not a cookie name");
+            }
+            c.into_inner()
+        });
+        let algorithm = match &raw.algorithm {
+            None => None,
+            Some(a) => match JwtAlgorithm::parse(a.get_ref()) {
+                Some(alg) => Some(alg),
+                None => {
+                    self.err(
+                        "push.jwt.algorithm",
+                        a,
+                        format!(
+                            "{:?} is not one of \"HS256\", \"RS256\", \"ES256\"",
+                            a.get_ref()
+                        ),
+                    );
+                    return None;
+                }
+            },
+        };
+        let (algorithm, file, file_key) = match (raw.secret_file, raw.public_key_file) {
+            (Some(_), Some(p)) => {
+                self.err(
+                    "push.jwt.public_key_file",
+                    &p,
+                    "give secret_file (HS256) or public_key_file (RS256, ES256), not both",
+                );
+                return None;
+            }
+            (None, None) => {
+                let (l, c) = line_col(self.text, at.start);
+                self.problems.push(format!(
+                    "{}:{l}:{c}: push.jwt: needs secret_file (HS256) or public_key_file with algorithm = \"RS256\" or \"ES256\"",
+                    self.name
+                ));
+                return None;
+            }
+            (Some(f), None) => match algorithm {
+                None | Some(JwtAlgorithm::Hs256) => {
+                    (JwtAlgorithm::Hs256, f, "push.jwt.secret_file")
+                }
+                Some(other) => {
+                    let a = raw.algorithm.as_ref().unwrap_or(&f);
+                    self.err(
+                        "push.jwt.algorithm",
+                        a,
+                        format!("{} needs public_key_file, not secret_file", other.as_str()),
+                    );
+                    return None;
+                }
+            },
+            (None, Some(p)) => match algorithm {
+                Some(alg @ (JwtAlgorithm::Rs256 | JwtAlgorithm::Es256)) => {
+                    (alg, p, "push.jwt.public_key_file")
+                }
+                Some(JwtAlgorithm::Hs256) => {
+                    self.err(
+                        "push.jwt.algorithm",
+                        raw.algorithm.as_ref().unwrap_or(&p),
+                        "HS256 takes secret_file; public_key_file is for \"RS256\" or \"ES256\"",
+                    );
+                    return None;
+                }
+                None => {
+                    self.err(
+                        "push.jwt.algorithm",
+                        &p,
+                        "needed with public_key_file: \"RS256\" or \"ES256\"",
+                    );
+                    return None;
+                }
+            },
+        };
+        let key_file = resolve(base, file.get_ref());
+        match JwtVerifier::load(algorithm, &key_file, leeway) {
+            Ok(verifier) => Some(JwtConfig {
+                verifier,
+                key_file,
+                cookie,
+                leeway,
+            }),
+            Err(e) => {
+                self.err(file_key, &file, e);
+                None
+            }
+        }
     }
 }
 
@@ -853,6 +1121,8 @@ fn default_push_location(channels: &ChannelDefaults) -> PushLocation {
         keepalive: Duration::from_secs(15),
         longpoll_timeout: Duration::from_secs(30),
         allow_origins: Vec::new(),
+        forward_auth: None,
+        jwt: None,
     }
 }
 
@@ -936,6 +1206,49 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
         .filter(|b| *b <= 1 << 40)
         .map(|b| b as usize)
         .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// A group name (or a numeric gid) → the gid, from the system's group database.
+fn lookup_group(name: &str) -> Result<u32, String> {
+    if !name.is_empty() && name.bytes().all(|b| b.is_ascii_digit()) {
+        return name
+            .parse()
+            .map_err(|_| format!("{name:?} is not a valid gid"));
+    }
+    let unknown = || format!("unknown group {name:?} (not in the system's group database)");
+    let Ok(cname) = std::ffi::CString::new(name) else {
+        return Err(unknown());
+    };
+    let mut buf = vec![0u8; 4096];
+    loop {
+        // SAFETY: every pointer is to a live local of the right type; getgrnam_r writes the
+        // group's strings into `buf` (of the length we pass) and nowhere else.
+        let mut grp: libc::group = unsafe { std::mem::zeroed() };
+        let mut found: *mut libc::group = std::ptr::null_mut();
+        let rc = unsafe {
+            libc::getgrnam_r(
+                cname.as_ptr(),
+                &mut grp,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                &mut found,
+            )
+        };
+        if rc == libc::ERANGE && buf.len() < 1 << 20 {
+            buf.resize(buf.len() * 4, 0);
+            continue;
+        }
+        if rc != 0 {
+            return Err(format!(
+                "cannot look up group {name:?}: {}",
+                std::io::Error::from_raw_os_error(rc)
+            ));
+        }
+        if found.is_null() {
+            return Err(unknown());
+        }
+        return Ok(grp.gr_gid);
+    }
 }
 
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {
@@ -1125,6 +1438,50 @@ mod tests {
         );
         assert!(parse_upstream("https://x").is_err());
         assert!(parse_upstream("http://127.0.0.1:99999").is_err());
+    }
+
+    #[test]
+    fn forward_auth_keys() {
+        let c = Config::from_toml(
+            "[[push]]\npath = \"/live/{channel}\"\nauth_request = \"/auth/check?x=1\"\n",
+            None,
+        )
+        .unwrap();
+        let fa = c.push[0].forward_auth.as_ref().unwrap();
+        assert_eq!(fa.path, "/auth/check?x=1");
+        assert_eq!(fa.timeout, Duration::from_secs(5), "default auth_timeout");
+        assert_eq!(fa.cache_ttl, None, "the cache is off by default");
+        assert!(Config::default().push[0].forward_auth.is_none());
+
+        let e = errs(
+            "[[push]]\npath = \"/a/{channel}\"\nauth_timeout = \"1s\"\nauth_cache_ttl = \"5s\"\n",
+        );
+        let lines: Vec<_> = e.lines().collect();
+        assert_eq!(lines.len(), 2, "{e}");
+        assert!(
+            lines[0]
+                .starts_with("c.toml:3:16: push.auth_timeout: only applies with push.auth_request"),
+            "{e}"
+        );
+        assert!(
+            lines[1].starts_with("c.toml:4:18: push.auth_cache_ttl"),
+            "{e}"
+        );
+        let e = errs("[[push]]\npath = \"/a/{channel}\"\nauth_request = \"auth check\"\nauth_cache_ttl = \"0s\"\nauth_timeout = \"soon\"\n");
+        let lines: Vec<_> = e.lines().collect();
+        assert_eq!(lines.len(), 3, "{e}");
+        assert!(
+            lines[0].starts_with("c.toml:3:16: push.auth_request: is a path"),
+            "{e}"
+        );
+        assert!(
+            lines[1].starts_with("c.toml:4:18: push.auth_cache_ttl: must be greater than zero"),
+            "{e}"
+        );
+        assert!(
+            lines[2].starts_with("c.toml:5:16: push.auth_timeout"),
+            "{e}"
+        );
     }
 
     #[test]

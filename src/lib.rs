@@ -6,7 +6,9 @@
 //! `push::{sse, ws, longpoll}` ← `hub` ← `publish`.
 
 pub mod admin;
+pub mod auth;
 pub mod config;
+pub mod demo;
 pub mod hub;
 pub mod metrics;
 pub mod proxy;
@@ -16,6 +18,7 @@ pub mod response;
 pub mod router;
 pub mod sd_notify;
 pub mod server;
+pub mod status;
 pub mod tls;
 
 pub use config::Config;

@@ -1,10 +1,11 @@
-//! The `crier` command: `run` (default), `check`, `publish`.
+//! The `crier` command: `run` (default), `check`, `publish`, `demo`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
+use crier::config::UpstreamAddr;
 use crier::publish::{client_request, Target};
 use crier::{sd_notify, Config, Server};
 use tokio::signal::unix::{signal, SignalKind};
@@ -50,10 +51,17 @@ enum Command {
         /// SSE event name for the message.
         #[arg(long)]
         event: Option<String>,
+        /// File holding the publish token (publish.token_file), sent as Authorization: Bearer.
+        /// Default: $CRIER_PUBLISH_TOKEN, else (for a TCP URL) the config's publish.token_file.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
         channel: String,
         /// The message; read from stdin when absent.
         message: Option<String>,
     },
+    /// Try crier in one command: run it in front of a built-in demo app whose page shows the
+    /// messages published to the channel "demo" as they arrive. Prints what to open and run.
+    Demo,
 }
 
 fn main() -> ExitCode {
@@ -85,12 +93,24 @@ fn main() -> ExitCode {
                     return ExitCode::from(64);
                 }
             };
-            run(config)
+            run(config, None)
+        }
+        Command::Demo => {
+            let config = match load() {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    eprintln!("crier: invalid config; not starting");
+                    return ExitCode::from(64);
+                }
+            };
+            demo(config, cli.config.as_deref())
         }
         Command::Publish {
             socket,
             url,
             event,
+            token_file,
             channel,
             message,
         } => {
@@ -114,7 +134,16 @@ fn main() -> ExitCode {
                     }
                 }
             };
-            publish(target, event, channel, message)
+            let token = match publish_token(token_file, &target, || {
+                load().ok().and_then(|c| c.publish.token_file)
+            }) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("crier: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            publish(target, event, token, channel, message)
         }
     }
 }
@@ -140,7 +169,98 @@ fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     b.build()
 }
 
-fn run(config: Config) -> ExitCode {
+/// The demo app `crier demo` puts behind crier, and what to tell the user once it runs.
+struct Demo {
+    app: std::net::TcpListener,
+    publish_command: String,
+}
+
+fn demo(mut config: Config, config_arg: Option<&std::path::Path>) -> ExitCode {
+    let app = match std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+    {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("crier demo: cannot listen for the demo app on 127.0.0.1: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let app_addr = match app.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("crier demo: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    config.upstream.url = UpstreamAddr::Http {
+        authority: app_addr.to_string(),
+    };
+    // SIGHUP would re-read the file and point the proxy back at the real upstream.
+    config.source = None;
+    let bin = std::env::args()
+        .next()
+        .filter(|a| a.contains('/'))
+        .unwrap_or_else(|| "crier".into());
+    let mut cmd = shell_word(&bin);
+    if let Some(c) = config_arg {
+        cmd.push_str(" --config ");
+        cmd.push_str(&shell_word(&c.display().to_string()));
+    }
+    cmd.push_str(&format!(" publish {} \"hello\"", crier::demo::CHANNEL));
+    run(
+        config,
+        Some(Demo {
+            app,
+            publish_command: cmd,
+        }),
+    )
+}
+
+/// `s`, single-quoted when the shell would otherwise split or expand it.
+fn shell_word(s: &str) -> String {
+    if s.chars()
+        .all(|c| c.is_ascii_alphanumeric() || "/._-+:=@%,".contains(c))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+fn print_demo_help(a: &crier::Addrs, publish_command: &str) {
+    let page = match (a.public.first(), a.public_tls.first()) {
+        (Some(p), _) => format!("http://{p}/"),
+        (None, Some(p)) => format!("https://{p}/"),
+        (None, None) => {
+            println!(
+                "crier demo: the config has no public listener ([server] listen); nothing to open"
+            );
+            return;
+        }
+    };
+    println!();
+    println!("crier demo is running: a built-in demo app behind crier.");
+    println!();
+    println!("  1. open      {page}");
+    if a.publish_unix.is_some() || !a.publish.is_empty() {
+        println!("  2. publish   {publish_command}");
+    } else {
+        println!("  2. publish   (the config has no publish API: set [publish] unix or listen)");
+    }
+    if let Some(p) = a.publish.first() {
+        println!(
+            "     or        curl -X POST --data-binary 'hello' http://{p}/pub/{}",
+            crier::demo::CHANNEL
+        );
+    }
+    if let Some(s) = &a.admin {
+        println!("  status page  http://{s}/");
+    }
+    println!();
+    println!("Messages appear on the page as you publish them. Ctrl-C stops.");
+}
+
+fn run(config: Config, demo: Option<Demo>) -> ExitCode {
     raise_fd_limit();
     let rt = match runtime(config.server.worker_threads) {
         Ok(rt) => rt,
@@ -151,6 +271,16 @@ fn run(config: Config) -> ExitCode {
     };
     rt.block_on(async move {
         let source = config.source.clone();
+        // Before anything can report readiness: a SIGHUP or SIGTERM that arrives between
+        // "ready" and the handlers would otherwise kill the process.
+        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        ) else {
+            eprintln!("crier: cannot install signal handlers");
+            return ExitCode::from(1);
+        };
         let server = match Server::bind(config).await {
             Ok(s) => s,
             Err(e) => {
@@ -174,6 +304,18 @@ fn run(config: Config) -> ExitCode {
         if let Some(l) = &a.admin {
             tracing::info!("admin on http://{l} (/metrics /healthz /readyz /channels)");
         }
+        if let Some(d) = demo {
+            match tokio::net::TcpListener::from_std(d.app) {
+                Ok(l) => {
+                    tokio::spawn(crier::demo::serve_app(l));
+                }
+                Err(e) => {
+                    eprintln!("crier demo: {e}");
+                    return ExitCode::from(1);
+                }
+            }
+            print_demo_help(&a, &d.publish_command);
+        }
         let handle = server.handle();
         let running = tokio::spawn(server.run());
         sd_notify::notify("READY=1");
@@ -186,14 +328,6 @@ fn run(config: Config) -> ExitCode {
                 }
             });
         }
-        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::hangup()),
-        ) else {
-            eprintln!("crier: cannot install signal handlers");
-            return ExitCode::from(1);
-        };
         loop {
             tokio::select! {
                 _ = term.recv() => break,
@@ -214,7 +348,7 @@ fn run(config: Config) -> ExitCode {
 
 fn reload(handle: &crier::ServerHandle, source: Option<&std::path::Path>) {
     let Some(path) = source else {
-        tracing::info!("SIGHUP: running on built-in defaults; nothing to reload");
+        tracing::info!("SIGHUP: no config file to re-read (built-in defaults or crier demo)");
         return;
     };
     match Config::load(path)
@@ -232,9 +366,37 @@ fn reload(handle: &crier::ServerHandle, source: Option<&std::path::Path>) {
     }
 }
 
+/// The token `crier publish` sends: `--token-file`, else `CRIER_PUBLISH_TOKEN`, else (TCP
+/// only) the config's `publish.token_file` when this user can read it.
+fn publish_token(
+    token_file: Option<PathBuf>,
+    target: &Target,
+    config_token_file: impl FnOnce() -> Option<PathBuf>,
+) -> Result<Option<String>, String> {
+    let read = |p: &std::path::Path| {
+        crier::auth::read_secret_file(p).map(|b| String::from_utf8_lossy(&b).into_owned())
+    };
+    if let Some(p) = token_file {
+        return read(&p).map(Some);
+    }
+    if let Some(t) = std::env::var("CRIER_PUBLISH_TOKEN")
+        .ok()
+        .filter(|t| !t.trim().is_empty())
+    {
+        return Ok(Some(t.trim().to_string()));
+    }
+    if matches!(target, Target::Url(_)) {
+        if let Some(p) = config_token_file() {
+            return Ok(read(&p).ok());
+        }
+    }
+    Ok(None)
+}
+
 fn publish(
     target: Target,
     event: Option<String>,
+    token: Option<String>,
     channel: String,
     message: Option<String>,
 ) -> ExitCode {
@@ -261,6 +423,7 @@ fn publish(
         http::Method::POST,
         &channel,
         event.as_deref(),
+        token.as_deref(),
         body,
     ));
     match r {

@@ -22,6 +22,26 @@ pub enum DropReason {
     Oversized,
 }
 
+/// Which check decided (`crier_auth_checks_total{method}`).
+#[derive(Debug, Clone, Copy)]
+pub enum AuthMethod {
+    /// `auth_request` to the upstream app.
+    Forward,
+    /// `[push.jwt]`.
+    Jwt,
+    /// The publish API's bearer token on TCP.
+    PublishToken,
+}
+
+/// How a check ended (`crier_auth_checks_total{result}`).
+#[derive(Debug, Clone, Copy)]
+pub enum AuthResult {
+    Allow,
+    Deny,
+    /// No answer could be had (forward auth: upstream down, slow or odd): 503.
+    Error,
+}
+
 pub struct Metrics {
     pub registry: Registry,
     connections: [IntGauge; 3],
@@ -42,6 +62,9 @@ pub struct Metrics {
     pub connections_refused: IntCounter,
     pub config_reloads_ok: IntCounter,
     pub config_reloads_error: IntCounter,
+    /// [method][result], see [`AuthMethod`] and [`AuthResult`].
+    auth_checks: [[IntCounter; 3]; 3],
+    pub auth_cache_hits: IntCounter,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -136,6 +159,20 @@ impl Metrics {
             "result",
         );
 
+        let auth_vec = IntCounterVec::new(
+            Opts::new(
+                "auth_checks_total",
+                "Subscriber and publisher checks, by method and result.",
+            )
+            .namespace("crier"),
+            &["method", "result"],
+        )
+        .expect("valid metric"); // ok: constant names
+        r.register(Box::new(auth_vec.clone()))
+            .expect("unique metric"); // ok: registered once
+        let auth_checks = ["forward", "jwt", "publish_token"]
+            .map(|m| ["allow", "deny", "error"].map(|res| auth_vec.with_label_values(&[m, res])));
+
         let m = Metrics {
             connections,
             connections_total,
@@ -173,6 +210,11 @@ impl Metrics {
             ),
             config_reloads_ok: reloads.with_label_values(&["ok"]),
             config_reloads_error: reloads.with_label_values(&["error"]),
+            auth_checks,
+            auth_cache_hits: counter(
+                "auth_cache_hits_total",
+                "Forward-auth answers taken from auth_cache_ttl instead of asking the upstream.",
+            ),
             registry: r,
         };
         #[cfg(target_os = "linux")]
@@ -198,8 +240,27 @@ impl Metrics {
         self.delivered_bytes[t.index()].inc_by(bytes);
     }
 
+    /// Open subscriber connections of one transport (the `crier_connections` gauge).
+    pub fn subscribers(&self, t: Transport) -> i64 {
+        self.connections[t.index()].get()
+    }
+
+    /// Messages handed to subscribers of one transport so far.
+    pub fn delivered_total(&self, t: Transport) -> u64 {
+        self.messages_delivered[t.index()].get()
+    }
+
+    /// Proxied responses so far, by status class (`1xx` … `5xx`).
+    pub fn proxy_responses(&self) -> [u64; 5] {
+        self.proxy_requests.each_ref().map(|c| c.get())
+    }
+
     pub fn dropped(&self, reason: DropReason) {
         self.dropped[reason as usize].inc();
+    }
+
+    pub fn auth_check(&self, method: AuthMethod, result: AuthResult) {
+        self.auth_checks[method as usize][result as usize].inc();
     }
 
     pub fn proxy_response(&self, status: u16) {

@@ -9,6 +9,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -45,7 +46,7 @@ impl ConnInfo {
 }
 
 pub struct Proxy {
-    client: Client<UpstreamConnector, Incoming>,
+    client: Client<UpstreamConnector, UpstreamBody>,
     /// `http://host:port` (or `http://localhost` for a Unix socket): the prefix of every
     /// upstream URI; the client's `Host` header is sent as it came.
     base: String,
@@ -57,28 +58,7 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn new(cfg: &UpstreamConfig, metrics: Arc<Metrics>, tunnels: TaskTracker) -> Proxy {
-        let (connector, base) = match &cfg.url {
-            UpstreamAddr::Http { authority } => {
-                let mut c = HttpConnector::new();
-                c.set_connect_timeout(Some(cfg.connect_timeout));
-                c.set_nodelay(true);
-                c.set_keepalive(Some(Duration::from_secs(60)));
-                (UpstreamConnector::Tcp(c), format!("http://{authority}"))
-            }
-            UpstreamAddr::Unix(path) => (
-                UpstreamConnector::Unix {
-                    path: Arc::new(path.clone()),
-                    timeout: cfg.connect_timeout,
-                },
-                "http://localhost".to_string(),
-            ),
-        };
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(cfg.pool_idle_timeout)
-            .pool_max_idle_per_host(cfg.pool_max_idle)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(connector);
+        let (client, base) = upstream_client(cfg);
         Proxy {
             client,
             base,
@@ -97,12 +77,12 @@ impl Proxy {
             Ok(r) => r,
             Err(reason) => return self.finish(response::text(StatusCode::BAD_REQUEST, reason)),
         };
-        let sent = tokio::time::timeout(self.response_timeout, self.client.request(req)).await;
+        let sent = self.send(req).await;
         self.metrics
             .proxy_duration
             .observe(started.elapsed().as_secs_f64());
         let resp = match sent {
-            Err(_) => {
+            None => {
                 self.metrics.upstream_errors_timeout.inc();
                 let reason = format!(
                     "upstream did not answer within {}",
@@ -110,8 +90,8 @@ impl Proxy {
                 );
                 return self.finish(response::text(StatusCode::GATEWAY_TIMEOUT, &reason));
             }
-            Ok(Err(e)) => return self.finish(self.upstream_error(e)),
-            Ok(Ok(resp)) => resp,
+            Some(Err(e)) => return self.finish(self.upstream_error(e)),
+            Some(Ok(resp)) => resp,
         };
         if let Some(client_upgrade) = client_upgrade {
             if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -124,6 +104,32 @@ impl Proxy {
     fn finish(&self, resp: Response<Body>) -> Response<Body> {
         self.metrics.proxy_response(resp.status().as_u16());
         resp
+    }
+
+    /// Step 2: send, and wait for the response headers; None when they do not come in time.
+    /// `response_timeout` counts from the last request-body frame handed to the upstream, so
+    /// an upload that keeps moving is never cut (a 1 GiB upload can outlast any sane timeout)
+    /// while one the upstream stops reading is.
+    async fn send(
+        &self,
+        req: Request<Incoming>,
+    ) -> Option<Result<Response<Incoming>, hyper_util::client::legacy::Error>> {
+        let progress = Arc::new(BodyProgress::new());
+        let req = req.map(|inner| UpstreamBody {
+            inner,
+            progress: progress.clone(),
+        });
+        let pending = self.client.request(req);
+        tokio::pin!(pending);
+        loop {
+            let deadline = progress.last() + self.response_timeout;
+            match tokio::time::timeout_at(deadline.into(), pending.as_mut()).await {
+                Ok(r) => return Some(r),
+                // The body moved while we slept: the clock restarts from there.
+                Err(_) if progress.last() + self.response_timeout > Instant::now() => continue,
+                Err(_) => return None,
+            }
+        }
     }
 
     /// Step 1: the request as the upstream sees it.
@@ -276,7 +282,8 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
-fn add_forwarded_headers(h: &mut HeaderMap, conn: &ConnInfo) {
+/// Appends the client's address to `X-Forwarded-For` and sets `X-Forwarded-Proto/-Host`.
+pub(crate) fn add_forwarded_headers(h: &mut HeaderMap, conn: &ConnInfo) {
     let ip = conn.peer.ip().to_string();
     let xff = match h
         .get_all("x-forwarded-for")
@@ -302,6 +309,97 @@ fn add_forwarded_headers(h: &mut HeaderMap, conn: &ConnInfo) {
     h.insert("x-forwarded-proto", HeaderValue::from_static(conn.scheme()));
     if let Some(host) = h.get(header::HOST).cloned() {
         h.insert("x-forwarded-host", host);
+    }
+}
+
+/// A pooled client to the upstream (TCP or Unix socket, as configured) and the base of its
+/// request URIs: `http://host:port`, or `http://localhost` for a Unix socket. The proxy and
+/// forward auth each make one, with their own body type and their own pool.
+pub fn upstream_client<B>(cfg: &UpstreamConfig) -> (Client<UpstreamConnector, B>, String)
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+{
+    let (connector, base) = match &cfg.url {
+        UpstreamAddr::Http { authority } => {
+            let mut c = HttpConnector::new();
+            c.set_connect_timeout(Some(cfg.connect_timeout));
+            c.set_nodelay(true);
+            c.set_keepalive(Some(Duration::from_secs(60)));
+            (UpstreamConnector::Tcp(c), format!("http://{authority}"))
+        }
+        UpstreamAddr::Unix(path) => (
+            UpstreamConnector::Unix {
+                path: Arc::new(path.clone()),
+                timeout: cfg.connect_timeout,
+            },
+            "http://localhost".to_string(),
+        ),
+    };
+    let client = Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(cfg.pool_idle_timeout)
+        .pool_max_idle_per_host(cfg.pool_max_idle)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(connector);
+    (client, base)
+}
+
+/// When a request body last moved toward the upstream: set by the body, read by
+/// [`Proxy::send`]. An atomic rather than a wake-up per frame: the timer only looks at it
+/// when it fires.
+struct BodyProgress {
+    start: Instant,
+    /// Milliseconds after `start`.
+    last_ms: AtomicU64,
+}
+
+impl BodyProgress {
+    fn new() -> BodyProgress {
+        BodyProgress {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn mark(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// The client's request body on its way to the upstream, streamed as it comes; each frame
+/// the upstream connection takes marks progress.
+pub struct UpstreamBody {
+    inner: Incoming,
+    progress: Arc<BodyProgress>,
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if polled.is_ready() {
+            self.progress.mark();
+        }
+        polled.map_err(BoxError::from)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -11,15 +11,40 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
+use crate::auth::PublishToken;
 use crate::hub::{Hub, HubError, NewMessage};
+use crate::metrics::{AuthMethod, AuthResult};
 use crate::response::{self, Body};
 use crate::router::validate_channel;
 
 pub const EVENT_HEADER: &str = "crier-event";
 
-/// Serves one publish API request.
-pub async fn handle(hub: &Hub, max_message_size: usize, req: Request<Incoming>) -> Response<Body> {
+/// Serves one publish API request. `token`: the bearer token this listener requires (TCP with
+/// `publish.token_file`); None for the Unix socket, whose file permissions guard it.
+pub async fn handle(
+    hub: &Hub,
+    max_message_size: usize,
+    token: Option<&PublishToken>,
+    req: Request<Incoming>,
+) -> Response<Body> {
     let started = Instant::now();
+    if let Some(token) = token {
+        if !token.authorizes(req.headers()) {
+            hub.metrics()
+                .auth_check(AuthMethod::PublishToken, AuthResult::Deny);
+            let mut r = response::json_error(
+                StatusCode::UNAUTHORIZED,
+                "publishing over TCP needs Authorization: Bearer <the publish.token_file token>",
+            );
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"crier-publish\""),
+            );
+            return r;
+        }
+        hub.metrics()
+            .auth_check(AuthMethod::PublishToken, AuthResult::Allow);
+    }
     let Some(channel) = req.uri().path().strip_prefix("/pub/") else {
         return response::json_error(
             StatusCode::NOT_FOUND,
@@ -67,10 +92,15 @@ pub async fn handle(hub: &Hub, max_message_size: usize, req: Request<Incoming>) 
 
 async fn publish(hub: &Hub, channel: &str, max: usize, req: Request<Incoming>) -> Response<Body> {
     let too_big = || {
-        response::json_error(
+        let mut r = response::json_error(
             StatusCode::PAYLOAD_TOO_LARGE,
             &format!("message larger than channels.max_message_size ({max} bytes)"),
-        )
+        );
+        // The rest of the body stays unread, so the connection cannot carry another request:
+        // say so, or a keep-alive client sends its next request into a closing socket.
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        r
     };
     let event = match event_name(&req) {
         Ok(e) => e,
@@ -165,12 +195,14 @@ pub enum ClientError {
     Request(#[from] http::Error),
 }
 
-/// Sends one request to the publish API; returns the status and the body text.
+/// Sends one request to the publish API; returns the status and the body text. `token` goes
+/// in `Authorization: Bearer` (TCP with `publish.token_file`).
 pub async fn client_request(
     target: &Target,
     method: Method,
     channel: &str,
     event: Option<&str>,
+    token: Option<&str>,
     body: Bytes,
 ) -> Result<(StatusCode, String), ClientError> {
     let (io, host): (Box<dyn IoStream>, String) = match target {
@@ -200,6 +232,9 @@ pub async fn client_request(
         .header(header::HOST, host);
     if let Some(e) = event {
         req = req.header(EVENT_HEADER, e);
+    }
+    if let Some(t) = token {
+        req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
     }
     let resp = sender.send_request(req.body(Full::new(body))?).await?;
     let status = resp.status();

@@ -171,6 +171,11 @@ async fn publish_errors_are_json_with_the_right_status() {
         .send()
         .await
         .unwrap();
+    assert_eq!(
+        r.headers().get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..]),
+        "the unread body ends the connection, and the 413 says so"
+    );
     assert_eq!(err(r).await, 413);
     let chunks = futures_util::stream::iter(
         (0..5).map(|_| Ok::<_, std::io::Error>(Bytes::from(vec![b'b'; 300]))),

@@ -13,8 +13,10 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::{Ask, Gatekeeper};
 use crate::config::{FirstMessage, PushLocation, Transport};
 use crate::hub::{Hub, HubError, MessageId, Start, Subscription};
+use crate::proxy::ConnInfo;
 use crate::response::{self, Body};
 
 /// The wire-encoding slots of [`crate::hub::Message`], one per encoding that is worth building
@@ -31,6 +33,9 @@ pub struct PushContext<'a> {
     pub hub: &'a Hub,
     /// WebSocket tasks live outside the HTTP connection; shutdown waits on this tracker.
     pub ws_tasks: &'a TaskTracker,
+    /// Forward auth and JWT, for the locations that ask for them.
+    pub gatekeeper: &'a Gatekeeper,
+    pub conn: &'a ConnInfo,
 }
 
 /// Where the client says it is.
@@ -56,7 +61,9 @@ impl Position {
     }
 }
 
-/// Serves one request at a push location.
+/// Serves one request at a push location: Origin → transport → who (auth) → position →
+/// subscription. The Origin check comes first, so a cross-site page never makes crier send
+/// the victim's cookies to the app's auth endpoint.
 pub async fn serve(
     ctx: PushContext<'_>,
     mut req: Request<Incoming>,
@@ -101,6 +108,24 @@ pub async fn serve(
             )
         };
     }
+    // Once per subscription: WebSocket and SSE at connect, long-poll at every request.
+    if Gatekeeper::guards(loc) {
+        let target = req
+            .uri()
+            .path_and_query()
+            .map_or(req.uri().path(), |p| p.as_str());
+        let ask = Ask {
+            headers: req.headers(),
+            target,
+            query: req.uri().query(),
+            conn: ctx.conn,
+        };
+        // Boxed: the check's future (an upstream request) is not kept in the state of every
+        // request's future, long-polls waiting for a message included.
+        if let Err(denial) = Box::pin(ctx.gatekeeper.check(loc, channel, &ask)).await {
+            return denial.into_response(cors.as_ref());
+        }
+    }
     let position = match position(req.uri().query(), req.headers(), transport) {
         Ok(p) => p,
         Err(e) => return response::text(StatusCode::BAD_REQUEST, &e),
@@ -126,16 +151,21 @@ pub struct FastSse {
     pub cors: Option<HeaderValue>,
 }
 
-/// Everything [`serve`] checks for a GET that asks for SSE, on a request head the server
-/// parsed itself. None whenever `serve` would answer anything but a plain SSE stream (an
-/// error, another transport): the general path then answers the request.
-pub fn subscribe_fast_sse(
-    hub: &Hub,
+/// An SSE request that passed every check of [`serve`] that needs no I/O; what is left is
+/// the location's auth (async) and the subscription itself.
+pub struct FastSseRequest {
+    pub cors: Option<HeaderValue>,
+    start: Start,
+}
+
+/// Everything [`serve`] checks before auth for a GET that asks for SSE, on a request head the
+/// server parsed itself. None whenever `serve` would answer anything but a plain SSE stream
+/// (an error, another transport): the general path then answers the request.
+pub fn check_fast_sse(
     loc: &PushLocation,
-    channel: &str,
     query: Option<&str>,
     headers: &HeaderMap,
-) -> Option<FastSse> {
+) -> Option<FastSseRequest> {
     if !loc.allows(Transport::Sse)
         || !accepts_event_stream(headers)
         || headers.contains_key(header::UPGRADE)
@@ -144,10 +174,24 @@ pub fn subscribe_fast_sse(
     }
     let cors = check_origin(headers, loc).ok()?;
     let position = position(query, headers, Transport::Sse).ok()?;
-    let sub = hub
-        .subscribe(channel, Transport::Sse, position.start(loc))
-        .ok()?;
-    Some(FastSse { sub, cors })
+    Some(FastSseRequest {
+        cors,
+        start: position.start(loc),
+    })
+}
+
+/// Subscribes a request that [`check_fast_sse`] (and auth) let through; on Err, `serve`
+/// would answer [`hub_error`].
+pub fn subscribe_fast_sse(
+    hub: &Hub,
+    channel: &str,
+    req: FastSseRequest,
+) -> Result<FastSse, HubError> {
+    let sub = hub.subscribe(channel, Transport::Sse, req.start)?;
+    Ok(FastSse {
+        sub,
+        cors: req.cors,
+    })
 }
 
 pub fn hub_error(e: HubError) -> Response<Body> {

@@ -23,7 +23,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Kind, Live, State};
 use crate::admin::{self, AdminView};
-use crate::config::ServerConfig;
+use crate::auth::{Ask, Gatekeeper};
+use crate::config::{PushLocation, ServerConfig};
 use crate::proxy::ConnInfo;
 use crate::push::{self, PushContext};
 use crate::response::{self, Body};
@@ -98,7 +99,7 @@ pub(super) async fn accept_tcp(
                         .spawn(serve_tls(stream, state.clone(), conn, guard));
                 }
             }
-            Kind::Publish => {
+            Kind::Publish | Kind::PublishUnix => {
                 let live = state.live.read().clone();
                 let svc = service(&state, kind, conn);
                 state
@@ -137,7 +138,7 @@ pub(super) async fn accept_unix(
             tls: false,
         };
         let live = state.live.read().clone();
-        let svc = service(&state, Kind::Publish, conn);
+        let svc = service(&state, Kind::PublishUnix, conn);
         state
             .conns
             .spawn(serve_h1(stream, svc, live, state.drain.clone()));
@@ -151,6 +152,8 @@ enum FirstBytes {
     H2,
     /// An SSE subscription the fast path serves (its request head already consumed).
     Sse(push::FastSse, Duration),
+    /// The fast path answered the request itself (an auth denial) and closed.
+    Answered,
     H1,
 }
 
@@ -165,9 +168,9 @@ async fn serve_public(
     guard: ConnectionGuard,
 ) {
     let live = state.live.read().clone();
-    let first = first_bytes(&mut stream, &state, &live).await;
+    let first = first_bytes(&mut stream, &state, &live, &conn).await;
     match first {
-        FirstBytes::Nothing => {}
+        FirstBytes::Nothing | FirstBytes::Answered => {}
         FirstBytes::Sse(fast, keepalive) => {
             push::sse::serve_h1(stream, fast.sub, fast.cors, keepalive).await
         }
@@ -185,7 +188,12 @@ async fn serve_public(
 
 /// Waits (bounded by the header timeout) for the first bytes and looks at them without
 /// consuming them, unless the fast path takes the connection.
-async fn first_bytes(stream: &mut TcpStream, state: &State, live: &Live) -> FirstBytes {
+async fn first_bytes(
+    stream: &mut TcpStream,
+    state: &State,
+    live: &Live,
+    conn: &ConnInfo,
+) -> FirstBytes {
     let timeout = live.http.header_timeout;
     let mut buf = vec![0u8; PEEK];
     // The timeout bounds the peek itself: tokio reports a fresh socket readable before any
@@ -198,20 +206,96 @@ async fn first_bytes(stream: &mut TcpStream, state: &State, live: &Live) -> Firs
     if head.len() >= 3 && H2_PREFACE.starts_with(&head[..head.len().min(H2_PREFACE.len())]) {
         return FirstBytes::H2;
     }
-    let Some((fast, head_len)) = fast_sse(head, state, live) else {
+    let Some(sse) = fast_sse_head(head, live) else {
         return FirstBytes::H1;
     };
-    let keepalive = fast.1;
-    // The head is in the socket buffer (we just peeked it): consume exactly that much.
-    if stream.read_exact(&mut buf[..head_len]).await.is_err() {
-        return FirstBytes::Nothing;
+    let Some(checked) = push::check_fast_sse(&sse.location, sse.query(), &sse.headers) else {
+        return FirstBytes::H1;
+    };
+    if Gatekeeper::guards(&sse.location) {
+        // Boxed: the check (a whole upstream request) takes memory only while it runs, not in
+        // every connection's task for as long as the connection lives.
+        return Box::pin(guarded_fast_sse(
+            stream, state, live, conn, sse, checked, buf,
+        ))
+        .await;
     }
-    FirstBytes::Sse(fast.0, keepalive)
+    let (len, keepalive) = (sse.len, sse.location.keepalive);
+    let subscribed = push::subscribe_fast_sse(&state.hub, &sse.channel, checked);
+    drop(sse);
+    match subscribed {
+        Ok(fast) => {
+            // The head is in the socket buffer (we peeked it): consume exactly that much.
+            if stream.read_exact(&mut buf[..len]).await.is_err() {
+                return FirstBytes::Nothing;
+            }
+            FirstBytes::Sse(fast, keepalive)
+        }
+        // hyper answers the error (keep-alive and all).
+        Err(_) => FirstBytes::H1,
+    }
 }
 
-/// A complete `GET` head for an SSE subscription at a push location, that `push::serve`
-/// would answer with a stream: subscribes and returns the head's length.
-fn fast_sse(head: &[u8], state: &State, live: &Live) -> Option<((push::FastSse, Duration), usize)> {
+/// The fast path at a location with forward auth or JWT. The check runs while the head is
+/// still unread in the socket and before anything is subscribed; its answer is final here
+/// (handing the request to hyper would ask the upstream a second time), so a refusal, or a hub
+/// error after an allowed check, is written on the raw socket.
+async fn guarded_fast_sse(
+    stream: &mut TcpStream,
+    state: &State,
+    live: &Live,
+    conn: &ConnInfo,
+    sse: FastSseHead,
+    checked: push::FastSseRequest,
+    mut buf: Vec<u8>,
+) -> FirstBytes {
+    let ask = Ask {
+        headers: &sse.headers,
+        target: &sse.target,
+        query: sse.query(),
+        conn,
+    };
+    let checked_result = live
+        .gatekeeper
+        .check(&sse.location, &sse.channel, &ask)
+        .await;
+    let answer = match checked_result {
+        Err(denial) => denial.into_response(checked.cors.as_ref()),
+        Ok(()) => match push::subscribe_fast_sse(&state.hub, &sse.channel, checked) {
+            Ok(fast) => {
+                if stream.read_exact(&mut buf[..sse.len]).await.is_err() {
+                    return FirstBytes::Nothing;
+                }
+                return FirstBytes::Sse(fast, sse.location.keepalive);
+            }
+            Err(e) => push::hub_error(e),
+        },
+    };
+    if stream.read_exact(&mut buf[..sse.len]).await.is_ok() {
+        write_and_close(stream, answer, live.http.header_timeout).await;
+    }
+    FirstBytes::Answered
+}
+
+/// A complete `GET` head at a push location, parsed by the fast path.
+struct FastSseHead {
+    location: Arc<PushLocation>,
+    channel: String,
+    /// Path and query, as sent.
+    target: String,
+    headers: HeaderMap,
+    /// Bytes of the head (request line, headers, blank line).
+    len: usize,
+}
+
+impl FastSseHead {
+    fn query(&self) -> Option<&str> {
+        self.target.split_once('?').map(|(_, q)| q)
+    }
+}
+
+/// Parses a complete HTTP/1.1 `GET` head for a push location; None leaves it to hyper.
+fn fast_sse_head(head: &[u8], live: &Live) -> Option<FastSseHead> {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut req = httparse::Request::new(&mut headers);
     let len = match req.parse(head) {
@@ -225,10 +309,7 @@ fn fast_sse(head: &[u8], state: &State, live: &Live) -> Option<((push::FastSse, 
     if !target.starts_with('/') {
         return None;
     }
-    let (path, query) = match target.split_once('?') {
-        Some((p, q)) => (p, Some(q)),
-        None => (target, None),
-    };
+    let path = target.split_once('?').map_or(target, |(p, _)| p);
     let Route::Push { location, channel } = live.router.route(path) else {
         return None;
     };
@@ -242,8 +323,66 @@ fn fast_sse(head: &[u8], state: &State, live: &Live) -> Option<((push::FastSse, 
         }
         map.append(name, value);
     }
-    let fast = push::subscribe_fast_sse(&state.hub, &location, &channel, query, &map)?;
-    Some(((fast, location.keepalive), len))
+    Some(FastSseHead {
+        location,
+        channel,
+        target: target.to_string(),
+        headers: map,
+        len,
+    })
+}
+
+/// Most body bytes the fast path writes in an answer of its own (denials are small).
+const MAX_RAW_BODY: usize = 16 * 1024;
+
+/// Writes a complete HTTP/1.1 response with `Connection: close` on the raw socket, then closes
+/// it; the whole write is bounded by `timeout`.
+async fn write_and_close(stream: &mut TcpStream, resp: Response<Body>, timeout: Duration) {
+    use http_body_util::BodyExt;
+    use tokio::io::AsyncWriteExt;
+    let (parts, body) = resp.into_parts();
+    // Our own small, fixed bodies (denials, hub errors): a longer one is cut, not streamed.
+    let mut body = match body.collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => bytes::Bytes::new(),
+    };
+    body.truncate(MAX_RAW_BODY);
+    let mut out = Vec::with_capacity(256 + body.len());
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(parts.status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        if matches!(
+            name,
+            &http::header::CONTENT_LENGTH
+                | &http::header::CONNECTION
+                | &http::header::TRANSFER_ENCODING
+        ) {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"date: ");
+    out.extend_from_slice(httpdate::fmt_http_date(std::time::SystemTime::now()).as_bytes());
+    out.extend_from_slice(b"\r\ncontent-length: ");
+    out.extend_from_slice(body.len().to_string().as_bytes());
+    out.extend_from_slice(b"\r\nconnection: close\r\n\r\n");
+    out.extend_from_slice(&body);
+    let write = async {
+        stream.write_all(&out).await?;
+        stream.shutdown().await
+    };
+    if let Err(e) = tokio::time::timeout(timeout, write)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+    {
+        tracing::debug!("writing a fast-path answer failed: {e}");
+    }
 }
 
 /// TLS: handshake (bounded by the header timeout), then h2 or HTTP/1.1 as ALPN chose.
@@ -378,15 +517,24 @@ async fn dispatch(
 ) -> Response<Body> {
     match kind {
         Kind::Public | Kind::PublicTls => public(state, req, conn).await,
-        Kind::Publish => {
-            let max = state.live.read().config.channels.max_message_size;
-            crate::publish::handle(&state.hub, max, req).await
+        Kind::Publish | Kind::PublishUnix => {
+            let config = state.live.read().config.clone();
+            // TCP may need the token; the Unix socket is guarded by its file permissions.
+            let token = match kind {
+                Kind::Publish => config.publish.token.as_ref(),
+                _ => None,
+            };
+            let max = config.channels.max_message_size;
+            crate::publish::handle(&state.hub, max, token, req).await
         }
         Kind::Admin => admin::handle(
             AdminView {
                 hub: &state.hub,
                 metrics: &state.metrics,
                 ready: !state.draining.load(Ordering::Relaxed),
+                server: super::ServerHandle {
+                    state: state.clone(),
+                },
             },
             &req,
         ),
@@ -402,6 +550,8 @@ async fn public(state: &Arc<State>, req: Request<Incoming>, conn: ConnInfo) -> R
             let ctx = PushContext {
                 hub: &state.hub,
                 ws_tasks: &state.upgraded,
+                gatekeeper: &live.gatekeeper,
+                conn: &conn,
             };
             push::serve(ctx, req, &location, &channel).await
         }

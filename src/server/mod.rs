@@ -21,7 +21,8 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
+use crate::auth::Gatekeeper;
+use crate::config::{Config, PublishConfig};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
@@ -42,6 +43,12 @@ pub enum StartError {
         what: &'static str,
         source: io::Error,
     },
+    #[error("publish socket {path}: cannot give it the group {group:?} (publish.unix_group; crier must run as root or be a member of it): {source}")]
+    UnixGroup {
+        path: PathBuf,
+        group: String,
+        source: io::Error,
+    },
     #[error("publish socket {0}: another process is listening on it")]
     UnixInUse(PathBuf),
     #[error("TLS: {0}")]
@@ -54,6 +61,8 @@ struct Live {
     config: Arc<Config>,
     router: Router,
     proxy: Proxy,
+    /// Subscriber checks (forward auth, JWT) of this config; its caches go with it on reload.
+    gatekeeper: Gatekeeper,
     http: Arc<HttpBuilders>,
     tls: Option<TlsAcceptor>,
 }
@@ -71,6 +80,7 @@ impl Live {
         Ok(Live {
             router: Router::new(&config),
             proxy: Proxy::new(&config.upstream, state_metrics.clone(), upgraded.clone()),
+            gatekeeper: Gatekeeper::new(&config, state_metrics.clone()),
             http: Arc::new(HttpBuilders::new(&config.server)),
             tls,
             config,
@@ -83,7 +93,10 @@ impl Live {
 enum Kind {
     Public,
     PublicTls,
+    /// The publish API on TCP: a bearer token when `publish.token_file` is set.
     Publish,
+    /// The publish API on the Unix socket: its file mode and group guard it.
+    PublishUnix,
     Admin,
 }
 
@@ -93,6 +106,7 @@ impl Kind {
             Kind::Public => "server.listen",
             Kind::PublicTls => "server.tls.listen",
             Kind::Publish => "publish.listen",
+            Kind::PublishUnix => "publish.unix",
             Kind::Admin => "admin.listen",
         }
     }
@@ -191,10 +205,15 @@ impl ServerHandle {
         let wanted = listen_keys(&config);
         let mut listeners = st.listeners.lock();
         let open: Vec<ListenKey> = listeners.iter().map(|l| l.key.clone()).collect();
-        let fresh = bind_keys(
-            wanted.iter().filter(|k| !open.contains(k)),
-            config.publish.unix_mode,
-        )?;
+        let fresh = bind_keys(wanted.iter().filter(|k| !open.contains(k)), &config.publish)?;
+        // A socket that stays open takes the new mode and group.
+        for key in wanted.iter().filter(|k| open.contains(k)) {
+            if let ListenKey::Unix(p) = key {
+                if let Err(e) = set_socket_access(p, &config.publish) {
+                    tracing::warn!("{e}");
+                }
+            }
+        }
         st.hub.set_config(config);
         *st.live.write() = Arc::new(live);
         listeners.retain(|l| {
@@ -218,6 +237,16 @@ impl ServerHandle {
     /// The addresses currently listened on.
     pub fn addrs(&self) -> Addrs {
         addrs_of(&self.state.listeners.lock())
+    }
+
+    /// True from the start of the draining shutdown.
+    pub fn is_draining(&self) -> bool {
+        self.state.draining.load(Ordering::Relaxed)
+    }
+
+    /// True once the drain is over and the admin listener closes too.
+    pub fn is_stopped(&self) -> bool {
+        self.state.finished.is_cancelled()
     }
 
     pub fn config(&self) -> Arc<Config> {
@@ -261,12 +290,12 @@ fn listen_keys(c: &Config) -> Vec<ListenKey> {
 /// Binds every key; on the first error the ones already bound are dropped (closed).
 fn bind_keys<'a>(
     keys: impl Iterator<Item = &'a ListenKey>,
-    unix_mode: u32,
+    publish: &PublishConfig,
 ) -> Result<Vec<(ListenKey, Bound)>, StartError> {
     keys.map(|k| {
         let b = match k {
             ListenKey::Tcp(kind, addr) => Bound::Tcp(bind_tcp(*addr, kind.key())?),
-            ListenKey::Unix(p) => Bound::Unix(bind_unix(p, unix_mode)?),
+            ListenKey::Unix(p) => Bound::Unix(bind_unix(p, publish)?),
         };
         Ok((k.clone(), b))
     })
@@ -341,7 +370,7 @@ impl Server {
         let upgraded = TaskTracker::new();
         let hub = Hub::new(config.clone(), metrics.clone());
         let live = Live::new(config.clone(), &metrics, &upgraded)?;
-        let bound = bind_keys(listen_keys(&config).iter(), config.publish.unix_mode)?;
+        let bound = bind_keys(listen_keys(&config).iter(), &config.publish)?;
         let stop = CancellationToken::new();
         let finished = CancellationToken::new();
         let mut listening = Vec::new();
@@ -446,8 +475,8 @@ fn bind_tcp(addr: SocketAddr, key: &'static str) -> Result<TcpListener, StartErr
     sock.listen(4096).map_err(err)
 }
 
-/// Removes a stale socket file, binds, then sets the mode; each step its own error.
-fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, StartError> {
+/// Removes a stale socket file, binds, then sets the mode and group; each step its own error.
+fn bind_unix(path: &Path, publish: &PublishConfig) -> Result<UnixListener, StartError> {
     let err = |what, source| StartError::Unix {
         path: path.to_path_buf(),
         what,
@@ -473,7 +502,24 @@ fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, StartError> {
         std::fs::remove_file(path).map_err(|e| err("cannot remove the stale socket file", e))?;
     }
     let l = UnixListener::bind(path).map_err(|e| err("cannot bind", e))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| err("cannot set its file mode", e))?;
+    set_socket_access(path, publish)?;
     Ok(l)
+}
+
+/// `chmod unix_mode` and, with `unix_group`, `chown :group` on the socket file.
+fn set_socket_access(path: &Path, publish: &PublishConfig) -> Result<(), StartError> {
+    let err = |what, source| StartError::Unix {
+        path: path.to_path_buf(),
+        what,
+        source,
+    };
+    if let Some(g) = &publish.unix_group {
+        std::os::unix::fs::chown(path, None, Some(g.gid)).map_err(|e| StartError::UnixGroup {
+            path: path.to_path_buf(),
+            group: g.name.clone(),
+            source: e,
+        })?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(publish.unix_mode))
+        .map_err(|e| err("cannot set its file mode", e))
 }

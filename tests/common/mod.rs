@@ -4,6 +4,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -122,13 +123,35 @@ impl Crier {
 
 pub fn base_config(upstream: &str, sock: &std::path::Path, extra: &str) -> String {
     let (server_extra, rest) = split_server_section(extra);
+    let (publish_extra, rest) = take_section(&rest, "[publish]");
     format!(
         "[server]\nlisten = [\"127.0.0.1:0\"]\n{server_extra}\n\
          [upstream]\nurl = \"{upstream}\"\nconnect_timeout = \"1s\"\nresponse_timeout = \"2s\"\n\
-         [publish]\nunix = \"{}\"\nlisten = [\"127.0.0.1:0\"]\n\
+         [publish]\nunix = \"{}\"\nlisten = [\"127.0.0.1:0\"]\n{publish_extra}\n\
          [admin]\nlisten = \"127.0.0.1:0\"\n{rest}",
         sock.display()
     )
+}
+
+/// Takes the lines of a `header` section (e.g. `[publish]`) out of `extra`, so they join the
+/// base config's section of that name: (its lines, the rest).
+fn take_section(extra: &str, header: &str) -> (String, String) {
+    let mut taken = String::new();
+    let mut rest = String::new();
+    let mut inside = false;
+    for line in extra.lines() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            inside = t == header;
+            if inside {
+                continue;
+            }
+        }
+        let out = if inside { &mut taken } else { &mut rest };
+        out.push_str(line);
+        out.push('\n');
+    }
+    (taken, rest)
 }
 
 /// Lines before the first `[section]` of `extra` belong to `[server]`.
@@ -181,9 +204,34 @@ fn full(b: impl Into<Bytes>) -> UpBody {
 /// - `/upload`: counts the request body and answers the byte count;
 /// - `/ws`: a WebSocket echo;
 /// - `/status/N`: answers status N;
+/// - `/auth/check` (and `/auth/check?...`): a forward-auth endpoint, see [`auth_check`];
 /// - anything else: 200 "hello from upstream".
 pub struct Upstream {
     pub addr: SocketAddr,
+    /// What the auth endpoint saw.
+    pub auth: AuthLog,
+}
+
+/// The requests the upstream's `/auth/check` endpoint received.
+#[derive(Clone, Default)]
+pub struct AuthLog(Arc<Mutex<Vec<AuthSeen>>>);
+
+/// One request to `/auth/check`.
+#[derive(Debug, Clone)]
+pub struct AuthSeen {
+    pub method: String,
+    pub uri: String,
+    pub headers: http::HeaderMap,
+}
+
+impl AuthLog {
+    pub fn calls(&self) -> usize {
+        self.0.lock().expect("auth log").len()
+    }
+
+    pub fn last(&self) -> Option<AuthSeen> {
+        self.0.lock().expect("auth log").last().cloned()
+    }
 }
 
 impl Upstream {
@@ -192,20 +240,32 @@ impl Upstream {
             .await
             .expect("bind upstream");
         let addr = listener.local_addr().expect("addr");
+        let auth = AuthLog::default();
+        let log = auth.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((s, _)) = listener.accept().await else {
                     continue;
                 };
+                let log = log.clone();
                 tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let log = log.clone();
+                        async move {
+                            if req.uri().path().starts_with("/auth/") {
+                                return Ok::<_, Infallible>(auth_check(req, &log).await);
+                            }
+                            upstream_handle(req).await
+                        }
+                    });
                     let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(s), service_fn(upstream_handle))
+                        .serve_connection(TokioIo::new(s), svc)
                         .with_upgrades()
                         .await;
                 });
             }
         });
-        Upstream { addr }
+        Upstream { addr, auth }
     }
 
     pub fn url(&self) -> String {
@@ -343,6 +403,71 @@ async fn upstream_handle(mut req: Request<Incoming>) -> Result<Response<UpBody>,
         _ => Response::new(full("hello from upstream")),
     };
     Ok(resp)
+}
+
+/// The upstream's forward-auth endpoint (`/auth/...`). It logs the request, then decides by
+/// `X-Crier-Channel` and the credentials:
+/// - channel `slow*`: waits 3 s, then 200; `boom*`: 500; `moved*`: 302; `huge*`: 401 with a
+///   100 KiB body;
+/// - `Cookie: session=good` or `Authorization: Bearer good-token`: 200 (with a small body),
+///   except channel `secret*`: 403 "not your channel";
+/// - otherwise 401 "log in first" with `WWW-Authenticate: Cookie realm="app"` (and an
+///   `x-app-internal` header that must not reach the subscriber).
+async fn auth_check(req: Request<Incoming>, log: &AuthLog) -> Response<UpBody> {
+    log.0.lock().expect("auth log").push(AuthSeen {
+        method: req.method().to_string(),
+        uri: req.uri().to_string(),
+        headers: req.headers().clone(),
+    });
+    let h = req.headers();
+    let channel = h
+        .get("x-crier-channel")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let good = h
+        .get_all("cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|c| c.split(';').any(|p| p.trim() == "session=good"))
+        || h.get("authorization").and_then(|v| v.to_str().ok()) == Some("Bearer good-token");
+    let status = |code: u16, body: &str| {
+        Response::builder()
+            .status(code)
+            .header("content-type", "text/plain")
+            .body(full(body.to_string()))
+            .expect("response")
+    };
+    if channel.starts_with("slow") {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        return status(200, "ok");
+    }
+    if channel.starts_with("boom") {
+        return status(500, "auth backend exploded");
+    }
+    if channel.starts_with("moved") {
+        return Response::builder()
+            .status(302)
+            .header("location", "/login")
+            .body(full("go log in"))
+            .expect("response");
+    }
+    if channel.starts_with("huge") {
+        return status(401, &"x".repeat(100 * 1024));
+    }
+    if !good {
+        return Response::builder()
+            .status(401)
+            .header("content-type", "text/plain")
+            .header("www-authenticate", "Cookie realm=\"app\"")
+            .header("x-app-internal", "do-not-leak")
+            .body(full("log in first\n"))
+            .expect("response");
+    }
+    if channel.starts_with("secret") {
+        return status(403, "not your channel\n");
+    }
+    status(200, "welcome")
 }
 
 /// An address where nothing listens (bound, then closed).

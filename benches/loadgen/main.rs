@@ -1,0 +1,93 @@
+//! crier-loadgen: the benchmark harness's load generator (see benches/README.md).
+//!
+//! - `push`: N subscribers (SSE, WebSocket or long-poll) on one or many channels, M published
+//!   messages, and a JSON report of delivery rate, latency, loss and server memory/CPU;
+//! - `proxy`: `wrk` against a URL, as JSON;
+//! - `upstream`: a fast upstream for the proxy workload;
+//! - `grip`: the GRIP backend that makes Pushpin hold subscribers;
+//! - `report`: results.jsonl → RESULTS.md and results.json.
+//!
+//! Every run is bounded in count and time and targets loopback addresses only.
+
+mod hist;
+mod procstat;
+mod publisher;
+mod push;
+mod report;
+mod servers;
+mod subscriber;
+mod wrk;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "crier-loadgen",
+    version,
+    about = "crier's benchmark load generator"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Subscribers, publishes, and a JSON report.
+    Push {
+        #[command(flatten)]
+        args: push::PushArgs,
+        /// Generator runtime threads.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
+    /// wrk against a URL, as JSON.
+    Proxy(wrk::ProxyArgs),
+    /// A fast upstream: 200 "hello, world" to everything.
+    Upstream(servers::ServeArgs),
+    /// Pushpin's GRIP backend.
+    Grip(servers::ServeArgs),
+    /// Aggregates results into RESULTS.md and results.json.
+    Report(report::ReportArgs),
+}
+
+/// The open-file limit: raise the soft limit to the hard one (19,000 sockets need it).
+fn raise_nofile() {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    raise_nofile();
+    let res: Result<(), String> = match cli.cmd {
+        Cmd::Push { args, threads } => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads.max(1))
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())
+            .and_then(|rt| rt.block_on(push::run(args))),
+        Cmd::Proxy(a) => wrk::run(a),
+        Cmd::Upstream(a) => servers::upstream(a).map_err(|e| e.to_string()),
+        Cmd::Grip(a) => servers::grip(a).map_err(|e| e.to_string()),
+        Cmd::Report(a) => report::run(a),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("crier-loadgen: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,75 @@
+//! `crier demo`: a stand-in for "your app". A tiny HTTP server on loopback that serves one
+//! page; crier runs in front of it as usual, so the page arrives through the proxy and its
+//! `EventSource` subscribes to `/live/demo` on the same origin — exactly what a real app's page
+//! does. Nothing here is used by `crier run`.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+
+use crate::response::{self, Body};
+
+/// The demo app's page: HTML, CSS and script in one file, compiled into the binary.
+pub const PAGE: &str = include_str!("demo.html");
+
+/// The channel the demo page subscribes to.
+pub const CHANNEL: &str = "demo";
+
+/// Serves the demo app on `listener` until the task is dropped: the page at `/`, an empty
+/// favicon, 404 elsewhere.
+pub async fn serve_app(listener: TcpListener) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!("demo app: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        tokio::spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(
+                    TokioIo::new(stream),
+                    service_fn(|req| async move { Ok::<_, Infallible>(app(&req)) }),
+                );
+            if let Err(e) = conn.await {
+                tracing::debug!("demo app: connection ended with an error: {e}");
+            }
+        });
+    }
+}
+
+fn app(req: &Request<Incoming>) -> Response<Body> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return response::method_not_allowed("GET, HEAD", false);
+    }
+    match req.uri().path() {
+        "/" | "/index.html" => {
+            let mut r = Response::new(response::full(PAGE));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            r
+        }
+        // Browsers ask for one; a 404 would show up as an error on the status page.
+        "/favicon.ico" => {
+            let mut r = Response::new(response::empty());
+            *r.status_mut() = StatusCode::NO_CONTENT;
+            r
+        }
+        _ => response::text(
+            StatusCode::NOT_FOUND,
+            "not found: the demo app serves only / (crier serves /live/{channel})",
+        ),
+    }
+}

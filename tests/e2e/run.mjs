@@ -1,0 +1,344 @@
+// crier end to end with a real browser: headless Debian Chromium, driven by playwright-core.
+//
+//   node tests/e2e/run.mjs        (after `cargo build`; `cargo test --test e2e` runs it too)
+//
+// Env: CRIER_BIN (default target/debug/crier), CHROMIUM (default /usr/bin/chromium),
+// CRIER_E2E_OUT (artifacts, default target/e2e), CRIER_E2E_DOCS=1 (also refresh the README's
+// screenshots under docs/), CRIER_E2E_ONLY=<regex> (run only the steps whose name matches).
+//
+// What it proves, over plain HTTP/1.1 and over HTTPS (where SSE runs over HTTP/2):
+// - a page served by an upstream app through crier subscribes with EventSource, WebSocket
+//   (plain and `crier.json`) and a fetch long-poll loop; 200 messages published on the Unix
+//   socket arrive at every client, in order, byte-identical (SSE: as an EventSource must read
+//   them, CR and CRLF as LF; every other transport byte for byte);
+// - a network cut (a TCP forwarder between Chromium and crier resets every connection and
+//   refuses new ones) while publishing goes on: EventSource (Last-Event-ID, by itself),
+//   crier.json WebSocket (?last_event_id=) and long-poll (If-None-Match) miss nothing and
+//   get nothing twice; the plain WebSocket, which has no ids, gets everything after it is back;
+// - the admin status page updates live over SSE, with no polling, and its numbers move;
+// - `crier demo` prints a page and a command, and the message shows up on the page.
+
+import { spawn, execSync } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import readline from 'node:readline';
+import { chromium } from 'playwright-core';
+
+import {
+  CHROMIUM_FLAGS, MAX_MESSAGE, OUT, REPO, assertSame, crierBin, expected, makeCert, makeMessages,
+  publisher, sleep, startCrier, startForwarder, startUpstream, tempDir, waitFor,
+} from './harness.mjs';
+
+const SUITE_LIMIT_MS = 170_000;
+const results = [];
+const t0 = Date.now();
+
+const only = process.env.CRIER_E2E_ONLY ? new RegExp(process.env.CRIER_E2E_ONLY) : null;
+
+/** Script errors on any page fail the step they happen in. */
+const pageErrors = [];
+
+async function step(name, fn) {
+  if (only && !only.test(name)) return;
+  const start = Date.now();
+  pageErrors.length = 0;
+  try {
+    await fn();
+    if (pageErrors.length) throw new Error(`script errors on the page:\n${pageErrors.join('\n')}`);
+    results.push({ name, ok: true });
+    console.log(`ok     ${name} (${((Date.now() - start) / 1000).toFixed(1)} s)`);
+  } catch (e) {
+    results.push({ name, ok: false });
+    console.log(`FAILED ${name} (${((Date.now() - start) / 1000).toFixed(1)} s)\n${String(e.stack || e).replace(/^/gm, '    ')}`);
+  }
+}
+
+// The whole suite is bounded: a hang anywhere fails it instead of stalling CI.
+const watchdog = setTimeout(() => {
+  console.log(`FAILED the suite did not finish within ${SUITE_LIMIT_MS / 1000} s`);
+  process.exit(1);
+}, SUITE_LIMIT_MS);
+watchdog.unref();
+
+fs.mkdirSync(OUT, { recursive: true });
+const dir = tempDir('browser');
+const tls = makeCert(dir);
+const upstream = await startUpstream();
+const crier = await startCrier({
+  upstream: upstream.url,
+  dir,
+  tls,
+  extra: [
+    '[channels]',
+    'buffer_messages = 1000',
+    `max_message_size = "${MAX_MESSAGE / 1024}KiB"`,
+    '[[push]]',
+    'path = "/live/{channel}"',
+    'keepalive = "5s"',
+    'longpoll_timeout = "10s"',
+  ].join('\n'),
+});
+process.on('exit', () => crier.proc.kill('SIGKILL')); // never leave crier behind
+const publish = publisher(crier.unix);
+const plainFwd = await startForwarder(crier.port);
+const tlsFwd = await startForwarder(crier.tlsPort);
+console.log(`crier: public ${crier.public}, TLS ${crier.tls}, admin ${crier.admin}; forwarders :${plainFwd.port} (http) :${tlsFwd.port} (https)`);
+
+const userDataDir = tempDir('chromium');
+const browser = await chromium.launchPersistentContext(userDataDir, {
+  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+  headless: true,
+  args: CHROMIUM_FLAGS,
+  ignoreHTTPSErrors: true,
+  viewport: { width: 1000, height: 640 },
+});
+console.log(`chromium ${browser.browser()?.version() ?? ''} started in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
+
+async function newPage() {
+  const page = await browser.newPage();
+  page.on('pageerror', (e) => pageErrors.push(`${page.url()}: ${e.message}`));
+  return page;
+}
+
+/** Opens the test page for `channel` through a forwarder, with the protocol of each response recorded. */
+async function openPage(scheme, fwd, channel) {
+  const page = await newPage();
+  const protocols = [];
+  const cdp = await browser.newCDPSession(page);
+  await cdp.send('Network.enable');
+  cdp.on('Network.responseReceived', (e) => {
+    if (e.response.url.includes('/live/')) protocols.push({ type: e.type, protocol: e.response.protocol });
+  });
+  await page.goto(`${scheme}://127.0.0.1:${fwd.port}/?channel=${channel}`);
+  return { page, protocols };
+}
+
+/** Waits until crier itself counts the page's subscribers on `channel`. */
+async function subscribed(channel, want = { websocket: 2, sse: 1, longpoll: 1 }) {
+  await waitFor(`subscribers on ${channel} (want ${JSON.stringify(want)})`, async () => {
+    const c = await crier.channel(channel);
+    const by = c?.subscribers_by_transport;
+    return by && by.websocket === want.websocket && by.sse === want.sse && by.longpoll === want.longpoll;
+  });
+}
+
+async function publishAll(channel, msgs, pauseMs = 0) {
+  const sent = [];
+  for (const m of msgs) {
+    const r = await publish(channel, m);
+    sent.push({ ...m, id: r.id });
+    if (pauseMs) await sleep(pauseMs);
+  }
+  return sent;
+}
+
+const state = (page) => page.evaluate(() => window.T);
+
+async function received(page, counts, what) {
+  await waitFor(what, async () => {
+    const c = await page.evaluate(() => ({ sse: T.sse.length, ws: T.ws.length, wsj: T.wsj.length, lp: T.lp.length }));
+    return Object.entries(counts).every(([k, n]) => c[k] >= n);
+  }, { timeout: 30000 });
+  await sleep(300); // anything extra (a duplicate) would arrive now
+  return state(page);
+}
+
+async function screenshot(page, name) {
+  const file = path.join(OUT, name);
+  await page.screenshot({ path: file, fullPage: true });
+  // The README's pictures come from the demo: what a newcomer sees.
+  const docs = { 'demo.png': 'demo.png', 'demo-status.png': 'status.png' }[name];
+  if (process.env.CRIER_E2E_DOCS === '1' && docs) {
+    fs.mkdirSync(path.join(REPO, 'docs'), { recursive: true });
+    fs.copyFileSync(file, path.join(REPO, 'docs', docs));
+  }
+}
+
+/** 200 messages, every client, byte-identical and in order. */
+async function delivery(scheme, fwd) {
+  const channel = `${scheme}-delivery`;
+  const { page, protocols } = await openPage(scheme, fwd, channel);
+  await subscribed(channel);
+  const msgs = makeMessages(200, scheme, { big: 100 });
+  const sent = await publishAll(channel, msgs);
+  await publish(channel, { body: Buffer.alloc(MAX_MESSAGE + 1, 0x61), contentType: 'text/plain', expectStatus: 413 });
+  const T = await received(page, { sse: 200, ws: 200, wsj: 200, lp: 200 }, `200 messages at every client on ${channel}`);
+  const want = expected(sent);
+  for (const k of ['sse', 'ws', 'wsj', 'lp']) assertSame(`${scheme} ${k}`, T[k], want[k]);
+  if (T.resume.some((r) => r !== 'ok')) throw new Error(`long-poll saw Crier-Resume ${JSON.stringify([...new Set(T.resume)])}`);
+  const sse = protocols.filter((p) => p.type === 'EventSource').map((p) => p.protocol);
+  const lp = protocols.filter((p) => p.type === 'Fetch').map((p) => p.protocol);
+  const wantProto = scheme === 'https' ? 'h2' : 'http/1.1';
+  if (!sse.length || sse.some((p) => p !== wantProto)) throw new Error(`EventSource went over ${JSON.stringify(sse)}, want ${wantProto}`);
+  if (!lp.length || lp.some((p) => p !== wantProto)) throw new Error(`long-poll went over ${JSON.stringify([...new Set(lp)])}, want ${wantProto}`);
+  console.log(`    EventSource over ${sse[0]}, long-poll over ${lp[0]} (${lp.length} requests)`);
+  await screenshot(page, `page-${scheme}-delivery.png`);
+  await page.close();
+}
+
+/** Publish, cut the network, publish on, restore: nothing lost, nothing twice. */
+async function resume(scheme, fwd) {
+  const channel = `${scheme}-resume`;
+  const { page } = await openPage(scheme, fwd, channel);
+  await subscribed(channel);
+  const all = makeMessages(150, `${scheme}-resume`);
+  const before = await publishAll(channel, all.slice(0, 50));
+  await received(page, { sse: 50, ws: 50, wsj: 50, lp: 50 }, 'the first 50 messages');
+  const opens = (await state(page)).opens;
+
+  fwd.cut();
+  await waitFor('the page to see the cut', async () => {
+    const o = await page.evaluate(() => T.open);
+    return !o.sse && !o.ws && !o.wsj;
+  }, { timeout: 10000 });
+  const during = await publishAll(channel, all.slice(50, 100), 10);
+  await sleep(500);
+  fwd.restore();
+
+  // EventSource retries after crier's `retry:` hint (2 s); the page's WebSockets back off to 1 s.
+  await waitFor('every client to be back', async () => {
+    const T = await page.evaluate(() => ({ open: T.open, opens: T.opens }));
+    return T.open.sse && T.open.ws && T.open.wsj && ['sse', 'ws', 'wsj'].every((k) => T.opens[k] > opens[k]);
+  }, { timeout: 15000 });
+  await subscribed(channel);
+  const after = await publishAll(channel, all.slice(100));
+
+  const T = await received(page, { sse: 150, wsj: 150, lp: 150, ws: 100 }, 'all 150 messages after the cut');
+  const everything = expected([...before, ...during, ...after]);
+  assertSame(`${scheme} sse (resumed by EventSource itself)`, T.sse, everything.sse);
+  assertSame(`${scheme} wsj (resumed with ?last_event_id)`, T.wsj, everything.wsj);
+  assertSame(`${scheme} lp (resumed with If-None-Match)`, T.lp, everything.lp);
+  assertSame(`${scheme} ws (plain: from what came next)`, T.ws, expected([...before, ...after]).ws);
+  if (T.resume.some((r) => r !== 'ok')) throw new Error(`long-poll saw Crier-Resume ${JSON.stringify([...new Set(T.resume)])}`);
+  console.log(`    reconnects: ${JSON.stringify(T.opens)}; ${T.log.filter((l) => /open|closed/.test(l)).length} open/close events`);
+  await screenshot(page, `page-${scheme}-resume.png`);
+  await page.close();
+}
+
+async function statusPage() {
+  const page = await newPage();
+  const cdp = await browser.newCDPSession(page);
+  await cdp.send('Network.enable');
+  const requests = [];
+  cdp.on('Network.requestWillBeSent', (e) => requests.push(new URL(e.request.url).pathname));
+  await page.goto(`http://${crier.admin}/`);
+  const num = async (id) => Number((await page.textContent(`#${id}`)).replace(/[^0-9.]/g, ''));
+  await waitFor('the first snapshot', async () => Number(await page.getAttribute('body', 'data-snapshots')) >= 1);
+  const sse0 = await num('conn-sse');
+  const total0 = await num('msg-total');
+
+  // Subscribers that are not the browser: three SSE streams and a long-poll on one channel.
+  const channel = 'status-check';
+  const held = [];
+  for (let i = 0; i < 3; i++) {
+    const ac = new AbortController();
+    const r = await fetch(`http://${crier.public}/live/${channel}`, { headers: { accept: 'text/event-stream' }, signal: ac.signal });
+    held.push(ac);
+    r.body.getReader().read().catch(() => {});
+  }
+  const lpAbort = new AbortController();
+  fetch(`http://${crier.public}/live/${channel}`, { signal: lpAbort.signal }).catch(() => {});
+  held.push(lpAbort);
+
+  await waitFor('the SSE count to move', async () => (await num('conn-sse')) === sse0 + 3, { timeout: 5000 });
+  await waitFor('the channel row', async () => {
+    const row = await page.$(`tr[data-channel="${channel}"]`);
+    return row && (await row.textContent()).includes('4');
+  }, { timeout: 5000 });
+  // A steady trickle of messages: the rate must show it.
+  const rates = [];
+  for (let i = 0; i < 25; i++) {
+    await publish(channel, { body: Buffer.from(`tick ${i}`), contentType: 'text/plain' });
+    await sleep(80);
+    rates.push(await num('msg-rate'));
+  }
+  await waitFor('the published total to move', async () => (await num('msg-total')) >= total0 + 25, { timeout: 5000 });
+  if (!rates.some((r) => r > 0)) throw new Error(`the message rate never moved: ${rates}`);
+  await screenshot(page, 'status.png');
+  for (const ac of held) ac.abort();
+  await waitFor('the SSE count to fall back', async () => (await num('conn-sse')) === sse0, { timeout: 5000 });
+
+  // Live, not polled: the page made one stats request; snapshots kept coming on it.
+  const snapshots = Number(await page.getAttribute('body', 'data-snapshots'));
+  const stats = requests.filter((p) => p.startsWith('/stats'));
+  const other = requests.filter((p) => p !== '/' && p !== '/favicon.ico' && !p.startsWith('/stats'));
+  if (stats.length !== 1 || other.length) throw new Error(`the page made these requests: ${JSON.stringify(requests)}; want one /stats/stream`);
+  if (snapshots < 3) throw new Error(`only ${snapshots} snapshots arrived`);
+  console.log(`    ${snapshots} snapshots over one /stats/stream; rates seen ${Math.max(...rates)}/s`);
+  await page.close();
+}
+
+async function demo() {
+  const demoDir = tempDir('demo');
+  const config = path.join(demoDir, 'demo.toml');
+  fs.writeFileSync(config, [
+    '[server]', 'listen = ["127.0.0.1:0"]',
+    '[publish]', `unix = "${path.join(demoDir, 'publish.sock')}"`, 'listen = ["127.0.0.1:0"]',
+    '[admin]', 'listen = "127.0.0.1:0"',
+  ].join('\n'));
+  const proc = spawn(crierBin(), ['demo', '--config', config], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, CRIER_LOG: 'warn' } });
+  const out = [];
+  const errs = [];
+  readline.createInterface({ input: proc.stderr }).on('line', (l) => errs.push(l));
+  readline.createInterface({ input: proc.stdout }).on('line', (l) => out.push(l));
+  try {
+    const text = () => out.join('\n');
+    const pageUrl = await waitFor('the page address on stdout', () => /1\. open\s+(\S+)/.exec(text())?.[1], { timeout: 10000 });
+    const command = await waitFor('the publish command on stdout', () => /2\. publish\s+(.+)/.exec(text())?.[1].trim(), { timeout: 10000 });
+    console.log(`    crier demo printed: open ${pageUrl}; run ${command}`);
+    const page = await newPage();
+    await page.goto(pageUrl);
+    await waitFor('the demo page to connect', async () => (await page.textContent('#state')).includes('connected'), { timeout: 10000 });
+    // What a newcomer does: run the printed command as printed.
+    const answer = execSync(command, { cwd: demoDir, timeout: 10000, encoding: 'utf8' });
+    if (!/"channel":"demo"/.test(answer)) throw new Error(`the publish command printed ${answer}`);
+    await waitFor('"hello" on the demo page', async () => (await page.textContent('#messages')).includes('hello'), { timeout: 10000 });
+    execSync(command.replace(/"hello"$/, '"Push for any app: no code change, one HTTP request to publish."'), { cwd: demoDir, timeout: 10000 });
+    await waitFor('the second message', async () => (await page.$$('#messages li')).length === 2, { timeout: 10000 });
+    await sleep(1300); // let the new-message highlight fade
+    await screenshot(page, 'demo.png');
+
+    const statusUrl = await waitFor('the status page address on stdout', () => /status page\s+(\S+)/.exec(text())?.[1], { timeout: 1000 });
+    const status = await newPage();
+    await status.goto(statusUrl);
+    await waitFor('the demo channel on the status page', async () => {
+      const row = await status.$('tr[data-channel="demo"]');
+      return row && (await status.textContent('#conn-sse')) === '1' && Number(await status.getAttribute('body', 'data-snapshots')) >= 2;
+    }, { timeout: 10000 });
+    await screenshot(status, 'demo-status.png');
+    await status.close();
+    await page.close();
+  } catch (e) {
+    e.message += `\n    demo stdout:\n${out.join('\n')}\n    demo stderr:\n${errs.join('\n')}`;
+    throw e;
+  } finally {
+    proc.kill('SIGTERM');
+    await new Promise((r) => (proc.exitCode !== null ? r() : proc.once('exit', r)));
+  }
+  if (proc.exitCode !== 0) throw new Error(`crier demo exited ${proc.exitCode ?? proc.signalCode} on SIGTERM\n${errs.join('\n')}`);
+}
+
+await step('http: 200 messages to EventSource, WebSocket, WebSocket crier.json and long-poll, byte-identical', () => delivery('http', plainFwd));
+await step('http: network cut; every client resumes without loss', () => resume('http', plainFwd));
+await step('https: 200 messages to every client, SSE and long-poll over HTTP/2', () => delivery('https', tlsFwd));
+await step('https: network cut; every client resumes without loss', () => resume('https', tlsFwd));
+await step('status page: live over SSE, numbers move', statusPage);
+await step('crier demo: the printed command shows up on the printed page', demo);
+
+await browser.close();
+publish.close();
+plainFwd.close();
+tlsFwd.close();
+upstream.close();
+const code = await crier.stop();
+if (code !== 0) results.push({ name: `crier exit status ${code} on SIGTERM`, ok: false });
+const failed = results.filter((r) => !r.ok);
+if (failed.length) {
+  fs.writeFileSync(path.join(OUT, 'crier.log'), crier.log.join('\n'));
+  console.log(`crier's log: ${path.join(OUT, 'crier.log')}`);
+}
+fs.rmSync(userDataDir, { recursive: true, force: true });
+fs.rmSync(dir, { recursive: true, force: true });
+console.log(`screenshots in ${OUT}; ${((Date.now() - t0) / 1000).toFixed(1)} s in all`);
+console.log(`browser: ${results.length - failed.length} passed, ${failed.length} failed`);
+process.exit(failed.length ? 1 : 0);
