@@ -84,7 +84,7 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
-        Command::Run => {
+        command @ (Command::Run | Command::Demo) => {
             let config = match load() {
                 Ok(c) => c,
                 Err(e) => {
@@ -93,18 +93,11 @@ fn main() -> ExitCode {
                     return ExitCode::from(64);
                 }
             };
-            run(config, None)
-        }
-        Command::Demo => {
-            let config = match load() {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("{e}");
-                    eprintln!("crier: invalid config; not starting");
-                    return ExitCode::from(64);
-                }
-            };
-            demo(config, cli.config.as_deref())
+            if matches!(command, Command::Demo) {
+                demo(config, cli.config.as_deref())
+            } else {
+                run(config, None)
+            }
         }
         Command::Publish {
             socket,

@@ -1,0 +1,557 @@
+//! TOML → validated, typed [`Config`].
+//!
+//! Parsing happens in two steps: serde reads the file into `Raw*` structs that keep the
+//! span of every value (`toml::Spanned`) and reject unknown keys, then [`Config::from_toml`]
+//! validates each value and collects *every* problem, each naming the key and the
+//! `line:column` it sits at, so an operator fixes a config in one pass.
+
+mod raw;
+mod validate;
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use toml::Spanned;
+
+use raw::read_raw;
+use validate::Validator;
+
+use crate::auth::jwt::{JwtAlgorithm, JwtVerifier};
+use crate::auth::PublishToken;
+
+/// The whole, validated configuration. Read by every module, written by none after load.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub publish: PublishConfig,
+    pub channels: ChannelDefaults,
+    pub push: Vec<PushLocation>,
+    pub admin: AdminConfig,
+    /// Where the config came from (None: built-in defaults), for reload and messages.
+    pub source: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: Vec<SocketAddr>,
+    pub tls: Option<TlsConfig>,
+    /// Open client connections (all public listeners together); past it a new connection
+    /// gets a 503 and is closed.
+    pub max_connections: usize,
+    /// Time a client has to send a whole request head; for HTTP/1.1 it also bounds the idle
+    /// wait between keep-alive requests (slow-loris protection).
+    pub header_timeout: Duration,
+    /// Largest request head (request line + headers) accepted; larger gets 431.
+    pub max_header_bytes: usize,
+    /// Most request headers accepted; more gets 431.
+    pub max_headers: usize,
+    pub h2_max_concurrent_streams: u32,
+    /// How long SIGTERM waits for in-flight proxied requests before exiting.
+    pub shutdown_timeout: Duration,
+    /// Runtime worker threads; 0 = one per core.
+    pub worker_threads: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    pub listen: Vec<SocketAddr>,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamAddr {
+    /// `http://host:port` (the authority as written).
+    Http { authority: String },
+    /// `unix:/path/to/app.sock`
+    Unix(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub url: UpstreamAddr,
+    pub connect_timeout: Duration,
+    /// Time from the request (head and whole body) sent to the upstream's response headers;
+    /// past it 504. An upload still moving is never cut (see `Proxy::send`).
+    pub response_timeout: Duration,
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct PublishConfig {
+    pub unix: Option<PathBuf>,
+    pub unix_mode: u32,
+    /// The group the socket file is given (`chown :group`), so the app's user can reach it.
+    pub unix_group: Option<UnixGroup>,
+    pub listen: Vec<SocketAddr>,
+    /// When set, TCP publishes need `Authorization: Bearer <token>`; the Unix socket does not.
+    pub token: Option<PublishToken>,
+    /// Where `token` was read from (`crier publish` reads it too).
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnixGroup {
+    pub name: String,
+    pub gid: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BufferPolicy {
+    pub buffer_messages: usize,
+    pub buffer_ttl: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct ChannelDefaults {
+    pub buffer: BufferPolicy,
+    pub max_message_size: usize,
+    pub max_channels: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    WebSocket,
+    Sse,
+    LongPoll,
+}
+
+impl Transport {
+    pub const ALL: [Transport; 3] = [Transport::WebSocket, Transport::Sse, Transport::LongPoll];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::WebSocket => "websocket",
+            Transport::Sse => "sse",
+            Transport::LongPoll => "longpoll",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FirstMessage {
+    /// A subscriber without a position gets only what is published after it connects.
+    Newest,
+    /// A subscriber without a position first gets the whole buffer.
+    Oldest,
+}
+
+/// One `[[push]]` location: a path template whose `{channel}` names the channel.
+#[derive(Debug, Clone)]
+pub struct PushLocation {
+    pub path: String,
+    /// The template split at `{channel}`.
+    pub prefix: String,
+    pub suffix: String,
+    /// Prepended to the channel name taken from the path (`chat:` + `room1`).
+    pub channel_prefix: String,
+    pub transports: [bool; 3],
+    /// Buffer policy for the channels this location serves, when it overrides the defaults.
+    pub buffer_override: Option<BufferPolicy>,
+    pub first_message: FirstMessage,
+    pub keepalive: Duration,
+    pub longpoll_timeout: Duration,
+    /// Empty: same origin only. `*` allows any origin.
+    pub allow_origins: Vec<String>,
+    /// `auth_request`: ask the upstream app before a subscription starts.
+    pub forward_auth: Option<ForwardAuthConfig>,
+    /// `[push.jwt]`: require a signed token that names the channel.
+    pub jwt: Option<JwtConfig>,
+}
+
+/// `auth_request` and its knobs.
+#[derive(Debug, Clone)]
+pub struct ForwardAuthConfig {
+    /// Path (and query) on the upstream, e.g. `/auth/can-subscribe`.
+    pub path: String,
+    /// Bounds the whole check; past it the subscriber gets 503.
+    pub timeout: Duration,
+    /// None: every subscription asks the upstream (the default).
+    pub cache_ttl: Option<Duration>,
+}
+
+/// `[push.jwt]`: the key is read (and checked) when the config is loaded, so a missing or bad
+/// key file is a config error, and SIGHUP re-reads it.
+#[derive(Debug, Clone)]
+pub struct JwtConfig {
+    pub verifier: JwtVerifier,
+    pub key_file: PathBuf,
+    /// A cookie that may carry the token (besides `Authorization: Bearer` and `access_token`).
+    pub cookie: Option<String>,
+    pub leeway: Duration,
+}
+
+impl PushLocation {
+    pub fn allows(&self, t: Transport) -> bool {
+        self.transports[t.index()]
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: Option<SocketAddr>,
+}
+
+/// Every problem found in one config file.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            f.write_str(p)?;
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+
+impl Default for Config {
+    /// The built-in defaults: a working demo that needs no other service.
+    fn default() -> Self {
+        Config::from_toml("", None).expect("built-in defaults are valid") // ok: constant input
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            problems: vec![format!("{}: cannot read config: {e}", path.display())],
+        })?;
+        Config::from_toml(&text, Some(path))
+    }
+
+    /// The config the CLI runs with when given no `--config`: `conf/crier.toml` in the working
+    /// directory, else `/etc/crier/crier.toml`, else the built-in defaults.
+    pub fn default_path() -> Option<PathBuf> {
+        ["conf/crier.toml", "/etc/crier/crier.toml"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.is_file())
+    }
+
+    /// Parses and validates TOML text. `path` only names the file in messages.
+    pub fn from_toml(text: &str, path: Option<&Path>) -> Result<Config, ConfigError> {
+        let name = path
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "<config>".into());
+        let mut problems = Vec::new();
+        let Some(raw) = read_raw(text, &name, &mut problems) else {
+            return Err(ConfigError { problems });
+        };
+        let mut v = Validator {
+            text,
+            name,
+            problems,
+        };
+        let cfg = v.build(raw, path);
+        if v.problems.is_empty() {
+            return Ok(cfg);
+        }
+        // In file order, so the operator reads them top to bottom.
+        let at = |p: &String| -> (usize, usize) {
+            let mut nums = p[v.name.len()..]
+                .split(':')
+                .skip(1)
+                .map_while(|n| n.parse::<usize>().ok());
+            (nums.next().unwrap_or(0), nums.next().unwrap_or(0))
+        };
+        v.problems.sort_by_key(at);
+        Err(ConfigError {
+            problems: v.problems,
+        })
+    }
+
+    /// The buffer policy of a channel: the override of the location with the longest
+    /// `channel_prefix` matching the name, else the `[channels]` defaults.
+    pub fn buffer_policy_for(&self, channel: &str) -> BufferPolicy {
+        self.push
+            .iter()
+            .filter(|p| p.buffer_override.is_some() && channel.starts_with(&p.channel_prefix))
+            .max_by_key(|p| p.channel_prefix.len())
+            .and_then(|p| p.buffer_override)
+            .unwrap_or(self.channels.buffer)
+    }
+}
+
+/// `$XDG_RUNTIME_DIR/crier/publish.sock`, else `/tmp/crier-<uid>/publish.sock`.
+pub fn default_publish_socket() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join("crier/publish.sock"),
+        _ => {
+            // SAFETY: getuid has no preconditions and cannot fail.
+            let uid = unsafe { libc::getuid() };
+            PathBuf::from(format!("/tmp/crier-{uid}/publish.sock"))
+        }
+    }
+}
+
+/// `A-Z a-z 0-9 . _ - : ~`
+pub fn is_channel_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':' | '~')
+}
+
+/// Parses `"250ms"`, `"15s"`, `"10m"`, `"2h"`, `"1d"` (a whole number and a unit).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s.starts_with('-') {
+        return Err(format!("{s:?} is negative; a duration is like \"15s\""));
+    }
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like \"250ms\", \"15s\", \"10m\""))?;
+    let ms = match unit.trim() {
+        "ms" => Some(n),
+        "s" => n.checked_mul(1000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        "d" => n.checked_mul(86_400_000),
+        "" => return Err(format!("{s:?} needs a unit: ms, s, m, h or d")),
+        u => return Err(format!("{s:?} has an unknown unit {u:?} (ms, s, m, h, d)")),
+    };
+    ms.filter(|ms| *ms <= 365 * 86_400_000)
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("{s:?} is longer than a year"))
+}
+
+/// Parses `"64KiB"`, `"1MiB"`, `"1GiB"`, `"512B"`, `"10KB"` (powers of 1000) or a plain number of bytes.
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    if s.starts_with('-') {
+        return Err(format!("{s:?} is negative; a size is like \"64KiB\""));
+    }
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like \"64KiB\" or \"1MiB\""))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" | "kB" => 1000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        u => {
+            return Err(format!(
+                "{s:?} has an unknown unit {u:?} (B, KiB, MiB, GiB)"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .filter(|b| *b <= 1 << 40)
+        .map(|b| b as usize)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::validate::parse_upstream;
+    use super::*;
+
+    fn errs(text: &str) -> String {
+        Config::from_toml(text, Some(Path::new("c.toml")))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::default();
+        assert_eq!(c.server.listen, vec!["127.0.0.1:8080".parse().unwrap()]);
+        assert_eq!(c.push.len(), 1);
+        assert_eq!(c.push[0].prefix, "/live/");
+        assert_eq!(c.channels.buffer.buffer_messages, 100);
+        assert_eq!(c.upstream.response_timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn shipped_example_is_the_defaults() {
+        let c = Config::from_toml(include_str!("../../conf/crier.toml"), None).unwrap();
+        let d = Config::default();
+        assert_eq!(c.server.listen, d.server.listen);
+        assert_eq!(c.upstream.url, d.upstream.url);
+        assert_eq!(c.publish.listen, d.publish.listen);
+        assert_eq!(c.publish.unix, d.publish.unix);
+        assert_eq!(c.channels.buffer, d.channels.buffer);
+        assert_eq!(c.push.len(), 1);
+        assert_eq!(c.push[0].path, d.push[0].path);
+        assert_eq!(c.push[0].keepalive, d.push[0].keepalive);
+        assert_eq!(c.admin.listen, d.admin.listen);
+    }
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("15s").unwrap(), Duration::from_secs(15));
+        assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
+        assert!(parse_duration("-5s").unwrap_err().contains("negative"));
+        assert!(parse_duration("5").unwrap_err().contains("unit"));
+        assert!(parse_duration("5 fortnights").is_err());
+        assert_eq!(parse_size("64KiB").unwrap(), 65536);
+        assert_eq!(parse_size("1MiB").unwrap(), 1 << 20);
+        assert_eq!(parse_size("100").unwrap(), 100);
+        assert!(parse_size("12XB").is_err());
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_column() {
+        let e = errs("[server]\nlisten = [\"127.0.0.1:1\"]\nlisen = 3\n");
+        assert!(e.starts_with("c.toml:3:1:"), "{e}");
+        assert!(e.contains("lisen"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_is_an_error() {
+        let e = errs("[upstream]\nconnect_timeout = 5\n");
+        assert!(e.starts_with("c.toml:2:"), "{e}");
+    }
+
+    #[test]
+    fn every_bad_value_is_reported() {
+        let e = errs(
+            "[server]\nlisten = [\"127.0.0.1:70000\"]\n[upstream]\nconnect_timeout = \"-1s\"\nresponse_timeout = \"0s\"\n",
+        );
+        let lines: Vec<_> = e.lines().collect();
+        assert_eq!(lines.len(), 3, "{e}");
+        assert!(
+            lines[0].contains("c.toml:2:11: server.listen: port 70000"),
+            "{e}"
+        );
+        assert!(
+            lines[1].contains("c.toml:4:19: upstream.connect_timeout"),
+            "{e}"
+        );
+        assert!(
+            lines[2].contains("upstream.response_timeout: must be greater than zero"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_are_all_reported_with_their_key() {
+        let e = errs(
+            "[server]\nlisen = 1\nmax_connections = \"many\"\nlisten = [\"127.0.0.1:70000\"]\n[upstream]\nconnect_timeout = 5\n",
+        );
+        let lines: Vec<_> = e.lines().collect();
+        assert_eq!(lines.len(), 4, "{e}");
+        assert!(
+            lines[0].starts_with("c.toml:2:1: server.lisen: unknown key"),
+            "{e}"
+        );
+        assert!(
+            lines[1].starts_with("c.toml:3:19: server.max_connections: invalid type"),
+            "{e}"
+        );
+        assert!(
+            lines[2].starts_with("c.toml:4:11: server.listen: port 70000"),
+            "{e}"
+        );
+        assert!(
+            lines[3].starts_with("c.toml:6:19: upstream.connect_timeout: invalid type"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn empty_listen_list() {
+        let e = errs("[server]\nlisten = []\n");
+        assert!(
+            e.contains("server.listen: needs at least one address"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn push_path_needs_channel() {
+        let e = errs("[[push]]\npath = \"/live\"\n");
+        assert!(e.contains("push.path"), "{e}");
+        let e = errs("[[push]]\npath = \"/a/{channel}\"\ntransports = [\"carrier-pigeon\"]\n");
+        assert!(e.contains("unknown transport"), "{e}");
+    }
+
+    #[test]
+    fn upstream_forms() {
+        assert_eq!(
+            parse_upstream("unix:/run/app.sock").unwrap(),
+            UpstreamAddr::Unix("/run/app.sock".into())
+        );
+        assert!(parse_upstream("https://x").is_err());
+        assert!(parse_upstream("http://127.0.0.1:99999").is_err());
+    }
+
+    #[test]
+    fn forward_auth_keys() {
+        let c = Config::from_toml(
+            "[[push]]\npath = \"/live/{channel}\"\nauth_request = \"/auth/check?x=1\"\n",
+            None,
+        )
+        .unwrap();
+        let fa = c.push[0].forward_auth.as_ref().unwrap();
+        assert_eq!(fa.path, "/auth/check?x=1");
+        assert_eq!(fa.timeout, Duration::from_secs(5), "default auth_timeout");
+        assert_eq!(fa.cache_ttl, None, "the cache is off by default");
+        assert!(Config::default().push[0].forward_auth.is_none());
+
+        let e = errs(
+            "[[push]]\npath = \"/a/{channel}\"\nauth_timeout = \"1s\"\nauth_cache_ttl = \"5s\"\n",
+        );
+        let lines: Vec<_> = e.lines().collect();
+        assert_eq!(lines.len(), 2, "{e}");
+        assert!(
+            lines[0]
+                .starts_with("c.toml:3:16: push.auth_timeout: only applies with push.auth_request"),
+            "{e}"
+        );
+        assert!(
+            lines[1].starts_with("c.toml:4:18: push.auth_cache_ttl"),
+            "{e}"
+        );
+        let e = errs("[[push]]\npath = \"/a/{channel}\"\nauth_request = \"auth check\"\nauth_cache_ttl = \"0s\"\nauth_timeout = \"soon\"\n");
+        let lines: Vec<_> = e.lines().collect();
+        assert_eq!(lines.len(), 3, "{e}");
+        assert!(
+            lines[0].starts_with("c.toml:3:16: push.auth_request: is a path"),
+            "{e}"
+        );
+        assert!(
+            lines[1].starts_with("c.toml:4:18: push.auth_cache_ttl: must be greater than zero"),
+            "{e}"
+        );
+        assert!(
+            lines[2].starts_with("c.toml:5:16: push.auth_timeout"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn buffer_override_by_channel_prefix() {
+        let c = Config::from_toml(
+            "[[push]]\npath = \"/live/{channel}\"\n[[push]]\npath = \"/chat/{channel}\"\nchannel_prefix = \"chat:\"\nbuffer_messages = 5\n",
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.buffer_policy_for("chat:x").buffer_messages, 5);
+        assert_eq!(c.buffer_policy_for("news").buffer_messages, 100);
+    }
+}
