@@ -138,10 +138,25 @@ stop_tree() { # pid [signal]: signal the tree, wait, then SIGKILL what is left
 
 SERVER_PID=""
 EXTRA_PID=""
+UPSTREAM_PID=""
+ALL_PORTS="18080 18081 18082 18090 18180 18181 18280 18281 18282 18283 18284 18290 18380"
+
+ports_free() { # a process left on one of our ports would answer in place of the server under test
+    local p busy=""
+    for p in $ALL_PORTS; do
+        if [[ $p == 18090 && -n "$UPSTREAM_PID" ]]; then continue; fi # our own upstream
+        if port_open "$p"; then busy+=" $p"; fi
+    done
+    if [[ -n "$busy" ]]; then
+        log "ports in use:$busy — stop whatever listens there (ss -ltnp) and rerun"
+        return 1
+    fi
+}
 
 start_server() { # name
     local name=$1 dir=$RUN_DIR/$1
     mkdir -p "$dir"
+    ports_free || exit 1
     case $name in
     crier)
         sed -e "s|@RUN@|$dir|g; s|@BUFFER@|$BUFFER|g; s|^worker_threads = .*|worker_threads = $WORKERS|" \
@@ -187,10 +202,9 @@ stop_server() {
     if [[ -n "$EXTRA_PID" ]]; then stop_tree "$EXTRA_PID"; fi
     SERVER_PID="" EXTRA_PID=""
     local p
-    for p in 18080 18081 18180 18181 18280 18281 18290 18380; do wait_port_closed "$p" || true; done
+    for p in $ALL_PORTS; do [[ $p == 18090 ]] || wait_port_closed "$p" || true; done
 }
 
-UPSTREAM_PID=""
 cleanup() {
     stop_server
     if [[ -n "$UPSTREAM_PID" ]]; then stop_tree "$UPSTREAM_PID"; fi
@@ -271,6 +285,7 @@ run_proxy() { # rep
     done
 }
 
+ports_free || exit 1
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 START_TS=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 log "load average at start: $LOAD_START"
