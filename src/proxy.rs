@@ -556,7 +556,7 @@ mod tests {
         h.append("x-forwarded-for", HeaderValue::from_static("10.0.0.2"));
         h.insert(header::HOST, HeaderValue::from_static("app.example"));
         let conn = ConnInfo {
-            peer: "192.0.2.7:5555".parse().unwrap(),
+            peer: "192.0.2.7:5555".parse().expect("test setup"),
             tls: true,
         };
         add_forwarded_headers(&mut h, &conn);

@@ -80,7 +80,7 @@ mod tests {
     use super::*;
 
     fn router(toml: &str) -> Router {
-        Router::new(&Config::from_toml(toml, None).unwrap())
+        Router::new(&Config::from_toml(toml, None).expect("test setup"))
     }
 
     #[test]

@@ -116,21 +116,7 @@ impl Proc {
     }
 
     async fn metric(&self, sample: &str) -> Option<f64> {
-        let text = client()
-            .get(format!("http://{}/metrics", self.admin))
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
-        text.lines().find_map(|l| {
-            l.strip_prefix(sample)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
+        metric_at(self.admin, sample).await
     }
 
     /// Waits for a log line containing `needle`.

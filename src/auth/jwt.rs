@@ -292,14 +292,16 @@ mod tests {
 
     #[test]
     fn both_claim_spellings() {
-        let flat: Claims = serde_json::from_str(r#"{"crier.subscribe":["a","b.*"]}"#).unwrap();
+        let flat: Claims =
+            serde_json::from_str(r#"{"crier.subscribe":["a","b.*"]}"#).expect("test setup");
         assert!(flat.allows("a") && flat.allows("b.1") && !flat.allows("c"));
         let nested: Claims =
-            serde_json::from_str(r#"{"crier":{"subscribe":["orders.*"]}}"#).unwrap();
+            serde_json::from_str(r#"{"crier":{"subscribe":["orders.*"]}}"#).expect("test setup");
         assert!(nested.allows("orders.7") && !nested.allows("orders"));
-        let none: Claims = serde_json::from_str(r#"{"sub":"u1"}"#).unwrap();
+        let none: Claims = serde_json::from_str(r#"{"sub":"u1"}"#).expect("test setup");
         assert!(!none.allows("a"));
-        let wrong_shape: Claims = serde_json::from_str(r#"{"crier.subscribe":"*"}"#).unwrap();
+        let wrong_shape: Claims =
+            serde_json::from_str(r#"{"crier.subscribe":"*"}"#).expect("test setup");
         assert!(!wrong_shape.allows("a"), "a string is not a list");
     }
 }

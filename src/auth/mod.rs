@@ -337,16 +337,16 @@ mod tests {
 
     #[test]
     fn publish_token_compare() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test setup");
         let p = dir.path().join("t");
-        std::fs::write(&p, "0123456789abcdef0123\n").unwrap();
-        let t = PublishToken::load(&p).unwrap();
+        std::fs::write(&p, "0123456789abcdef0123\n").expect("test setup");
+        let t = PublishToken::load(&p).expect("test setup");
         assert!(t.matches(b"0123456789abcdef0123"));
         assert!(!t.matches(b"0123456789abcdef012"));
         assert!(!t.matches(b""));
-        std::fs::write(&p, "short\n").unwrap();
+        std::fs::write(&p, "short\n").expect("test setup");
         assert!(PublishToken::load(&p).unwrap_err().contains("at least 16"));
-        std::fs::write(&p, "\n").unwrap();
+        std::fs::write(&p, "\n").expect("test setup");
         assert!(PublishToken::load(&p).unwrap_err().contains("empty"));
         assert!(format!("{t:?}").contains(".."));
     }

@@ -378,7 +378,10 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         let c = Config::default();
-        assert_eq!(c.server.listen, vec!["127.0.0.1:8080".parse().unwrap()]);
+        assert_eq!(
+            c.server.listen,
+            vec!["127.0.0.1:8080".parse().expect("test setup")]
+        );
         assert_eq!(c.push.len(), 1);
         assert_eq!(c.push[0].prefix, "/live/");
         assert_eq!(c.channels.buffer.buffer_messages, 100);
@@ -387,7 +390,7 @@ mod tests {
 
     #[test]
     fn shipped_example_is_the_defaults() {
-        let c = Config::from_toml(include_str!("../../conf/crier.toml"), None).unwrap();
+        let c = Config::from_toml(include_str!("../../conf/crier.toml"), None).expect("test setup");
         let d = Config::default();
         assert_eq!(c.server.listen, d.server.listen);
         assert_eq!(c.upstream.url, d.upstream.url);
@@ -402,15 +405,24 @@ mod tests {
 
     #[test]
     fn durations_and_sizes() {
-        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
-        assert_eq!(parse_duration("15s").unwrap(), Duration::from_secs(15));
-        assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
+        assert_eq!(
+            parse_duration("250ms").expect("test setup"),
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            parse_duration("15s").expect("test setup"),
+            Duration::from_secs(15)
+        );
+        assert_eq!(
+            parse_duration("10m").expect("test setup"),
+            Duration::from_secs(600)
+        );
         assert!(parse_duration("-5s").unwrap_err().contains("negative"));
         assert!(parse_duration("5").unwrap_err().contains("unit"));
         assert!(parse_duration("5 fortnights").is_err());
-        assert_eq!(parse_size("64KiB").unwrap(), 65536);
-        assert_eq!(parse_size("1MiB").unwrap(), 1 << 20);
-        assert_eq!(parse_size("100").unwrap(), 100);
+        assert_eq!(parse_size("64KiB").expect("test setup"), 65536);
+        assert_eq!(parse_size("1MiB").expect("test setup"), 1 << 20);
+        assert_eq!(parse_size("100").expect("test setup"), 100);
         assert!(parse_size("12XB").is_err());
     }
 
@@ -493,7 +505,7 @@ mod tests {
     #[test]
     fn upstream_forms() {
         assert_eq!(
-            parse_upstream("unix:/run/app.sock").unwrap(),
+            parse_upstream("unix:/run/app.sock").expect("test setup"),
             UpstreamAddr::Unix("/run/app.sock".into())
         );
         assert!(parse_upstream("https://x").is_err());
@@ -506,8 +518,8 @@ mod tests {
             "[[push]]\npath = \"/live/{channel}\"\nauth_request = \"/auth/check?x=1\"\n",
             None,
         )
-        .unwrap();
-        let fa = c.push[0].forward_auth.as_ref().unwrap();
+        .expect("test setup");
+        let fa = c.push[0].forward_auth.as_ref().expect("test setup");
         assert_eq!(fa.path, "/auth/check?x=1");
         assert_eq!(fa.timeout, Duration::from_secs(5), "default auth_timeout");
         assert_eq!(fa.cache_ttl, None, "the cache is off by default");
@@ -550,7 +562,7 @@ mod tests {
             "[[push]]\npath = \"/live/{channel}\"\n[[push]]\npath = \"/chat/{channel}\"\nchannel_prefix = \"chat:\"\nbuffer_messages = 5\n",
             None,
         )
-        .unwrap();
+        .expect("test setup");
         assert_eq!(c.buffer_policy_for("chat:x").buffer_messages, 5);
         assert_eq!(c.buffer_policy_for("news").buffer_messages, 100);
     }

@@ -344,7 +344,7 @@ mod tests {
             Bytes::from_static(body.as_bytes()),
             Instant::now(),
         )
-        .unwrap()
+        .expect("test setup")
         .id
     }
 

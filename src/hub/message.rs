@@ -124,7 +124,7 @@ mod tests {
 
     #[test]
     fn ids_parse_and_print() {
-        let id: MessageId = "1732400000123-7".parse().unwrap();
+        let id: MessageId = "1732400000123-7".parse().expect("test setup");
         assert_eq!(
             id,
             MessageId {

@@ -403,19 +403,21 @@ mod tests {
     #[test]
     fn idle_channels_are_freed() {
         let h = hub(10);
-        let s = h.subscribe("a", Transport::Sse, Start::Newest).unwrap();
+        let s = h
+            .subscribe("a", Transport::Sse, Start::Newest)
+            .expect("test setup");
         assert_eq!(h.channel_count(), 1);
         drop(s);
         assert_eq!(h.channel_count(), 0, "no subscriber and nothing buffered");
-        h.publish("b", msg("x")).unwrap();
+        h.publish("b", msg("x")).expect("test setup");
         assert_eq!(h.channel_count(), 1, "buffered messages keep it");
     }
 
     #[test]
     fn max_channels() {
         let h = hub(2);
-        h.publish("a", msg("x")).unwrap();
-        h.publish("b", msg("x")).unwrap();
+        h.publish("a", msg("x")).expect("test setup");
+        h.publish("b", msg("x")).expect("test setup");
         assert_eq!(
             h.publish("c", msg("x")).unwrap_err(),
             HubError::TooManyChannels(2)
@@ -432,10 +434,10 @@ mod tests {
         let mut subs: Vec<_> = (0..100)
             .map(|_| {
                 h.subscribe("a", Transport::WebSocket, Start::Newest)
-                    .unwrap()
+                    .expect("test setup")
             })
             .collect();
-        let r = h.publish("a", msg("hello")).unwrap();
+        let r = h.publish("a", msg("hello")).expect("test setup");
         assert_eq!(r.subscribers, 100);
         let mut ptrs = Vec::new();
         for s in &mut subs {
@@ -449,18 +451,33 @@ mod tests {
     #[test]
     fn a_freed_channel_made_again_keeps_ids_increasing_and_reports_gaps() {
         let h = hub(10);
-        let first: MessageId = h.publish("a", msg("1")).unwrap().id.parse().unwrap();
-        let last: MessageId = h.publish("a", msg("2")).unwrap().id.parse().unwrap();
-        h.delete("a").unwrap();
-        let again: MessageId = h.publish("a", msg("3")).unwrap().id.parse().unwrap();
+        let first: MessageId = h
+            .publish("a", msg("1"))
+            .expect("test setup")
+            .id
+            .parse()
+            .expect("test setup");
+        let last: MessageId = h
+            .publish("a", msg("2"))
+            .expect("test setup")
+            .id
+            .parse()
+            .expect("test setup");
+        h.delete("a").expect("test setup");
+        let again: MessageId = h
+            .publish("a", msg("3"))
+            .expect("test setup")
+            .id
+            .parse()
+            .expect("test setup");
         assert!(again > last, "ids keep increasing across incarnations");
         let from_first = h
             .subscribe("a", Transport::Sse, Start::After(first))
-            .unwrap();
+            .expect("test setup");
         assert!(from_first.gap(), "message 2 is gone");
         let from_last = h
             .subscribe("a", Transport::Sse, Start::After(last))
-            .unwrap();
+            .expect("test setup");
         assert!(!from_last.gap(), "nothing after `last` was lost");
     }
 
@@ -470,23 +487,25 @@ mod tests {
         let old = MessageId { ms: 1_000, seq: 0 };
         let s = h
             .subscribe("new", Transport::LongPoll, Start::After(old))
-            .unwrap();
+            .expect("test setup");
         assert!(s.gap(), "what happened before the restart cannot be known");
         let head = s.channel().head_id();
         drop(s);
         let s = h
             .subscribe("new", Transport::LongPoll, Start::After(head))
-            .unwrap();
+            .expect("test setup");
         assert!(!s.gap(), "the idle channel's head is a clean position");
     }
 
     #[test]
     fn delete_then_recreate_is_a_new_channel() {
         let h = hub(10);
-        let mut old = h.subscribe("a", Transport::Sse, Start::Newest).unwrap();
-        h.delete("a").unwrap();
+        let mut old = h
+            .subscribe("a", Transport::Sse, Start::Newest)
+            .expect("test setup");
+        h.delete("a").expect("test setup");
         assert_eq!(h.delete("a").unwrap_err(), HubError::NoSuchChannel);
-        h.publish("a", msg("new")).unwrap();
+        h.publish("a", msg("new")).expect("test setup");
         assert_eq!(
             old.try_read(&mut Vec::new(), 10),
             Read::Closed(CloseReason::Deleted)

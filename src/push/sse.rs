@@ -354,7 +354,7 @@ mod tests {
             Bytes::from_static(body),
             std::time::Instant::now(),
         );
-        String::from_utf8(encode_sse_frame(&m).to_vec()).unwrap()
+        String::from_utf8(encode_sse_frame(&m).to_vec()).expect("test setup")
     }
 
     #[test]

@@ -244,13 +244,15 @@ mod tests {
     #[test]
     fn json_envelope() {
         let v: serde_json::Value =
-            serde_json::from_slice(&encode_json_envelope(&msg("text/plain", b"a\nb"))).unwrap();
+            serde_json::from_slice(&encode_json_envelope(&msg("text/plain", b"a\nb")))
+                .expect("test setup");
         assert_eq!(
             v,
             serde_json::json!({"id": "1-2", "event": "ev", "data": "a\nb"})
         );
         let v: serde_json::Value =
-            serde_json::from_slice(&encode_json_envelope(&msg("x/y", b"\xff\x00"))).unwrap();
+            serde_json::from_slice(&encode_json_envelope(&msg("x/y", b"\xff\x00")))
+                .expect("test setup");
         assert_eq!(v["data_b64"], "/wA=");
     }
 }

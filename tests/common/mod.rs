@@ -642,8 +642,13 @@ pub async fn eventually(within: Duration, mut check: impl AsyncFnMut() -> bool) 
 
 /// Reads one metric sample (exact name with labels) from `/metrics`.
 pub async fn metric(c: &Crier, sample: &str) -> Option<f64> {
+    metric_at(c.admin, sample).await
+}
+
+/// Reads one metric sample from the `/metrics` of the admin listener at `admin`.
+pub async fn metric_at(admin: SocketAddr, sample: &str) -> Option<f64> {
     let text = client()
-        .get(c.admin_url("/metrics"))
+        .get(format!("http://{admin}/metrics"))
         .send()
         .await
         .ok()?
