@@ -119,7 +119,8 @@ async fn publish(hub: &Hub, channel: &str, max: usize, req: Request<Incoming>) -
     if declared.is_some_and(|n| n > max as u64) {
         return too_big();
     }
-    let body = match Limited::new(req.into_body(), max).collect().await {
+    let (parts, body) = req.into_parts();
+    let body = match Limited::new(body, max).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => return too_big(),
         Err(e) => {
@@ -133,6 +134,7 @@ async fn publish(hub: &Hub, channel: &str, max: usize, req: Request<Incoming>) -
         event,
         content_type,
         body,
+        headers: parts.headers,
     };
     match hub.publish(channel, msg) {
         Ok(receipt) => response::json(StatusCode::CREATED, &receipt),

@@ -149,6 +149,7 @@ impl Channel {
         content_type: http::HeaderValue,
         body: bytes::Bytes,
         now: Instant,
+        on_append: impl FnOnce(&Arc<Message>),
     ) -> Option<AppendOutcome> {
         let outcome = {
             let mut st = self.state.write();
@@ -157,6 +158,8 @@ impl Channel {
             }
             let id = MessageId::next_after(Some(st.last_id.unwrap_or(st.floor)), unix_millis());
             let msg = Arc::new(Message::new(id, event, content_type, body, now));
+            // Under the lock: observers see one channel's messages in id order.
+            on_append(&msg);
             st.messages.push_back(msg);
             st.last_id = Some(id);
             st.published += 1;
@@ -343,6 +346,7 @@ mod tests {
             http::HeaderValue::from_static("text/plain"),
             Bytes::from_static(body.as_bytes()),
             Instant::now(),
+            |_| {},
         )
         .expect("test setup")
         .id

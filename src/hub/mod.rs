@@ -6,8 +6,10 @@
 
 mod channel;
 mod message;
+mod observer;
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,6 +19,9 @@ use parking_lot::{Mutex, RwLock};
 
 pub use channel::{Channel, ChannelStats, CloseReason, Read, Start, StartPosition};
 pub use message::{BadMessageId, Message, MessageId, ENCODING_SLOTS};
+pub use observer::{HubObserver, Published, SubscriberEvent};
+
+use observer::Observers;
 
 use crate::config::{Config, Transport};
 use crate::metrics::Metrics;
@@ -45,6 +50,8 @@ pub struct NewMessage {
     pub event: Option<Box<str>>,
     pub content_type: http::HeaderValue,
     pub body: Bytes,
+    /// The publish request's headers, for observers (empty when not published over HTTP).
+    pub headers: http::HeaderMap,
 }
 
 /// A cheap handle to the shared hub.
@@ -68,6 +75,8 @@ struct Inner {
     /// again continues above it and a resume from an older id reports the gap. Bounded by
     /// `max_channels` and a day (see `sweep`).
     tombstones: Mutex<HashMap<Arc<str>, (MessageId, Instant)>>,
+    /// Webhooks and Web Push; usually empty, and then publishing costs one read lock more.
+    observers: RwLock<Observers>,
 }
 
 /// How long a freed channel's last id is remembered for gap reporting.
@@ -83,6 +92,7 @@ impl Hub {
                 metrics,
                 floor: process_floor(),
                 tombstones: Mutex::new(HashMap::new()),
+                observers: RwLock::new(Observers::default()),
             }),
         }
     }
@@ -93,6 +103,18 @@ impl Hub {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.inner.metrics
+    }
+
+    /// Installs (or with None removes) the observer registered under `key`.
+    pub fn set_observer(&self, key: &'static str, observer: Option<Arc<dyn HubObserver>>) {
+        let mut obs = self.inner.observers.write();
+        *obs = obs.with(key, observer);
+    }
+
+    /// The observers, or None when there are none (the common case costs no refcount).
+    fn observers(&self) -> Option<Observers> {
+        let obs = self.inner.observers.read();
+        (!obs.is_empty()).then(|| obs.clone())
     }
 
     /// Finds a channel, creating it when absent (bounded by `channels.max_channels`).
@@ -146,6 +168,7 @@ impl Hub {
     /// is stored once; nothing here depends on the number of subscribers.
     pub fn publish(&self, name: &str, msg: NewMessage) -> Result<PublishReceipt, HubError> {
         let now = Instant::now();
+        let observers = self.observers();
         loop {
             let chan = self.get_or_create(name, None)?;
             let Some(out) = chan.append(
@@ -153,6 +176,15 @@ impl Hub {
                 msg.content_type.clone(),
                 msg.body.clone(),
                 now,
+                |m| {
+                    let Some(obs) = &observers else { return };
+                    let p = Published {
+                        channel: name,
+                        message: m,
+                        headers: &msg.headers,
+                    };
+                    obs.iter().for_each(|o| o.message(&p));
+                },
             ) else {
                 continue; // freed while we looked it up: take the new one
             };
@@ -167,20 +199,32 @@ impl Hub {
     }
 
     /// Starts a subscription. `from` is where it starts; the returned position says whether
-    /// messages after the requested id were already gone (`gap`).
+    /// messages after the requested id were already gone (`gap`). `remote` is the client's
+    /// address, for observers.
     pub fn subscribe(
         &self,
         name: &str,
         transport: Transport,
         from: Start,
+        remote: Option<SocketAddr>,
     ) -> Result<Subscription, HubError> {
         let chan = self.get_or_create(name, Some(transport))?;
         let start = chan.start(from);
         self.inner.metrics.subscriber_connected(transport);
+        if let Some(obs) = self.observers() {
+            let e = SubscriberEvent {
+                channel: &chan.name,
+                transport,
+                subscribers: chan.subscriber_count(),
+                remote,
+            };
+            obs.iter().for_each(|o| o.subscribed(&e));
+        }
         Ok(Subscription {
             hub: self.clone(),
             channel: chan,
             transport,
+            remote,
             next_seq: start.next_seq,
             gap: start.gap,
         })
@@ -197,6 +241,9 @@ impl Hub {
         chan.mark_removed();
         chan.close(CloseReason::Deleted);
         self.bury(&chan);
+        if let Some(obs) = self.observers() {
+            obs.iter().for_each(|o| o.channel_deleted(name));
+        }
         Ok(())
     }
 
@@ -288,9 +335,19 @@ impl Hub {
         }
     }
 
-    fn leave(&self, chan: &Arc<Channel>, t: Transport) {
+    fn leave(&self, chan: &Arc<Channel>, t: Transport, remote: Option<SocketAddr>) {
         self.inner.metrics.subscriber_disconnected(t);
-        if chan.remove_subscriber(t) == 0 {
+        let left = chan.remove_subscriber(t);
+        if let Some(obs) = self.observers() {
+            let e = SubscriberEvent {
+                channel: &chan.name,
+                transport: t,
+                subscribers: left,
+                remote,
+            };
+            obs.iter().for_each(|o| o.unsubscribed(&e));
+        }
+        if left == 0 {
             let mut map = self.inner.channels.write();
             self.remove_if_idle(&mut map, chan);
             self.inner.metrics.channels.set(map.len() as i64);
@@ -315,6 +372,7 @@ pub struct Subscription {
     hub: Hub,
     channel: Arc<Channel>,
     transport: Transport,
+    remote: Option<SocketAddr>,
     next_seq: u64,
     gap: bool,
 }
@@ -378,7 +436,7 @@ impl Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        self.hub.leave(&self.channel, self.transport);
+        self.hub.leave(&self.channel, self.transport, self.remote);
     }
 }
 
@@ -397,6 +455,7 @@ mod tests {
             event: None,
             content_type: http::HeaderValue::from_static("text/plain"),
             body: Bytes::from_static(b.as_bytes()),
+            headers: http::HeaderMap::new(),
         }
     }
 
@@ -404,7 +463,7 @@ mod tests {
     fn idle_channels_are_freed() {
         let h = hub(10);
         let s = h
-            .subscribe("a", Transport::Sse, Start::Newest)
+            .subscribe("a", Transport::Sse, Start::Newest, None)
             .expect("test setup");
         assert_eq!(h.channel_count(), 1);
         drop(s);
@@ -433,7 +492,7 @@ mod tests {
         let h = hub(10);
         let mut subs: Vec<_> = (0..100)
             .map(|_| {
-                h.subscribe("a", Transport::WebSocket, Start::Newest)
+                h.subscribe("a", Transport::WebSocket, Start::Newest, None)
                     .expect("test setup")
             })
             .collect();
@@ -472,11 +531,11 @@ mod tests {
             .expect("test setup");
         assert!(again > last, "ids keep increasing across incarnations");
         let from_first = h
-            .subscribe("a", Transport::Sse, Start::After(first))
+            .subscribe("a", Transport::Sse, Start::After(first), None)
             .expect("test setup");
         assert!(from_first.gap(), "message 2 is gone");
         let from_last = h
-            .subscribe("a", Transport::Sse, Start::After(last))
+            .subscribe("a", Transport::Sse, Start::After(last), None)
             .expect("test setup");
         assert!(!from_last.gap(), "nothing after `last` was lost");
     }
@@ -486,13 +545,13 @@ mod tests {
         let h = hub(10);
         let old = MessageId { ms: 1_000, seq: 0 };
         let s = h
-            .subscribe("new", Transport::LongPoll, Start::After(old))
+            .subscribe("new", Transport::LongPoll, Start::After(old), None)
             .expect("test setup");
         assert!(s.gap(), "what happened before the restart cannot be known");
         let head = s.channel().head_id();
         drop(s);
         let s = h
-            .subscribe("new", Transport::LongPoll, Start::After(head))
+            .subscribe("new", Transport::LongPoll, Start::After(head), None)
             .expect("test setup");
         assert!(!s.gap(), "the idle channel's head is a clean position");
     }
@@ -501,7 +560,7 @@ mod tests {
     fn delete_then_recreate_is_a_new_channel() {
         let h = hub(10);
         let mut old = h
-            .subscribe("a", Transport::Sse, Start::Newest)
+            .subscribe("a", Transport::Sse, Start::Newest, None)
             .expect("test setup");
         h.delete("a").expect("test setup");
         assert_eq!(h.delete("a").unwrap_err(), HubError::NoSuchChannel);
@@ -515,6 +574,70 @@ mod tests {
             h.channel_count(),
             1,
             "dropping the old subscriber keeps the new channel"
+        );
+    }
+
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<String>>);
+
+    impl HubObserver for Recorder {
+        fn message(&self, m: &Published<'_>) {
+            let tag = m
+                .headers
+                .get("x-tag")
+                .map_or("", |v| v.to_str().unwrap_or(""));
+            self.0
+                .lock()
+                .push(format!("msg {} {} {}", m.channel, m.message.id.seq, tag));
+        }
+        fn subscribed(&self, e: &SubscriberEvent<'_>) {
+            self.0
+                .lock()
+                .push(format!("sub {} {}", e.channel, e.subscribers));
+        }
+        fn unsubscribed(&self, e: &SubscriberEvent<'_>) {
+            self.0
+                .lock()
+                .push(format!("unsub {} {}", e.channel, e.subscribers));
+        }
+        fn channel_deleted(&self, channel: &str) {
+            self.0.lock().push(format!("deleted {channel}"));
+        }
+    }
+
+    #[test]
+    fn observers_hear_every_event_once() {
+        let h = hub(10);
+        let rec = Arc::new(Recorder::default());
+        h.set_observer("test", Some(rec.clone()));
+        let a = h
+            .subscribe("a", Transport::Sse, Start::Newest, None)
+            .expect("test setup");
+        let b = h
+            .subscribe("a", Transport::WebSocket, Start::Newest, None)
+            .expect("test setup");
+        let mut m = msg("x");
+        m.headers
+            .insert("x-tag", http::HeaderValue::from_static("t1"));
+        h.publish("a", m).expect("test setup");
+        h.publish("a", msg("y")).expect("test setup");
+        drop(a);
+        h.delete("a").expect("test setup");
+        drop(b);
+        h.set_observer("test", None);
+        h.publish("a", msg("z")).expect("test setup");
+        let got = rec.0.lock().clone();
+        assert_eq!(
+            got,
+            [
+                "sub a 1",
+                "sub a 2",
+                "msg a 0 t1",
+                "msg a 1 ",
+                "unsub a 1",
+                "deleted a",
+                "unsub a 0",
+            ]
         );
     }
 }

@@ -6,6 +6,7 @@ pub mod longpoll;
 pub mod sse;
 pub mod ws;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::header::{self, HeaderMap, HeaderValue};
@@ -130,7 +131,10 @@ pub async fn serve(
         Ok(p) => p,
         Err(e) => return response::text(StatusCode::BAD_REQUEST, &e),
     };
-    let sub = match ctx.hub.subscribe(channel, transport, position.start(loc)) {
+    let sub = match ctx
+        .hub
+        .subscribe(channel, transport, position.start(loc), Some(ctx.conn.peer))
+    {
         Ok(s) => s,
         Err(e) => return hub_error(e),
     };
@@ -186,8 +190,9 @@ pub fn subscribe_fast_sse(
     hub: &Hub,
     channel: &str,
     req: FastSseRequest,
+    remote: SocketAddr,
 ) -> Result<FastSse, HubError> {
-    let sub = hub.subscribe(channel, Transport::Sse, req.start)?;
+    let sub = hub.subscribe(channel, Transport::Sse, req.start, Some(remote))?;
     Ok(FastSse {
         sub,
         cors: req.cors,

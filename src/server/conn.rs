@@ -221,7 +221,7 @@ async fn first_bytes(
         .await;
     }
     let (len, keepalive) = (sse.len, sse.location.keepalive);
-    let subscribed = push::subscribe_fast_sse(&state.hub, &sse.channel, checked);
+    let subscribed = push::subscribe_fast_sse(&state.hub, &sse.channel, checked, conn.peer);
     drop(sse);
     match subscribed {
         Ok(fast) => {
@@ -261,7 +261,7 @@ async fn guarded_fast_sse(
         .await;
     let answer = match checked_result {
         Err(denial) => denial.into_response(checked.cors.as_ref()),
-        Ok(()) => match push::subscribe_fast_sse(&state.hub, &sse.channel, checked) {
+        Ok(()) => match push::subscribe_fast_sse(&state.hub, &sse.channel, checked, conn.peer) {
             Ok(fast) => {
                 if stream.read_exact(&mut buf[..sse.len]).await.is_err() {
                     return FirstBytes::Nothing;
