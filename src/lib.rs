@@ -9,6 +9,7 @@ pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod demo;
+pub mod https_client;
 pub mod hub;
 pub mod metrics;
 pub mod proxy;
