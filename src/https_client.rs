@@ -112,20 +112,20 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("ca.pem");
         std::fs::write(&p, "not a certificate").expect("write");
-        let e = build(&ClientOptions {
+        let Err(e) = build(&ClientOptions {
             ca_file: Some(p.clone()),
             ..Default::default()
-        })
-        .err()
-        .expect("must fail");
+        }) else {
+            panic!("a file with no certificate must fail")
+        };
         assert!(e.to_string().contains("ca.pem"), "{e}");
         let missing = dir.path().join("missing.pem");
-        let e = build(&ClientOptions {
+        let Err(e) = build(&ClientOptions {
             ca_file: Some(missing),
             ..Default::default()
-        })
-        .err()
-        .expect("must fail");
+        }) else {
+            panic!("a missing file must fail")
+        };
         assert!(e.to_string().contains("missing.pem"), "{e}");
     }
 }
