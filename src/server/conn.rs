@@ -21,11 +21,12 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream, UnixListener};
 use tokio_util::sync::CancellationToken;
 
+use super::prefixed::Prefixed;
 use super::{Kind, Live, State};
 use crate::admin::{self, AdminView};
 use crate::auth::{Ask, Gatekeeper};
 use crate::config::{PushLocation, ServerConfig};
-use crate::proxy::ConnInfo;
+use crate::proxy::{h1, ConnInfo, Proxy};
 use crate::push::{self, PushContext};
 use crate::response::{self, Body};
 use crate::router::Route;
@@ -179,8 +180,16 @@ async fn serve_public(
             Box::pin(serve_h2(stream, svc, live, state.drain.clone())).await
         }
         FirstBytes::H1 => {
-            let svc = service(&state, Kind::Public, conn);
-            Box::pin(serve_h1(stream, svc, live, state.drain.clone())).await
+            // Boxed, like the other branches: an idle SSE connection's task must not carry
+            // the proxy's state in its size.
+            let st = state.clone();
+            let site = move || st.live.read().clone();
+            let served = Box::pin(h1::serve(&mut stream, site, &conn, &state.drain)).await;
+            if let h1::Served::Handoff(read) = served {
+                let svc = service(&state, Kind::Public, conn);
+                let io = Prefixed::new(read, stream);
+                Box::pin(serve_h1(io, svc, live, state.drain.clone())).await
+            }
         }
     }
     drop(guard);
@@ -586,4 +595,27 @@ fn refuse(stream: TcpStream, state: &State) {
     state.metrics.connections_refused.inc();
     const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 21\r\nConnection: close\r\nRetry-After: 1\r\n\r\ntoo many connections\n";
     let _ = stream.try_write(BUSY);
+}
+
+/// What the proxy fast path reads from the live config.
+impl h1::Site for Live {
+    fn proxy(&self) -> &Proxy {
+        &self.proxy
+    }
+
+    fn proxies(&self, path: &str) -> bool {
+        matches!(self.router.route(path), Route::Proxy)
+    }
+
+    fn header_timeout(&self) -> Duration {
+        self.http.header_timeout
+    }
+
+    fn max_header_bytes(&self) -> usize {
+        self.config.server.max_header_bytes
+    }
+
+    fn max_headers(&self) -> usize {
+        self.config.server.max_headers
+    }
 }

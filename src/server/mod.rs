@@ -6,6 +6,7 @@
 //! [`ServerHandle`] says stop, then drains.
 
 mod conn;
+mod prefixed;
 
 use std::io;
 use std::net::SocketAddr;

@@ -24,6 +24,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpStream, UnixStream};
 use tokio_util::task::TaskTracker;
 
+pub mod h1;
+
 use crate::config::{UpstreamAddr, UpstreamConfig};
 use crate::metrics::Metrics;
 use crate::response::{self, Body, BoxError};
@@ -54,6 +56,8 @@ pub struct Proxy {
     metrics: Arc<Metrics>,
     /// Tunnelled WebSocket connections, so shutdown can wait for them within its deadline.
     tunnels: TaskTracker,
+    /// Raw upstream connections of the HTTP/1.1 fast path ([`h1`]).
+    fast: h1::Pool,
 }
 
 impl Proxy {
@@ -65,6 +69,7 @@ impl Proxy {
             response_timeout: cfg.response_timeout,
             metrics,
             tunnels,
+            fast: h1::Pool::new(cfg),
         }
     }
 
