@@ -84,6 +84,11 @@ fn unix_now() -> u64 {
 
 impl Receiver {
     async fn start() -> Receiver {
+        Self::start_with(None).await
+    }
+
+    /// With `tls`, the receiver speaks HTTPS (HTTP/1.1).
+    async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> Receiver {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind receiver");
@@ -99,14 +104,23 @@ impl Receiver {
                     continue;
                 };
                 let rr = rr.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
                         let rr = rr.clone();
                         async move { Ok::<_, Infallible>(rr.handle(req).await) }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(s), svc)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        None => {
+                            let _ = http.serve_connection(TokioIo::new(s), svc).await;
+                        }
+                        Some(acceptor) => {
+                            if let Ok(s) = acceptor.accept(s).await {
+                                let _ = http.serve_connection(TokioIo::new(s), svc).await;
+                            }
+                        }
+                    }
                 });
             }
         });
@@ -581,4 +595,141 @@ async fn channel_delete_and_shutdown_send_their_events_before_exit() {
     let left = of_type(&hits, "unsubscribe");
     assert_eq!(left.len(), 2, "{hits:?}");
     assert_eq!(left[1]["channel"], "stay");
+}
+
+#[tokio::test]
+async fn a_webhook_keeping_its_name_keeps_its_queue_across_reload() {
+    let rx = Receiver::start().await;
+    // Slow answers: events pile up in the queue while the config is reloaded.
+    rx.script(std::iter::repeat_n(
+        Reply {
+            status: 200,
+            delay: Duration::from_millis(100),
+            retry_after: None,
+        },
+        20,
+    ));
+    let (c, up, dir) = start(&rx, "name = \"kept\"\nretry = [\"50ms\"]").await;
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        ids.push(c.publish("a", format!("{i}")).await);
+    }
+    rx.wait_for(1, Duration::from_secs(5)).await;
+    let toml = base_config(
+        &up.url(),
+        &c.publish_unix,
+        &webhook_toml(
+            &dir,
+            &rx.url("/hook"),
+            "name = \"kept\"\nretry = [\"50ms\"]",
+        ),
+    );
+    c.handle
+        .reload(crier::Config::from_toml(&toml, None).expect("config"))
+        .expect("reload");
+    ids.push(c.publish("a", "after").await);
+    let ok = eventually(Duration::from_secs(15), async || {
+        let mut seen: Vec<String> = Vec::new();
+        for h in rx.hits() {
+            let id = h.json["data"]["id"].as_str().unwrap_or("").to_string();
+            if seen.last() != Some(&id) {
+                seen.push(id);
+            }
+        }
+        seen == ids
+    })
+    .await;
+    // An attempt cut by the reload is sent again (at least once): consecutive repeats only.
+    assert!(
+        ok,
+        "every event once, in order, across the reload: {:?}",
+        rx.hits()
+            .iter()
+            .map(|h| h.json["data"]["body"].clone())
+            .collect::<Vec<_>>()
+    );
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn https_to_an_endpoint_signed_by_a_private_ca() {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![ck.cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::try_from(ck.signing_key.serialize_der())
+                .expect("key"),
+        )
+        .expect("server config");
+    let rx = Receiver::start_with(Some(tokio_rustls::TlsAcceptor::from(Arc::new(server)))).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, ck.cert.pem()).expect("write ca");
+    let url = format!("https://localhost:{}/hook", rx.addr.port());
+    let hooks = format!(
+        "{}{}",
+        webhook_toml(
+            &dir,
+            &url,
+            &format!("name = \"private\"\nca_file = \"{}\"", ca.display())
+        ),
+        webhook_toml(&dir, &url, "name = \"untrusting\"\nretry = []"),
+    );
+    let up = Upstream::start().await;
+    let c = Crier::start(&up.url(), &hooks).await;
+    c.publish("a", "over tls").await;
+    let hits = rx.wait_for(1, Duration::from_secs(10)).await;
+    assert!(hits[0].signed);
+    assert_eq!(hits[0].json["data"]["body"], "over tls");
+    // Without the CA the certificate is not trusted: the attempt fails, nothing arrives.
+    assert!(
+        eventually(Duration::from_secs(10), async || {
+            webhook_metric(&c, "untrusting", "failed").await == 1.0
+        })
+        .await
+    );
+    assert_eq!(rx.hits().len(), 1);
+    let status: serde_json::Value = client()
+        .get(c.admin_url("/webhooks"))
+        .send()
+        .await
+        .expect("admin")
+        .json()
+        .await
+        .expect("json");
+    let err = status["webhooks"][1]["last_error"].as_str().unwrap_or("");
+    assert!(err.contains("certificate"), "{status}");
+    c.shutdown().await;
+}
+
+#[test]
+fn crier_check_names_key_and_line_of_webhook_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("bad.secret"), "s3cret\n").expect("write");
+    std::fs::write(
+        dir.path().join("crier.toml"),
+        "[[webhook]]\nurl = \"https://a.example/h\"\nsecret_file = \"bad.secret\"\nevents = [\"message\", \"published\"]\n\
+         [[webhook]]\nurl = \"https://b.example/h\"\nsecret_file = \"missing.secret\"\n",
+    )
+    .expect("write");
+    let out = common::process::run_cli(&["check", "--config", "crier.toml"], dir.path());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("crier.toml:3:15: webhook.secret_file: bad secret format"),
+        "{err}"
+    );
+    assert!(
+        err.contains("crier.toml:4:22: webhook.events: unknown event \"published\""),
+        "{err}"
+    );
+    assert!(
+        err.contains("crier.toml:7:15: webhook.secret_file:")
+            && err.contains("missing.secret: cannot read"),
+        "{err}"
+    );
 }
