@@ -328,3 +328,34 @@ async fn verify_none_publishes_from_loopback() {
     assert_ne!(r.status(), StatusCode::ACCEPTED);
     s.c.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_delivery_sent_twenty_times_at_once_is_published_once() {
+    let s = start().await;
+    let c = &s.c;
+    let body = r#"{"n":1}"#;
+    let h = standard_headers("msg_concurrent", now(), body);
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let (url, h) = (c.url("/hooks/std"), h.clone());
+            tokio::spawn(async move {
+                let mut req = client().post(url).body(body);
+                for (k, v) in &h {
+                    req = req.header(k.as_str(), v.as_str());
+                }
+                let r = req.send().await.expect("post");
+                assert_eq!(r.status(), StatusCode::ACCEPTED);
+                let v: serde_json::Value = r.json().await.expect("json");
+                v["id"].as_str().expect("id").to_string()
+            })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.push(t.await.expect("task"));
+    }
+    ids.dedup();
+    assert_eq!(ids.len(), 1, "every copy answered with the one message id");
+    assert_eq!(published(c, "billing").await, 1);
+    s.c.shutdown().await;
+}

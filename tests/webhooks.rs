@@ -733,3 +733,85 @@ fn crier_check_names_key_and_line_of_webhook_errors() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn unsubscribe_on_clean_close_and_long_poll_timeout_per_transport() {
+    let rx = Receiver::start().await;
+    let (c, _up, _dir) = start(
+        &rx,
+        "events = [\"subscribe\", \"unsubscribe\"]\n[[push]]\npath = \"/live/{channel}\"\nlongpoll_timeout = \"200ms\"",
+    )
+    .await;
+    // WebSocket: a clean close handshake.
+    let (mut ws, _) = ws_connect(&c.ws_url("/live/w"), &[]).await;
+    rx.wait_for(1, Duration::from_secs(10)).await;
+    futures_util::SinkExt::close(&mut ws).await.expect("close");
+    rx.wait_for(2, Duration::from_secs(10)).await;
+    // SSE: the client goes away (FIN).
+    let sse = SseClient::connect(&c.url("/live/s"), None).await;
+    rx.wait_for(3, Duration::from_secs(10)).await;
+    drop(sse);
+    rx.wait_for(4, Duration::from_secs(10)).await;
+    // Long-poll: nothing arrives within longpoll_timeout (304).
+    let p = longpoll(&client(), &c.url("/live/l"), None).await;
+    assert_eq!(p.status, StatusCode::NOT_MODIFIED);
+    let hits = rx.wait_for(6, Duration::from_secs(10)).await;
+    let seen: Vec<(String, String, String)> = hits
+        .iter()
+        .map(|h| {
+            (
+                h.json["type"].as_str().unwrap_or("").to_string(),
+                h.json["data"]["transport"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string(),
+                h.json["data"]["channel"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    let want = [
+        ("subscribe", "websocket", "w"),
+        ("unsubscribe", "websocket", "w"),
+        ("subscribe", "sse", "s"),
+        ("unsubscribe", "sse", "s"),
+        ("subscribe", "longpoll", "l"),
+        ("unsubscribe", "longpoll", "l"),
+    ]
+    .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()));
+    assert_eq!(seen, want);
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn reload_without_the_webhook_stops_it() {
+    let rx = Receiver::start().await;
+    let (c, up, _dir) = start(&rx, "name = \"old\"").await;
+    c.publish("a", "1").await;
+    rx.wait_for(1, Duration::from_secs(10)).await;
+    let toml = base_config(&up.url(), &c.publish_unix, "");
+    c.handle
+        .reload(crier::Config::from_toml(&toml, None).expect("config"))
+        .expect("reload");
+    c.publish("a", "2").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(rx.hits().len(), 1, "no webhook after the reload");
+    let status: serde_json::Value = client()
+        .get(c.admin_url("/webhooks"))
+        .send()
+        .await
+        .expect("admin")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(status["webhooks"], serde_json::json!([]));
+    assert!(
+        eventually(Duration::from_secs(5), async || {
+            metric(&c, "crier_webhook_queue_depth{webhook=\"old\"}")
+                .await
+                .is_none()
+        })
+        .await,
+        "the removed webhook's series are gone"
+    );
+    c.shutdown().await;
+}
