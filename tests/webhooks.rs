@@ -815,3 +815,53 @@ async fn reload_without_the_webhook_stops_it() {
     );
     c.shutdown().await;
 }
+
+/// The drain on its own (`Server::run` calls it after the subscribers are gone): what can go out
+/// within the deadline goes; the rest is counted.
+#[tokio::test]
+async fn drain_delivers_within_the_deadline_and_counts_the_rest() {
+    let ok = Receiver::start().await;
+    let failing = Receiver::start().await;
+    failing.script(std::iter::repeat_n(status(500), 100));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml = format!(
+        "{}{}",
+        webhook_toml(&dir, &ok.url("/hook"), "name = \"ok\""),
+        webhook_toml(
+            &dir,
+            &failing.url("/hook"),
+            "name = \"failing\"\nretry = [\"1h\"]"
+        ),
+    );
+    let config = Arc::new(crier::Config::from_toml(&toml, None).expect("config"));
+    let metrics = Arc::new(crier::metrics::Metrics::new());
+    let hub = crier::hub::Hub::new(config.clone(), metrics.clone());
+    let hooks = crier::webhook::Webhooks::new(hub.clone(), metrics);
+    hooks.install(hooks.prepare(&config).expect("prepare"));
+    for i in 0..50 {
+        hub.publish(
+            "a",
+            crier::hub::NewMessage {
+                event: None,
+                content_type: http::HeaderValue::from_static("text/plain"),
+                body: Bytes::from(format!("{i}")),
+                headers: http::HeaderMap::new(),
+            },
+        )
+        .expect("publish");
+    }
+    let t = Instant::now();
+    let left = hooks.drain(Duration::from_millis(500)).await;
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "bounded by the deadline"
+    );
+    assert_eq!(
+        left, 50,
+        "the failing endpoint still held all 50 (one was in flight)"
+    );
+    assert_eq!(ok.hits().len(), 50, "the healthy endpoint got everything");
+    let n = failing.hits().len();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(failing.hits().len(), n, "nothing is sent after the drain");
+}
