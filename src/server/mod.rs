@@ -385,8 +385,10 @@ impl Server {
         let hub = Hub::new(config.clone(), metrics.clone());
         let live = Live::new(config.clone(), &metrics, &upgraded)?;
         let webhooks = crate::webhook::Webhooks::new(hub.clone(), metrics.clone());
-        webhooks.install(webhooks.prepare(&config)?);
+        let endpoints = webhooks.prepare(&config)?;
         let bound = bind_keys(listen_keys(&config).iter(), &config.publish)?;
+        // Delivery tasks start only once nothing else can fail.
+        webhooks.install(endpoints);
         let stop = CancellationToken::new();
         let finished = CancellationToken::new();
         let mut listening = Vec::new();

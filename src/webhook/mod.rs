@@ -303,3 +303,13 @@ impl Webhooks {
         serde_json::json!({ "webhooks": list })
     }
 }
+
+impl Drop for Webhooks {
+    /// A server dropped without running its drain (a failed start, a test) leaves no delivery
+    /// task behind.
+    fn drop(&mut self) {
+        for r in self.running.get_mut().iter() {
+            r.cancel();
+        }
+    }
+}

@@ -359,6 +359,11 @@ impl Running {
         Running { endpoint, task }
     }
 
+    /// Tells the task to stop, without waiting for it.
+    pub(super) fn cancel(&self) {
+        self.endpoint.stop.cancel();
+    }
+
     /// Stops the task (an event in flight goes back to the queue); returns what was left.
     pub(super) async fn stop(self) -> usize {
         self.endpoint.stop.cancel();
