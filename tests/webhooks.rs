@@ -865,3 +865,74 @@ async fn drain_delivers_within_the_deadline_and_counts_the_rest() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(failing.hits().len(), n, "nothing is sent after the drain");
 }
+
+/// The binary on SIGTERM: the drain gives up at `shutdown_timeout`, logs how many events were
+/// left, and exits 0.
+#[tokio::test]
+async fn sigterm_logs_the_undelivered_count_and_exits_zero() {
+    use std::io::BufRead;
+    let rx = Receiver::start().await;
+    rx.script(std::iter::repeat_n(status(500), 100));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("publish.sock");
+    let toml = format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nshutdown_timeout = \"300ms\"\n\
+         [publish]\nunix = \"{}\"\nlisten = []\n[admin]\nlisten = \"\"\n{}",
+        sock.display(),
+        webhook_toml(&dir, &rx.url("/hook"), "retry = [\"1h\"]"),
+    );
+    let config = dir.path().join("crier.toml");
+    std::fs::write(&config, toml).expect("write config");
+    let mut child = std::process::Command::new(common::process::crier_bin())
+        .arg("--config")
+        .arg(&config)
+        .env("CRIER_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn crier");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, lines) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(l);
+        }
+    });
+    let mut log = Vec::new();
+    while !log.iter().any(|l: &String| l.contains("crier is ready")) {
+        log.push(
+            lines
+                .recv_timeout(Duration::from_secs(20))
+                .unwrap_or_else(|_| panic!("crier did not start: {log:?}")),
+        );
+    }
+    for i in 0..3 {
+        let req = Request::post("/pub/a")
+            .header("host", "localhost")
+            .body(Full::new(Bytes::from(format!("{i}"))))
+            .expect("request");
+        let (st, body) = unix_request(&sock, req).await;
+        assert_eq!(st, StatusCode::CREATED, "{body}");
+    }
+    rx.wait_for(1, Duration::from_secs(10)).await;
+    // SAFETY: signalling our own child by its pid.
+    let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    let exit = tokio::task::spawn_blocking(move || child.wait().expect("wait"))
+        .await
+        .expect("join");
+    assert_eq!(exit.code(), Some(0));
+    // Until the reader thread hits EOF (the channel disconnects).
+    while let Ok(l) = lines.recv_timeout(Duration::from_secs(5)) {
+        log.push(l);
+    }
+    assert!(
+        log.iter()
+            .any(|l| l.contains("3 webhook event(s) left undelivered")),
+        "{log:#?}"
+    );
+}
