@@ -39,9 +39,10 @@ pub fn handle(v: AdminView<'_>, req: &Request<Incoming>) -> Response<Body> {
         "/readyz" if v.ready => response::text(StatusCode::OK, "ready"),
         "/readyz" => response::text(StatusCode::SERVICE_UNAVAILABLE, "draining"),
         "/channels" => channels(v.hub, req.uri().query().unwrap_or("")),
+        "/webhooks" => response::json(StatusCode::OK, &v.server.webhooks().status()),
         _ => response::text(
             StatusCode::NOT_FOUND,
-            "not found (try /, /metrics, /healthz, /readyz, /channels, /stats/stream)",
+            "not found (try /, /metrics, /healthz, /readyz, /channels, /webhooks, /stats/stream)",
         ),
     }
 }

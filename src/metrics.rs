@@ -5,8 +5,8 @@
 //! figures come from `/channels`.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::config::Transport;
@@ -65,6 +65,12 @@ pub struct Metrics {
     /// [method][result], see [`AuthMethod`] and [`AuthResult`].
     auth_checks: [[IntCounter; 3]; 3],
     pub auth_cache_hits: IntCounter,
+    /// Outbound webhooks, labelled `webhook` (its `name`, else the URL's host and path) and
+    /// `outcome` (delivered, retried, failed, dropped, disabled); each endpoint resolves its
+    /// handles once when the webhook set is built.
+    pub webhook_deliveries: IntCounterVec,
+    pub webhook_queue_depth: IntGaugeVec,
+    pub webhook_duration: HistogramVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -173,6 +179,35 @@ impl Metrics {
         let auth_checks = ["forward", "jwt", "publish_token"]
             .map(|m| ["allow", "deny", "error"].map(|res| auth_vec.with_label_values(&[m, res])));
 
+        let webhook_deliveries = IntCounterVec::new(
+            Opts::new(
+                "webhook_deliveries_total",
+                "Outbound webhook events by endpoint and outcome (delivered, retried, failed, dropped, disabled).",
+            )
+            .namespace("crier"),
+            &["webhook", "outcome"],
+        )
+        .expect("valid metric"); // ok: constant names
+        r.register(Box::new(webhook_deliveries.clone()))
+            .expect("unique metric"); // ok: registered once
+        let webhook_queue_depth = gauge_vec(
+            "webhook_queue_depth",
+            "Outbound webhook events waiting, by endpoint.",
+            "webhook",
+        );
+        let webhook_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "webhook_duration_seconds",
+                "Time of one outbound webhook attempt (request sent to response read), by endpoint.",
+            )
+            .namespace("crier")
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["webhook"],
+        )
+        .expect("valid metric"); // ok: constant names
+        r.register(Box::new(webhook_duration.clone()))
+            .expect("unique metric"); // ok: registered once
+
         let m = Metrics {
             connections,
             connections_total,
@@ -215,6 +250,9 @@ impl Metrics {
                 "auth_cache_hits_total",
                 "Forward-auth answers taken from auth_cache_ttl instead of asking the upstream.",
             ),
+            webhook_deliveries,
+            webhook_queue_depth,
+            webhook_duration,
             registry: r,
         };
         #[cfg(target_os = "linux")]

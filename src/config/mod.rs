@@ -7,6 +7,7 @@
 
 mod raw;
 mod validate;
+mod webhook;
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -22,6 +23,11 @@ use validate::Validator;
 use crate::auth::jwt::{JwtAlgorithm, JwtVerifier};
 use crate::auth::PublishToken;
 
+pub use webhook::{
+    decode_whsec, ChannelPattern, ChannelSource, ChannelTemplate, IngressConfig, Secret, Verify,
+    WebhookConfig, WebhookEvent,
+};
+
 /// The whole, validated configuration. Read by every module, written by none after load.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -31,6 +37,10 @@ pub struct Config {
     pub channels: ChannelDefaults,
     pub push: Vec<PushLocation>,
     pub admin: AdminConfig,
+    /// `[[webhook]]`: endpoints crier POSTs signed events to.
+    pub webhooks: Vec<WebhookConfig>,
+    /// `[[ingress]]`: public paths where verified webhooks are published.
+    pub ingress: Vec<IngressConfig>,
     /// Where the config came from (None: built-in defaults), for reload and messages.
     pub source: Option<PathBuf>,
 }

@@ -15,6 +15,8 @@ pub(super) struct RawConfig {
     pub(super) channels: Option<S<RawChannels>>,
     pub(super) push: Option<S<Vec<S<RawPush>>>>,
     pub(super) admin: Option<S<RawAdmin>>,
+    pub(super) webhook: Option<S<Vec<S<super::webhook::RawWebhook>>>>,
+    pub(super) ingress: Option<S<Vec<S<super::webhook::RawIngress>>>>,
 }
 
 #[derive(Deserialize)]

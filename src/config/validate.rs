@@ -10,13 +10,23 @@ pub(super) struct Validator<'a> {
 }
 
 impl Validator<'_> {
-    fn err<T>(&mut self, key: &str, at: &S<T>, msg: impl fmt::Display) {
-        let (l, c) = line_col(self.text, at.span().start);
+    pub(super) fn err<T>(&mut self, key: &str, at: &S<T>, msg: impl fmt::Display) {
+        self.err_at(key, at.span().start, msg);
+    }
+
+    /// A problem at a byte offset (a table rather than one value).
+    pub(super) fn err_at(&mut self, key: &str, offset: usize, msg: impl fmt::Display) {
+        let (l, c) = line_col(self.text, offset);
         self.problems
             .push(format!("{}:{l}:{c}: {key}: {msg}", self.name));
     }
 
-    fn duration(&mut self, key: &str, v: Option<S<String>>, default: Duration) -> Duration {
+    pub(super) fn duration(
+        &mut self,
+        key: &str,
+        v: Option<S<String>>,
+        default: Duration,
+    ) -> Duration {
         let Some(v) = v else { return default };
         match parse_duration(v.get_ref()) {
             Ok(d) if d.is_zero() => {
@@ -31,7 +41,7 @@ impl Validator<'_> {
         }
     }
 
-    fn size(&mut self, key: &str, v: Option<S<String>>, default: usize) -> usize {
+    pub(super) fn size(&mut self, key: &str, v: Option<S<String>>, default: usize) -> usize {
         let Some(v) = v else { return default };
         match parse_size(v.get_ref()) {
             Ok(0) => {
@@ -46,7 +56,13 @@ impl Validator<'_> {
         }
     }
 
-    fn count(&mut self, key: &str, v: Option<S<i64>>, range: (i64, i64), default: usize) -> usize {
+    pub(super) fn count(
+        &mut self,
+        key: &str,
+        v: Option<S<i64>>,
+        range: (i64, i64),
+        default: usize,
+    ) -> usize {
         let Some(v) = v else { return default };
         let n = *v.get_ref();
         if n < range.0 || n > range.1 {
@@ -125,6 +141,8 @@ impl Validator<'_> {
                 }),
             },
         };
+        let webhooks = self.webhooks(raw.webhook, base);
+        let ingress = self.ingresses(raw.ingress, &server, base);
         Config {
             server,
             upstream,
@@ -132,6 +150,8 @@ impl Validator<'_> {
             channels,
             push,
             admin,
+            webhooks,
+            ingress,
             source: path.map(Path::to_path_buf),
         }
     }

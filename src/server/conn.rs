@@ -552,6 +552,9 @@ async fn dispatch(
 
 async fn public(state: &Arc<State>, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
     let live = state.live.read().clone();
+    if let Some(ingress) = live.ingress.find(req.uri().path()) {
+        return crate::webhook::ingress::serve(&state.hub, ingress, req, conn.peer).await;
+    }
     match live.router.route(req.uri().path()) {
         Route::Proxy => live.proxy.forward(req, &conn).await,
         Route::BadChannel(reason) => response::text(StatusCode::BAD_REQUEST, reason),

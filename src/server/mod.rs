@@ -54,6 +54,8 @@ pub enum StartError {
     UnixInUse(PathBuf),
     #[error("TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
+    #[error("{0}")]
+    Webhook(#[from] crate::webhook::WebhookError),
 }
 
 /// The parts of the server that a config reload replaces as a whole. Connections accepted
@@ -66,6 +68,8 @@ struct Live {
     gatekeeper: Gatekeeper,
     http: Arc<HttpBuilders>,
     tls: Option<TlsAcceptor>,
+    /// `[[ingress]]` paths, answered before the router.
+    ingress: crate::webhook::Ingress,
 }
 
 impl Live {
@@ -84,6 +88,7 @@ impl Live {
             gatekeeper: Gatekeeper::new(&config, state_metrics.clone()),
             http: Arc::new(HttpBuilders::new(&config.server)),
             tls,
+            ingress: crate::webhook::Ingress::new(&config.ingress),
             config,
         })
     }
@@ -138,6 +143,8 @@ struct State {
     live: RwLock<Arc<Live>>,
     hub: Hub,
     metrics: Arc<Metrics>,
+    /// Outbound webhooks: replaced on reload, drained on shutdown.
+    webhooks: crate::webhook::Webhooks,
     draining: AtomicBool,
     /// Upgraded WebSocket subscribers and tunnels: outside hyper's connections, so shutdown
     /// waits on them separately.
@@ -202,7 +209,9 @@ impl ServerHandle {
             return Err(ReloadError::ShuttingDown);
         }
         let config = Arc::new(config);
-        let live = Live::new(config.clone(), &st.metrics, &st.upgraded)?;
+        let mut live = Live::new(config.clone(), &st.metrics, &st.upgraded)?;
+        live.ingress.keep_seen(&st.live.read().ingress);
+        let webhooks = st.webhooks.prepare(&config).map_err(StartError::from)?;
         let wanted = listen_keys(&config);
         let mut listeners = st.listeners.lock();
         let open: Vec<ListenKey> = listeners.iter().map(|l| l.key.clone()).collect();
@@ -217,6 +226,7 @@ impl ServerHandle {
         }
         st.hub.set_config(config);
         *st.live.write() = Arc::new(live);
+        st.webhooks.install(webhooks);
         listeners.retain(|l| {
             if wanted.contains(&l.key) {
                 return true;
@@ -260,6 +270,10 @@ impl ServerHandle {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.state.metrics
+    }
+
+    pub fn webhooks(&self) -> &crate::webhook::Webhooks {
+        &self.state.webhooks
     }
 }
 
@@ -371,7 +385,11 @@ impl Server {
         let upgraded = TaskTracker::new();
         let hub = Hub::new(config.clone(), metrics.clone());
         let live = Live::new(config.clone(), &metrics, &upgraded)?;
+        let webhooks = crate::webhook::Webhooks::new(hub.clone(), metrics.clone());
+        let endpoints = webhooks.prepare(&config)?;
         let bound = bind_keys(listen_keys(&config).iter(), &config.publish)?;
+        // Delivery tasks start only once nothing else can fail.
+        webhooks.install(endpoints);
         let stop = CancellationToken::new();
         let finished = CancellationToken::new();
         let mut listening = Vec::new();
@@ -394,6 +412,7 @@ impl Server {
                 live: RwLock::new(Arc::new(live)),
                 hub,
                 metrics,
+                webhooks,
                 draining: AtomicBool::new(false),
                 upgraded,
                 open_connections: AtomicUsize::new(0),
@@ -452,6 +471,9 @@ impl Server {
                 deadline
             );
         }
+        // Subscribers are gone, so their unsubscribe events are queued: deliveries get the
+        // same deadline again to go out.
+        state.webhooks.drain(deadline).await;
         sweeper.abort();
         state.finished.cancel();
         for l in state.listeners.lock().drain(..) {
