@@ -606,8 +606,9 @@ impl h1::Site for Live {
         &self.proxy
     }
 
+    /// The same decision `public` makes: ingress paths and push locations are crier's own.
     fn proxies(&self, path: &str) -> bool {
-        matches!(self.router.route(path), Route::Proxy)
+        self.ingress.find(path).is_none() && matches!(self.router.route(path), Route::Proxy)
     }
 
     fn header_timeout(&self) -> Duration {
