@@ -21,6 +21,7 @@ pub mod sd_notify;
 pub mod server;
 pub mod status;
 pub mod tls;
+pub mod webpush;
 
 pub use config::Config;
 pub use server::{Addrs, Server, ServerHandle};

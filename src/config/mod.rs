@@ -7,6 +7,7 @@
 
 mod raw;
 mod validate;
+mod webpush;
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -21,6 +22,7 @@ use validate::Validator;
 
 use crate::auth::jwt::{JwtAlgorithm, JwtVerifier};
 use crate::auth::PublishToken;
+pub use webpush::{HostPattern, WebPushConfig};
 
 /// The whole, validated configuration. Read by every module, written by none after load.
 #[derive(Debug, Clone)]
@@ -31,6 +33,8 @@ pub struct Config {
     pub channels: ChannelDefaults,
     pub push: Vec<PushLocation>,
     pub admin: AdminConfig,
+    /// `[webpush]`; None: Web Push is off.
+    pub webpush: Option<WebPushConfig>,
     /// Where the config came from (None: built-in defaults), for reload and messages.
     pub source: Option<PathBuf>,
 }

@@ -15,6 +15,7 @@ pub(super) struct RawConfig {
     pub(super) channels: Option<S<RawChannels>>,
     pub(super) push: Option<S<Vec<S<RawPush>>>>,
     pub(super) admin: Option<S<RawAdmin>>,
+    pub(super) webpush: Option<S<super::webpush::RawWebPush>>,
 }
 
 #[derive(Deserialize)]

@@ -10,13 +10,18 @@ pub(super) struct Validator<'a> {
 }
 
 impl Validator<'_> {
-    fn err<T>(&mut self, key: &str, at: &S<T>, msg: impl fmt::Display) {
+    pub(super) fn err<T>(&mut self, key: &str, at: &S<T>, msg: impl fmt::Display) {
         let (l, c) = line_col(self.text, at.span().start);
         self.problems
             .push(format!("{}:{l}:{c}: {key}: {msg}", self.name));
     }
 
-    fn duration(&mut self, key: &str, v: Option<S<String>>, default: Duration) -> Duration {
+    pub(super) fn duration(
+        &mut self,
+        key: &str,
+        v: Option<S<String>>,
+        default: Duration,
+    ) -> Duration {
         let Some(v) = v else { return default };
         match parse_duration(v.get_ref()) {
             Ok(d) if d.is_zero() => {
@@ -46,7 +51,13 @@ impl Validator<'_> {
         }
     }
 
-    fn count(&mut self, key: &str, v: Option<S<i64>>, range: (i64, i64), default: usize) -> usize {
+    pub(super) fn count(
+        &mut self,
+        key: &str,
+        v: Option<S<i64>>,
+        range: (i64, i64),
+        default: usize,
+    ) -> usize {
         let Some(v) = v else { return default };
         let n = *v.get_ref();
         if n < range.0 || n > range.1 {
@@ -125,6 +136,7 @@ impl Validator<'_> {
                 }),
             },
         };
+        let webpush = raw.webpush.and_then(|w| self.webpush(w, base));
         Config {
             server,
             upstream,
@@ -132,6 +144,7 @@ impl Validator<'_> {
             channels,
             push,
             admin,
+            webpush,
             source: path.map(Path::to_path_buf),
         }
     }

@@ -525,13 +525,14 @@ async fn dispatch(
                 _ => None,
             };
             let max = config.channels.max_message_size;
-            crate::publish::handle(&state.hub, max, token, req).await
+            crate::publish::handle(&state.hub, max, token, req, state.webpush.as_ref()).await
         }
         Kind::Admin => admin::handle(
             AdminView {
                 hub: &state.hub,
                 metrics: &state.metrics,
                 ready: !state.draining.load(Ordering::Relaxed),
+                webpush: state.webpush.as_ref(),
                 server: super::ServerHandle {
                     state: state.clone(),
                 },
@@ -543,6 +544,18 @@ async fn dispatch(
 
 async fn public(state: &Arc<State>, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
     let live = state.live.read().clone();
+    if let Some(wp) = &state.webpush {
+        if let Some(rest) = wp.route(req.uri().path()) {
+            let rest = rest.to_string();
+            let ctx = crate::webpush::api::ApiContext {
+                webpush: wp,
+                locations: &live.config.push,
+                gatekeeper: &live.gatekeeper,
+                conn: &conn,
+            };
+            return Box::pin(crate::webpush::api::handle(ctx, req, &rest)).await;
+        }
+    }
     match live.router.route(req.uri().path()) {
         Route::Proxy => live.proxy.forward(req, &conn).await,
         Route::BadChannel(reason) => response::text(StatusCode::BAD_REQUEST, reason),

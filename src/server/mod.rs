@@ -27,6 +27,7 @@ use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::router::Router;
+use crate::webpush::WebPush;
 use conn::HttpBuilders;
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +54,8 @@ pub enum StartError {
     UnixInUse(PathBuf),
     #[error("TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
+    #[error("{0}")]
+    WebPush(#[from] crate::webpush::WebPushError),
 }
 
 /// The parts of the server that a config reload replaces as a whole. Connections accepted
@@ -153,6 +156,8 @@ struct State {
     accept: TaskTracker,
     /// parking_lot: touched only at start, reload and shutdown, never across `.await`.
     listeners: Mutex<Vec<Listening>>,
+    /// `[webpush]`, when on: made at start (its store file stays open until shutdown).
+    webpush: Option<WebPush>,
 }
 
 /// The addresses the server really listens on (port 0 resolved).
@@ -214,6 +219,13 @@ impl ServerHandle {
                 }
             }
         }
+        match &st.webpush {
+            Some(wp) => wp.reload(config.webpush.as_ref()),
+            None if config.webpush.is_some() => {
+                tracing::warn!("[webpush] was added; it takes effect when crier restarts")
+            }
+            None => {}
+        }
         st.hub.set_config(config);
         *st.live.write() = Arc::new(live);
         listeners.retain(|l| {
@@ -259,6 +271,10 @@ impl ServerHandle {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.state.metrics
+    }
+
+    pub fn webpush(&self) -> Option<&WebPush> {
+        self.state.webpush.as_ref()
     }
 }
 
@@ -371,6 +387,10 @@ impl Server {
         let hub = Hub::new(config.clone(), metrics.clone());
         let live = Live::new(config.clone(), &metrics, &upgraded)?;
         let bound = bind_keys(listen_keys(&config).iter(), &config.publish)?;
+        let webpush = match &config.webpush {
+            Some(w) => Some(WebPush::start(w, &hub, &metrics.registry)?),
+            None => None,
+        };
         let stop = CancellationToken::new();
         let finished = CancellationToken::new();
         let mut listening = Vec::new();
@@ -402,6 +422,7 @@ impl Server {
                 conns: TaskTracker::new(),
                 accept: TaskTracker::new(),
                 listeners: Mutex::new(listening),
+                webpush,
             }),
             pending,
             addrs,
@@ -452,6 +473,9 @@ impl Server {
             );
         }
         sweeper.abort();
+        if let Some(wp) = &state.webpush {
+            wp.close(); // stops deliveries and releases the store file
+        }
         state.finished.cancel();
         for l in state.listeners.lock().drain(..) {
             if let ListenKey::Unix(p) = l.key {
