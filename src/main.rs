@@ -62,6 +62,18 @@ enum Command {
     /// Try crier in one command: run it in front of a built-in demo app whose page shows the
     /// messages published to the channel "demo" as they arrive. Prints what to open and run.
     Demo,
+    /// Web Push (VAPID) keys.
+    Vapid {
+        #[command(subcommand)]
+        action: VapidAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum VapidAction {
+    /// Write a new P-256 private key (PEM, mode 0600) for webpush.vapid_key_file and print
+    /// its public key. Never overwrites a file.
+    Generate { path: PathBuf },
 }
 
 fn main() -> ExitCode {
@@ -99,6 +111,19 @@ fn main() -> ExitCode {
                 run(config, None)
             }
         }
+        Command::Vapid {
+            action: VapidAction::Generate { path },
+        } => match crier::webpush::vapid::VapidKey::generate(&path) {
+            Ok(k) => {
+                println!("wrote {} (mode 0600)", path.display());
+                println!("public key (applicationServerKey): {}", k.public_key_b64());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("crier: {e}");
+                ExitCode::from(1)
+            }
+        },
         Command::Publish {
             socket,
             url,

@@ -405,6 +405,7 @@ mod tests {
         assert_eq!(c.push[0].path, d.push[0].path);
         assert_eq!(c.push[0].keepalive, d.push[0].keepalive);
         assert_eq!(c.admin.listen, d.admin.listen);
+        assert!(c.webpush.is_none() && d.webpush.is_none());
     }
 
     #[test]
