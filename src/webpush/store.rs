@@ -18,7 +18,7 @@ use super::crypto::UaKeys;
 
 const TABLE: TableDefinition<&str, &[u8]> = TableDefinition::new("subscriptions");
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("webpush store {path}: {reason}")]
     Open { path: PathBuf, reason: String },
@@ -66,6 +66,15 @@ fn key(channel: &str, endpoint: &str) -> String {
     format!("{channel}\n{endpoint}")
 }
 
+/// A change waiting for the next commit, and where its answer goes.
+enum Op {
+    Put(WebPushSubscription),
+    /// By key (`channel \n endpoint`).
+    Remove(String),
+}
+
+type Reply = std::sync::mpsc::SyncSender<Result<bool, StoreError>>;
+
 /// By channel, then by endpoint.
 type Index = HashMap<Arc<str>, HashMap<String, Arc<WebPushSubscription>>>;
 
@@ -79,6 +88,10 @@ pub struct Store {
     index: RwLock<Index>,
     /// Subscriptions in the index (kept here so the gauge and the limit check cost nothing).
     total: AtomicUsize,
+    /// Changes waiting for the next commit (see [`Store::apply`]). parking_lot: push or take.
+    pending: Mutex<Vec<(Op, Reply)>>,
+    /// Held by the thread committing a batch; blocking threads (never the runtime's) wait on it.
+    writer: Mutex<()>,
 }
 
 impl Store {
@@ -127,6 +140,8 @@ impl Store {
             db: Mutex::new(Some(Arc::new(db))),
             index: RwLock::new(index),
             total: AtomicUsize::new(total),
+            pending: Mutex::new(Vec::new()),
+            writer: Mutex::new(()),
         })
     }
 
@@ -148,55 +163,101 @@ impl Store {
     /// replaced: a browser that re-subscribes may have new ones). Blocking: call it off the
     /// runtime's worker threads.
     pub fn put(&self, sub: WebPushSubscription) -> Result<bool, StoreError> {
-        let db = self.db()?;
-        let k = key(&sub.channel, &sub.endpoint);
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis() as u64;
-        let tx = db.begin_write().map_err(io)?;
-        let existed = {
-            let mut t = tx.open_table(TABLE).map_err(io)?;
-            let existed = t.get(k.as_str()).map_err(io)?.is_some();
-            t.insert(k.as_str(), sub.record(now).as_slice())
-                .map_err(io)?;
-            existed
-        };
-        tx.commit().map_err(io)?;
-        let replaced = self
-            .index
-            .write()
-            .entry(sub.channel.clone())
-            .or_default()
-            .insert(sub.endpoint.clone(), Arc::new(sub));
-        if replaced.is_none() {
-            self.total.fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(!existed)
+        self.apply(Op::Put(sub))
     }
 
     /// Removes a subscription from the file and the index; Ok(false) when there was none.
     /// Blocking, like [`Store::put`].
     pub fn remove(&self, channel: &str, endpoint: &str) -> Result<bool, StoreError> {
+        self.apply(Op::Remove(key(channel, endpoint)))
+    }
+
+    /// Group commit: the change joins the pending batch; whoever holds the writer lock commits
+    /// every pending change in one transaction (one fsync), so many browsers subscribing at
+    /// once cost a few commits, not one each. Returns once this change is on disk.
+    fn apply(&self, op: Op) -> Result<bool, StoreError> {
         let db = self.db()?;
-        let k = key(channel, endpoint);
-        let tx = db.begin_write().map_err(io)?;
-        let removed = {
-            let mut t = tx.open_table(TABLE).map_err(io)?;
-            let r = t.remove(k.as_str()).map_err(io)?.is_some();
-            r
-        };
-        tx.commit().map_err(io)?;
-        let mut index = self.index.write();
-        if let Some(m) = index.get_mut(channel) {
-            if m.remove(endpoint).is_some() {
-                self.total.fetch_sub(1, Ordering::Relaxed);
-            }
-            if m.is_empty() {
-                index.remove(channel);
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.pending.lock().push((op, tx));
+        {
+            let _writer = self.writer.lock();
+            let batch = std::mem::take(&mut *self.pending.lock());
+            if !batch.is_empty() {
+                self.commit(&db, batch);
             }
         }
-        Ok(removed)
+        // Our change was in this batch or in one committed before we got the lock.
+        rx.recv()
+            .map_err(|_| StoreError::Io("the commit was lost".into()))?
+    }
+
+    fn commit(&self, db: &Database, batch: Vec<(Op, Reply)>) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64;
+        let written = (|| {
+            let tx = db.begin_write().map_err(io)?;
+            let mut answers = Vec::with_capacity(batch.len());
+            {
+                let mut t = tx.open_table(TABLE).map_err(io)?;
+                for (op, _) in &batch {
+                    answers.push(match op {
+                        Op::Put(sub) => {
+                            let k = key(&sub.channel, &sub.endpoint);
+                            let existed = t.get(k.as_str()).map_err(io)?.is_some();
+                            t.insert(k.as_str(), sub.record(now).as_slice())
+                                .map_err(io)?;
+                            !existed
+                        }
+                        Op::Remove(k) => t.remove(k.as_str()).map_err(io)?.is_some(),
+                    });
+                }
+            }
+            tx.commit().map_err(io)?;
+            Ok::<_, StoreError>(answers)
+        })();
+        let answers = match written {
+            Ok(a) => a,
+            Err(e) => {
+                for (_, reply) in batch {
+                    let _ = reply.send(Err(e.clone()));
+                }
+                return;
+            }
+        };
+        // On disk: now the index, in the batch's order.
+        let mut index = self.index.write();
+        let mut replies = Vec::with_capacity(batch.len());
+        for ((op, reply), answer) in batch.into_iter().zip(answers) {
+            match op {
+                Op::Put(sub) => {
+                    let replaced = index
+                        .entry(sub.channel.clone())
+                        .or_default()
+                        .insert(sub.endpoint.clone(), Arc::new(sub));
+                    if replaced.is_none() {
+                        self.total.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Op::Remove(k) => {
+                    let (channel, endpoint) = k.split_once('\n').unwrap_or((&k, ""));
+                    if let Some(m) = index.get_mut(channel) {
+                        if m.remove(endpoint).is_some() {
+                            self.total.fetch_sub(1, Ordering::Relaxed);
+                        }
+                        if m.is_empty() {
+                            index.remove(channel);
+                        }
+                    }
+                }
+            }
+            replies.push((reply, answer));
+        }
+        drop(index);
+        for (reply, answer) in replies {
+            let _ = reply.send(Ok(answer));
+        }
     }
 
     pub fn has_channel(&self, channel: &str) -> bool {
@@ -307,5 +368,56 @@ mod tests {
         assert_eq!(s.count("b"), 1);
         assert!(s.contains("a", "https://push.example/1"));
         assert_eq!(s.per_channel(10).len(), 2);
+    }
+
+    #[test]
+    fn concurrent_changes_are_group_committed_with_each_answer_right() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("wp.redb");
+        let s = Arc::new(Store::open(&p, |_| Some("https://push.example".into())).expect("opens"));
+        let threads: Vec<_> = (0..64)
+            .map(|i| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    let new = s
+                        .put(sub("c", &format!("https://push.example/{i}")))
+                        .expect("put");
+                    // Every other thread also subscribes a shared endpoint: exactly one is first.
+                    let shared = (i % 2 == 0)
+                        .then(|| s.put(sub("c", "https://push.example/shared")).expect("put"));
+                    (new, shared)
+                })
+            })
+            .collect();
+        let answers: Vec<_> = threads
+            .into_iter()
+            .map(|t| t.join().expect("thread"))
+            .collect();
+        assert!(answers.iter().all(|(new, _)| *new));
+        assert_eq!(answers.iter().filter(|(_, s)| *s == Some(true)).count(), 1);
+        assert_eq!(s.total(), 65);
+        let removals: Vec<_> = (0..64)
+            .map(|i| {
+                let s = s.clone();
+                // Each of 32 endpoints is removed twice, at once: one removal finds it.
+                std::thread::spawn(move || {
+                    s.remove("c", &format!("https://push.example/{}", i / 2))
+                        .expect("remove")
+                })
+            })
+            .collect();
+        let found = removals
+            .into_iter()
+            .map(|t| t.join().expect("thread"))
+            .filter(|r| *r)
+            .count();
+        assert_eq!(found, 32);
+        drop(s);
+        let s = Store::open(&p, |_| Some("https://push.example".into())).expect("reopens");
+        assert_eq!(
+            s.count("c"),
+            65 - 32,
+            "32 distinct endpoints removed, on disk"
+        );
     }
 }
