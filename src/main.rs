@@ -215,6 +215,26 @@ fn demo(mut config: Config, config_arg: Option<&std::path::Path>) -> ExitCode {
     };
     // SIGHUP would re-read the file and point the proxy back at the real upstream.
     config.source = None;
+    // "Notify me" on the page needs Web Push: a throwaway key and store unless configured.
+    let webpush_dir = match config.webpush {
+        Some(_) => None,
+        None => {
+            let dir = std::env::temp_dir().join(format!("crier-demo-{}", std::process::id()));
+            // 0700 and never an existing path (the name is guessable; /tmp is shared).
+            let made =
+                std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+                    .create(&dir)
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| {
+                        crier::config::WebPushConfig::for_demo(&dir).map_err(|e| e.to_string())
+                    });
+            match made {
+                Ok(w) => config.webpush = Some(w),
+                Err(e) => eprintln!("crier demo: Web Push stays off ({}: {e})", dir.display()),
+            }
+            Some(dir)
+        }
+    };
     let bin = std::env::args()
         .next()
         .filter(|a| a.contains('/'))
@@ -225,13 +245,17 @@ fn demo(mut config: Config, config_arg: Option<&std::path::Path>) -> ExitCode {
         cmd.push_str(&shell_word(&c.display().to_string()));
     }
     cmd.push_str(&format!(" publish {} \"hello\"", crier::demo::CHANNEL));
-    run(
+    let code = run(
         config,
         Some(Demo {
             app,
             publish_command: cmd,
         }),
-    )
+    );
+    if let Some(dir) = webpush_dir {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    code
 }
 
 /// `s`, single-quoted when the shell would otherwise split or expand it.

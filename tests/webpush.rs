@@ -943,3 +943,112 @@ async fn a_thousand_subscriptions_all_receive_a_publish() {
     );
     c.shutdown().await;
 }
+
+/// `crier demo` without a `[webpush]` section: Web Push on with a throwaway key and store, the
+/// service worker served, real push services accepted, and the throwaway files gone at exit.
+#[tokio::test]
+async fn the_demo_turns_web_push_on_by_itself() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("demo.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n[publish]\nunix = \"{}\"\nlisten = [\"127.0.0.1:0\"]\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n",
+            dir.path().join("publish.sock").display()
+        ),
+    )
+    .expect("config");
+    let mut child = Command::new(common::process::crier_bin())
+        .args(["demo", "--config"])
+        .arg(&config)
+        .env("CRIER_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn crier demo");
+    let throwaway = std::env::temp_dir().join(format!("crier-demo-{}", child.id()));
+    let stdout = child.stdout.take().expect("stdout");
+    let page = tokio::task::spawn_blocking(move || {
+        BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|l| Some(l.trim().strip_prefix("1. open")?.trim().to_string()))
+    })
+    .await
+    .expect("reader")
+    .expect("crier demo prints the page address");
+    let http = client();
+    let html = http
+        .get(&page)
+        .send()
+        .await
+        .expect("page")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        html.contains("id=\"notify\""),
+        "the page has a Notify me button"
+    );
+    let sw = http
+        .get(format!("{page}sw.js"))
+        .send()
+        .await
+        .expect("sw.js");
+    assert_eq!(sw.status(), StatusCode::OK);
+    assert!(sw.headers()["content-type"]
+        .to_str()
+        .expect("ascii")
+        .starts_with("text/javascript"));
+    assert!(sw.text().await.expect("text").contains("showNotification"));
+    let key = http
+        .get(format!("{page}_crier/webpush/key"))
+        .send()
+        .await
+        .expect("key")
+        .text()
+        .await
+        .expect("text");
+    assert_eq!(
+        URL_SAFE_NO_PAD.decode(key.trim()).expect("base64url").len(),
+        65
+    );
+    assert!(throwaway.join("vapid.pem").is_file());
+    let ecdh = PrivateKey::generate(&ECDH_P256).expect("key");
+    let p256dh = URL_SAFE_NO_PAD.encode(ecdh.compute_public_key().expect("public").as_ref());
+    let sub = |endpoint: &str| json!({"endpoint": endpoint, "keys": {"p256dh": p256dh, "auth": URL_SAFE_NO_PAD.encode([9u8; 16])}});
+    let post = |body: Value| {
+        http.post(format!("{page}_crier/webpush/demo"))
+            .json(&body)
+            .send()
+    };
+    let r = post(sub("https://fcm.googleapis.com/fcm/send/abc:def"))
+        .await
+        .expect("POST");
+    assert_eq!(
+        r.status(),
+        StatusCode::CREATED,
+        "a real push service is accepted"
+    );
+    let r = post(sub("https://127.0.0.1:9/push/x")).await.expect("POST");
+    assert_eq!(
+        r.status(),
+        StatusCode::BAD_REQUEST,
+        "loopback is not a push service here"
+    );
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .expect("waiter")
+        .expect("exit status");
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        !throwaway.exists(),
+        "the throwaway key and store are removed"
+    );
+}

@@ -59,6 +59,29 @@ pub enum HostPattern {
     Subdomain(String),
 }
 
+impl WebPushConfig {
+    /// `crier demo` without a `[webpush]` section: a fresh key and store in `dir`, the real
+    /// browsers' push services, so the demo page's "Notify me" works as it would on a site.
+    pub fn for_demo(dir: &Path) -> Result<WebPushConfig, crate::webpush::vapid::VapidError> {
+        let vapid_key_file = dir.join("vapid.pem");
+        let vapid_key = VapidKey::generate(&vapid_key_file)?;
+        Ok(WebPushConfig {
+            vapid_key_file,
+            vapid_key,
+            subject: "mailto:crier-demo@example.invalid".into(),
+            path: "/_crier/webpush".into(),
+            store: dir.join("webpush.redb"),
+            push_hosts: DEFAULT_PUSH_HOSTS
+                .iter()
+                .filter_map(|h| HostPattern::parse(h).ok())
+                .collect(),
+            ttl: Duration::from_secs(3600),
+            max_subscriptions: 10_000,
+            ca_file: None,
+        })
+    }
+}
+
 impl HostPattern {
     pub fn parse(s: &str) -> Result<HostPattern, String> {
         let s = s.trim().to_ascii_lowercase();

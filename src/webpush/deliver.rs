@@ -343,7 +343,7 @@ async fn send(inner: &Inner, d: &Delivery, body: Bytes) -> Answer {
     };
     match tokio::time::timeout(REQUEST_TIMEOUT, inner.client.request(req)).await {
         Err(_) => Answer::Error("push service did not answer in time".into()),
-        Ok(Err(e)) => Answer::Error(format!("request failed: {e}")),
+        Ok(Err(e)) => Answer::Error(format!("request failed: {}", error_chain(&e))),
         Ok(Ok(resp)) => {
             let retry_after = resp
                 .headers()
@@ -354,6 +354,19 @@ async fn send(inner: &Inner, d: &Delivery, body: Bytes) -> Answer {
             Answer::Status(resp.status(), retry_after)
         }
     }
+}
+
+/// `e: cause: cause`: hyper-util's errors say only "client error (Connect)" at the top, and
+/// the operator needs the TLS or DNS reason under it.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 /// `Retry-After`: seconds, or an HTTP date.
