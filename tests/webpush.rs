@@ -53,6 +53,8 @@ struct Reply {
 struct Log {
     pushed: Arc<Mutex<Vec<Pushed>>>,
     script: Arc<Mutex<HashMap<String, VecDeque<Reply>>>>,
+    /// How long every answer takes (a slow push service).
+    delay: Arc<Mutex<Duration>>,
 }
 
 struct PushService {
@@ -165,6 +167,8 @@ async fn answer(req: Request<Incoming>, log: &Log) -> Response<Full<Bytes>> {
         body,
         at: Instant::now(),
     });
+    let delay = *log.delay.lock().expect("delay");
+    tokio::time::sleep(delay).await;
     let reply = log
         .script
         .lock()
@@ -941,6 +945,85 @@ async fn a_thousand_subscriptions_all_receive_a_publish() {
     eprintln!(
         "1000 subscriptions: stored in {subscribe_time:?} (16 at a time); one publish reached all 1000 in {last:?}"
     );
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_slow_push_service_delays_only_its_own_subscribers() {
+    let site = Site::new().await;
+    let slow = PushService::start(site.dir.path()).await;
+    *slow.log.delay.lock().expect("delay") = Duration::from_secs(3);
+    let fast_dir = tempfile::tempdir().expect("tempdir");
+    let fast = PushService::start(fast_dir.path()).await;
+    // One ca_file for both doubles.
+    let both = format!(
+        "{}{}",
+        std::fs::read_to_string(&slow.ca_file).expect("ca"),
+        std::fs::read_to_string(&fast.ca_file).expect("ca")
+    );
+    std::fs::write(&slow.ca_file, both).expect("write ca");
+    let c = site.crier(&slow).await;
+    for i in 0..20 {
+        let b = Browser::new(&slow, &format!("s{i}"));
+        assert_eq!(subscribe(&c, "mixed", &b).await, StatusCode::CREATED);
+    }
+    let f = Browser::new(&fast, "f");
+    assert_eq!(subscribe(&c, "mixed", &f).await, StatusCode::CREATED);
+    let started = Instant::now();
+    for i in 0..10 {
+        let t = Instant::now();
+        c.publish("mixed", format!("m{i}")).await;
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "publishing never waits for Web Push"
+        );
+    }
+    fast.wait_for(10, Duration::from_secs(10)).await;
+    let fast_done = started.elapsed();
+    let in_flight = slow.pushed().len();
+    assert!(
+        fast_done < Duration::from_secs(3),
+        "the fast service got all 10 in {fast_done:?}, before the slow one answered once"
+    );
+    assert!(
+        in_flight <= 16,
+        "at most 16 requests in flight to one service, saw {in_flight}"
+    );
+    let data: Vec<Value> = fast
+        .pushed()
+        .iter()
+        .map(|p| f.envelope(p)["data"].clone())
+        .collect();
+    assert_eq!(data.len(), 10);
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_reload_takes_a_new_key_and_ttl() {
+    let site = Site::new().await;
+    let ps = PushService::start(site.dir.path()).await;
+    let c = site.crier(&ps).await;
+    let old_key = crier_key(&c).await;
+    let b = Browser::new(&ps, "r");
+    assert_eq!(subscribe(&c, "news", &b).await, StatusCode::CREATED);
+    c.publish("news", "before").await;
+    let got = ps.wait_for(1, Duration::from_secs(10)).await;
+    verify_vapid(&got[0], &old_key, &ps.origin());
+    assert_eq!(header(&got[0], "ttl"), Some("120"));
+
+    let mut cfg = c.handle.config().as_ref().clone();
+    let w = cfg.webpush.as_mut().expect("webpush on");
+    w.vapid_key = crier::webpush::vapid::VapidKey::generate(&site.dir.path().join("vapid2.pem"))
+        .expect("new key");
+    w.ttl = Duration::from_secs(300);
+    c.handle.reload(cfg).expect("reload");
+    let new_key = crier_key(&c).await;
+    assert_ne!(new_key, old_key);
+    c.publish("news", "after").await;
+    let got = ps.wait_for(2, Duration::from_secs(10)).await;
+    verify_vapid(&got[1], &new_key, &ps.origin());
+    assert_eq!(header(&got[1], "ttl"), Some("300"));
+    assert_eq!(b.envelope(&got[1])["data"], "after");
     c.shutdown().await;
 }
 

@@ -4,6 +4,8 @@
 //! service's worker runs at most [`PER_SERVICE_CONCURRENCY`] requests at a time, so a slow
 //! service fills only its own queue and never slows another.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -20,8 +22,9 @@ use crate::webpush::store::WebPushSubscription;
 
 /// Requests in flight to one push service.
 pub(super) const PER_SERVICE_CONCURRENCY: usize = 16;
-/// Deliveries waiting for one push service; past it they are dropped (counted).
-const PER_SERVICE_QUEUE: usize = 100_000;
+/// Deliveries waiting for one push service (not yet started); past it a message's deliveries
+/// to that service are dropped (counted). 2M Arc'd subscriptions: about 16 MB of pointers.
+const MAX_WAITING_PER_SERVICE: usize = 2_000_000;
 /// Attempts per delivery (the first and the retries after 429, 5xx or a network error).
 const MAX_ATTEMPTS: u32 = 4;
 /// First backoff when the service gives no Retry-After; doubles per attempt.
@@ -183,11 +186,19 @@ pub(super) async fn dispatch(inner: Arc<Inner>, mut jobs: mpsc::Receiver<Job>) {
             continue;
         }
         let payload = Bytes::from(payload(&job.channel, &job.message));
-        for sub in subs {
+        let mut by_service: HashMap<&str, Vec<Arc<WebPushSubscription>>> = HashMap::new();
+        for sub in &subs {
+            by_service
+                .entry(sub.origin.as_str())
+                .or_default()
+                .push(sub.clone());
+        }
+        for (origin, subs) in by_service {
             enqueue(
                 &inner,
-                Delivery {
-                    sub,
+                origin,
+                ServiceJob {
+                    subs,
                     payload: payload.clone(),
                     options: job.options.clone(),
                 },
@@ -196,54 +207,105 @@ pub(super) async fn dispatch(inner: Arc<Inner>, mut jobs: mpsc::Receiver<Job>) {
     }
 }
 
-fn enqueue(inner: &Arc<Inner>, d: Delivery) {
-    let tx = {
+/// One message for the subscriptions of one push service.
+pub(super) struct ServiceJob {
+    subs: Vec<Arc<WebPushSubscription>>,
+    payload: Bytes,
+    options: PushOptions,
+}
+
+/// A push service's queue: jobs, and the deliveries they hold that have not started yet.
+pub(super) struct ServiceQueue {
+    tx: mpsc::UnboundedSender<ServiceJob>,
+    waiting: Arc<AtomicUsize>,
+}
+
+/// Whether `n` more deliveries fit behind `waiting` ones; counts them in if so.
+fn admit(waiting: &AtomicUsize, n: usize, max: usize) -> bool {
+    waiting
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+            (w + n <= max).then_some(w + n)
+        })
+        .is_ok()
+}
+
+fn enqueue(inner: &Arc<Inner>, origin: &str, job: ServiceJob) {
+    let (tx, waiting) = {
         let mut services = inner.services.lock();
-        services
-            .entry(d.sub.origin.clone())
-            .or_insert_with(|| {
-                let (tx, rx) = mpsc::channel(PER_SERVICE_QUEUE);
-                tokio::spawn(service(inner.clone(), rx));
-                tx
-            })
-            .clone()
+        let q = services.entry(origin.to_string()).or_insert_with(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let waiting = Arc::new(AtomicUsize::new(0));
+            tokio::spawn(service(inner.clone(), rx, waiting.clone()));
+            ServiceQueue { tx, waiting }
+        });
+        (q.tx.clone(), q.waiting.clone())
     };
-    if let Err(e) = tx.try_send(d) {
-        let d = match e {
-            mpsc::error::TrySendError::Full(d) | mpsc::error::TrySendError::Closed(d) => d,
-        };
-        inner.metrics.outcome(Outcome::Dropped, 1);
-        fail(
-            inner,
-            &d.sub,
-            Outcome::Dropped,
-            None,
-            "push service queue full".into(),
-        );
+    let n = job.subs.len();
+    // The queue is bounded by deliveries, not jobs: one message to a million subscribers of
+    // one service weighs what it holds.
+    if !admit(&waiting, n, MAX_WAITING_PER_SERVICE) {
+        drop_job(inner, &job, "push service queue full");
+        return;
+    }
+    if let Err(e) = tx.send(job) {
+        waiting.fetch_sub(n, Ordering::AcqRel);
+        drop_job(inner, &e.0, "push service worker stopped");
     }
 }
 
-/// One push service's worker: up to [`PER_SERVICE_CONCURRENCY`] deliveries at a time.
-async fn service(inner: Arc<Inner>, mut rx: mpsc::Receiver<Delivery>) {
+fn drop_job(inner: &Inner, job: &ServiceJob, why: &str) {
+    inner
+        .metrics
+        .outcome(Outcome::Dropped, job.subs.len() as u64);
+    if let Some(sub) = job.subs.first() {
+        fail(
+            inner,
+            sub,
+            Outcome::Dropped,
+            None,
+            format!("{why}: {} deliveries dropped", job.subs.len()),
+        );
+    }
+    tracing::warn!(
+        deliveries = job.subs.len(),
+        "web push: {why}; deliveries dropped"
+    );
+}
+
+/// One push service's worker: its jobs in order, up to [`PER_SERVICE_CONCURRENCY`]
+/// deliveries in flight.
+async fn service(
+    inner: Arc<Inner>,
+    mut rx: mpsc::UnboundedReceiver<ServiceJob>,
+    waiting: Arc<AtomicUsize>,
+) {
     let limit = Arc::new(Semaphore::new(PER_SERVICE_CONCURRENCY));
     loop {
-        let permit = tokio::select! {
+        let job = tokio::select! {
             _ = inner.stop.cancelled() => return,
-            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            j = rx.recv() => match j { Some(j) => j, None => return },
         };
-        let d = tokio::select! {
-            _ = inner.stop.cancelled() => return,
-            d = rx.recv() => match d { Some(d) => d, None => return },
-        };
-        let inner = inner.clone();
-        tokio::spawn(async move {
-            let stop = inner.stop.clone();
-            tokio::select! {
-                _ = stop.cancelled() => {}
-                _ = deliver(&inner, d) => {}
-            }
-            drop(permit);
-        });
+        for sub in job.subs {
+            let permit = tokio::select! {
+                _ = inner.stop.cancelled() => return,
+                p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            };
+            waiting.fetch_sub(1, Ordering::AcqRel);
+            let d = Delivery {
+                sub,
+                payload: job.payload.clone(),
+                options: job.options.clone(),
+            };
+            let inner = inner.clone();
+            tokio::spawn(async move {
+                let stop = inner.stop.clone();
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = deliver(&inner, d) => {}
+                }
+                drop(permit);
+            });
+        }
     }
 }
 
@@ -474,6 +536,15 @@ mod tests {
         h.insert(TOPIC_HEADER, HeaderValue::from_static("no spaces allowed"));
         let o = PushOptions::from_headers(&h, d);
         assert_eq!((o.ttl, o.urgency, o.topic), (120, "normal", None));
+    }
+
+    #[test]
+    fn a_service_queue_admits_up_to_its_bound() {
+        let w = AtomicUsize::new(0);
+        assert!(admit(&w, 6, 10));
+        assert!(!admit(&w, 5, 10), "6 + 5 > 10: dropped, not counted");
+        assert!(admit(&w, 4, 10));
+        assert_eq!(w.load(Ordering::Relaxed), 10);
     }
 
     #[test]

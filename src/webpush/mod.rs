@@ -185,7 +185,7 @@ struct Inner {
     jobs: mpsc::Sender<deliver::Job>,
     /// One bounded queue per push service (endpoint origin), made on first use. parking_lot:
     /// a lookup or insert, never held across `.await`.
-    services: Mutex<HashMap<String, mpsc::Sender<deliver::Delivery>>>,
+    services: Mutex<HashMap<String, deliver::ServiceQueue>>,
     failures: Mutex<VecDeque<Failure>>,
     stop: CancellationToken,
 }
