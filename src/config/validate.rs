@@ -136,7 +136,7 @@ impl Validator<'_> {
                 }),
             },
         };
-        let webpush = raw.webpush.and_then(|w| self.webpush(w, base));
+        let webpush = raw.webpush.and_then(|w| self.webpush(w, base, &push));
         Config {
             server,
             upstream,

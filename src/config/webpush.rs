@@ -132,7 +132,13 @@ fn is_dns_name(s: &str) -> bool {
 }
 
 impl Validator<'_> {
-    pub(super) fn webpush(&mut self, raw: S<RawWebPush>, base: &Path) -> Option<WebPushConfig> {
+    /// `push`: the locations, whose paths the Web Push path must not shadow.
+    pub(super) fn webpush(
+        &mut self,
+        raw: S<RawWebPush>,
+        base: &Path,
+        push: &[PushLocation],
+    ) -> Option<WebPushConfig> {
         let at = raw.span();
         let raw = raw.into_inner();
         let missing = |v: &mut Self, key: &str, what: &str| {
@@ -181,6 +187,25 @@ impl Validator<'_> {
                         "webpush.path",
                         &p,
                         "a path on the public listener like \"/_crier/webpush\"",
+                    );
+                    ok = false;
+                }
+                // The API is matched before the push locations: it must not hide one (all of
+                // a location's paths under it, or one channel's path equal to it).
+                let under = format!("{v}/");
+                let hides = |l: &&PushLocation| {
+                    l.prefix.starts_with(&under)
+                        || (under.starts_with(&l.prefix)
+                            && !under[l.prefix.len()..].trim_end_matches('/').contains('/'))
+                };
+                if let Some(loc) = push.iter().find(hides) {
+                    self.err(
+                        "webpush.path",
+                        &p,
+                        format!(
+                            "hides paths of the push location {:?}; pick a path of its own",
+                            loc.path
+                        ),
                     );
                     ok = false;
                 }
@@ -356,5 +381,49 @@ mod tests {
             e.contains("c.toml:2:1: webpush.vapid_file: unknown key"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn the_api_path_must_not_hide_a_push_location() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = dir.path().join("k.pem");
+        VapidKey::generate(&key).expect("key");
+        let conf = |push: &str, path: &str| {
+            Config::from_toml(
+                &format!(
+                    "[[push]]\npath = \"{push}\"\n[webpush]\nvapid_key_file = {key:?}\n\
+                     subject = \"mailto:a@b.c\"\nstore = \"s\"\npath = \"{path}\"\n"
+                ),
+                Some(Path::new("c.toml")),
+            )
+            .err()
+            .map(|e| e.to_string())
+        };
+        let e = conf("/live/{channel}", "/live").expect("hides every channel");
+        assert!(
+            e.contains(
+                "c.toml:7:8: webpush.path: hides paths of the push location \"/live/{channel}\""
+            ),
+            "{e}"
+        );
+        assert!(
+            conf("/live/{channel}", "/live/news").is_some(),
+            "hides channel news"
+        );
+        assert!(
+            conf("/{channel}", "/webpush").is_some(),
+            "hides channel webpush"
+        );
+        assert!(
+            conf("/a/{channel}/events", "/a/x").is_some(),
+            "hides /a/x/events"
+        );
+        assert_eq!(
+            conf("/{channel}", "/_crier/webpush"),
+            None,
+            "two segments: no channel"
+        );
+        assert_eq!(conf("/live/{channel}", "/_crier/webpush"), None);
+        assert_eq!(conf("/live/{channel}", "/lively"), None);
     }
 }

@@ -4,6 +4,7 @@
 //! subscription; at start the index is read back from the file.
 
 use std::collections::HashMap;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -108,6 +109,14 @@ impl Store {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| open_err(&e))?;
         }
+        // The file holds every subscription's endpoint and auth secret: 0600 from the start
+        // (redb makes a new database in an existing empty file).
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| open_err(&e))?;
         let db = Database::create(path).map_err(|e| open_err(&e))?;
         {
             let tx = db.begin_write().map_err(|e| open_err(&e))?;
@@ -346,6 +355,9 @@ mod tests {
         let p = dir.path().join("s/wp.redb");
         let origin = |_: &str| Some("https://push.example".to_string());
         let s = Store::open(&p, origin).expect("opens");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&p).expect("file").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "subscriptions hold secrets");
         assert!(s.put(sub("a", "https://push.example/1")).expect("put"));
         assert!(!s
             .put(sub("a", "https://push.example/1"))
