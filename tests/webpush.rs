@@ -543,9 +543,25 @@ async fn gone_subscriptions_are_deleted_and_not_tried_again() {
         Browser::new(&ps, "b"),
         Browser::new(&ps, "g"),
     );
-    for br in [&a, &b, &g] {
+    // 413 and another 4xx end a delivery but keep the subscription.
+    let (big, no) = (Browser::new(&ps, "big"), Browser::new(&ps, "no"));
+    for br in [&a, &b, &g, &big, &no] {
         assert_eq!(subscribe(&c, "room", br).await, StatusCode::CREATED);
     }
+    ps.script(
+        "big",
+        &[Reply {
+            status: 413,
+            retry_after: None,
+        }],
+    );
+    ps.script(
+        "no",
+        &[Reply {
+            status: 403,
+            retry_after: None,
+        }],
+    );
     ps.script(
         "a",
         &[Reply {
@@ -562,14 +578,23 @@ async fn gone_subscriptions_are_deleted_and_not_tried_again() {
     );
     c.publish("room", "one").await;
     wait_outcome(&c, "gone", 2.0).await;
-    assert_eq!(channel_info(&c, "room").await.1["webpush_subscribers"], 1);
-    assert_eq!(metric(&c, "crier_webpush_subscriptions").await, Some(1.0));
+    wait_outcome(&c, "too_large", 1.0).await;
+    wait_outcome(&c, "rejected", 1.0).await;
+    assert_eq!(channel_info(&c, "room").await.1["webpush_subscribers"], 3);
+    assert_eq!(metric(&c, "crier_webpush_subscriptions").await, Some(3.0));
     let failures = admin_webpush(&c).await["recent_failures"].clone();
-    assert_eq!(failures.as_array().map(Vec::len), Some(2), "{failures}");
-    assert_eq!(failures[0]["outcome"], "gone");
+    assert_eq!(failures.as_array().map(Vec::len), Some(4), "{failures}");
+    let mut outcomes: Vec<&str> = failures
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|f| f["outcome"].as_str())
+        .collect();
+    outcomes.sort();
+    assert_eq!(outcomes, ["gone", "gone", "rejected", "too_large"]);
 
     c.publish("room", "two").await;
-    wait_outcome(&c, "delivered", 2.0).await;
+    wait_outcome(&c, "delivered", 4.0).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         ps.pushed_to("a").len(),
@@ -582,6 +607,8 @@ async fn gone_subscriptions_are_deleted_and_not_tried_again() {
         "a 404 endpoint is not tried again"
     );
     assert_eq!(ps.pushed_to("b").len(), 2);
+    assert_eq!(ps.pushed_to("big").len(), 2, "kept after a 413");
+    assert_eq!(ps.pushed_to("no").len(), 2, "kept after a 403");
     assert_eq!(b.envelope(&ps.pushed_to("b")[1])["data"], "two");
     c.shutdown().await;
 }
@@ -847,6 +874,16 @@ async fn bad_input_is_refused_and_nothing_is_stored() {
         .expect("POST");
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     let r = client()
+        .delete(api(&c, "news"))
+        .send()
+        .await
+        .expect("DELETE");
+    assert_eq!(
+        r.status(),
+        StatusCode::BAD_REQUEST,
+        "DELETE names no endpoint"
+    );
+    let r = client()
         .put(api(&c, "news"))
         .json(&good)
         .send()
@@ -995,6 +1032,35 @@ async fn a_slow_push_service_delays_only_its_own_subscribers() {
         .map(|p| f.envelope(p)["data"].clone())
         .collect();
     assert_eq!(data.len(), 10);
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn max_subscriptions_is_a_limit() {
+    let site = Site::new().await;
+    let ps = PushService::start(site.dir.path()).await;
+    let c = Crier::start(
+        &site.upstream.url(),
+        &site.toml(&ps, "max_subscriptions = 2\n"),
+    )
+    .await;
+    let (a, b, x) = (
+        Browser::new(&ps, "a"),
+        Browser::new(&ps, "b"),
+        Browser::new(&ps, "x"),
+    );
+    assert_eq!(subscribe(&c, "one", &a).await, StatusCode::CREATED);
+    assert_eq!(subscribe(&c, "two", &b).await, StatusCode::CREATED);
+    assert_eq!(
+        subscribe(&c, "two", &x).await,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(
+        subscribe(&c, "two", &b).await,
+        StatusCode::OK,
+        "renewing one is fine"
+    );
+    assert_eq!(admin_webpush(&c).await["subscriptions"], 2);
     c.shutdown().await;
 }
 
