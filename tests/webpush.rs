@@ -1121,16 +1121,25 @@ async fn the_demo_turns_web_push_on_by_itself() {
         .expect("spawn crier demo");
     let throwaway = std::env::temp_dir().join(format!("crier-demo-{}", child.id()));
     let stdout = child.stdout.take().expect("stdout");
-    let page = tokio::task::spawn_blocking(move || {
-        BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            .find_map(|l| Some(l.trim().strip_prefix("1. open")?.trim().to_string()))
-    })
-    .await
-    .expect("reader")
-    .expect("crier demo prints the page address");
+    // Read stdout to its end (a closed pipe would kill the demo at its next line).
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(p) = l.trim().strip_prefix("1. open") {
+                let _ = tx.send(p.trim().to_string());
+            }
+        }
+    });
+    let page = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(20)))
+        .await
+        .expect("reader")
+        .expect("crier demo prints the page address");
     let http = client();
+    let up = eventually(Duration::from_secs(10), async || {
+        http.get(&page).send().await.is_ok()
+    })
+    .await;
+    assert!(up, "{page} never answered");
     let html = http
         .get(&page)
         .send()
