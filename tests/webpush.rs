@@ -1,9 +1,10 @@
 //! Web Push end to end: crier in front of a real upstream, browsers played by the test (P-256
-//! keys made with aws-lc-rs, as a browser makes them), and an HTTPS push-service double on
-//! loopback that checks every request the way a push service would: the VAPID JWT (ES256)
-//! against crier's public key (jsonwebtoken), and the payload decrypted with the browser's
-//! private key by a hand-written RFC 8291 decryption on aws-lc-rs, independent of crier's
-//! RustCrypto encryption.
+//! keys, as a browser makes them), and an HTTPS push-service double on loopback that checks
+//! every request the way a push service would: the VAPID JWT (ES256) against crier's public
+//! key (jsonwebtoken), and the payload decrypted with the browser's private key by a
+//! hand-written RFC 8291 decryption whose every primitive comes from another implementation
+//! than crier's: ECDH from RustCrypto's p256 (crier: aws-lc-rs), HKDF and AES-128-GCM from
+//! aws-lc-rs (crier: the hkdf crate and ece-native's aes-gcm).
 
 mod common;
 
@@ -13,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use aws_lc_rs::agreement::{self, PrivateKey, UnparsedPublicKey, ECDH_P256};
+use aws_lc_rs::agreement::{PrivateKey, ECDH_P256};
 use aws_lc_rs::{aead, hkdf};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -25,6 +26,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use p256::elliptic_curve::sec1::ToEncodedPoint;
 use serde_json::{json, Value};
 
 const SUBJECT: &str = "mailto:ops@example.com";
@@ -192,19 +194,21 @@ async fn answer(req: Request<Incoming>, log: &Log) -> Response<Full<Bytes>> {
 struct Browser {
     id: String,
     endpoint: String,
-    key: PrivateKey,
+    key: p256::SecretKey,
     public: Vec<u8>,
     auth: [u8; 16],
 }
 
 impl Browser {
     fn new(ps: &PushService, id: &str) -> Browser {
-        let key = PrivateKey::generate(&ECDH_P256).expect("P-256 key");
-        let public = key
-            .compute_public_key()
-            .expect("public key")
-            .as_ref()
-            .to_vec();
+        let key = loop {
+            let mut d = [0u8; 32];
+            aws_lc_rs::rand::fill(&mut d).expect("random");
+            if let Ok(k) = p256::SecretKey::from_slice(&d) {
+                break k;
+            }
+        };
+        let public = key.public_key().to_encoded_point(false).as_bytes().to_vec();
         let mut auth = [0u8; 16];
         aws_lc_rs::rand::fill(&mut auth).expect("random");
         Browser {
@@ -239,13 +243,13 @@ impl Browser {
         let as_public = &body[21..21 + idlen];
         let ciphertext = &body[21 + idlen..];
         assert!(ciphertext.len() <= rs as usize, "one record");
-        let ecdh = agreement::agree(
-            &self.key,
-            UnparsedPublicKey::new(&ECDH_P256, as_public),
-            "ecdh",
-            |s| Ok(s.to_vec()),
-        )
-        .expect("ecdh");
+        let as_public =
+            p256::PublicKey::from_sec1_bytes(as_public).expect("keyid is a P-256 point");
+        let shared =
+            p256::ecdh::diffie_hellman(self.key.to_nonzero_scalar(), as_public.as_affine());
+        let ecdh = shared.raw_secret_bytes().to_vec();
+        let as_public = as_public.to_encoded_point(false);
+        let as_public = as_public.as_bytes();
         let mut key_info = b"WebPush: info\0".to_vec();
         key_info.extend_from_slice(&self.public);
         key_info.extend_from_slice(as_public);

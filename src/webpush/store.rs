@@ -53,9 +53,8 @@ struct Record {
 
 impl WebPushSubscription {
     fn record(&self, created_ms: u64) -> Vec<u8> {
-        use p256::elliptic_curve::sec1::ToEncodedPoint;
         let r = Record {
-            p256dh: URL_SAFE_NO_PAD.encode(self.keys.public.to_encoded_point(false).as_bytes()),
+            p256dh: URL_SAFE_NO_PAD.encode(self.keys.public),
             auth: URL_SAFE_NO_PAD.encode(self.keys.auth),
             created_ms,
         };
