@@ -1214,3 +1214,40 @@ async fn the_demo_turns_web_push_on_by_itself() {
         "the throwaway key and store are removed"
     );
 }
+
+#[test]
+fn vapid_generate_writes_a_private_key_once() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = dir.path().join("vapid.pem");
+    let run = || {
+        std::process::Command::new(common::process::crier_bin())
+            .args(["vapid", "generate"])
+            .arg(&key)
+            .output()
+            .expect("run crier vapid generate")
+    };
+    let out = run();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8_lossy(&out.stdout).to_string();
+    let mode = std::fs::metadata(&key)
+        .expect("written")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let pem = std::fs::read_to_string(&key).expect("read");
+    assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----"), "{pem}");
+    let public = crier::webpush::vapid::VapidKey::from_pem(&pem).expect("a P-256 key");
+    assert!(
+        printed.contains(public.public_key_b64()),
+        "prints the public key: {printed}"
+    );
+    let again = run();
+    assert_eq!(again.status.code(), Some(1), "never overwrites");
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+    assert_eq!(std::fs::read_to_string(&key).expect("read"), pem);
+}
