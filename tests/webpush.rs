@@ -673,6 +673,49 @@ async fn too_many_requests_is_retried_after_retry_after_and_bounded() {
 }
 
 #[tokio::test]
+async fn a_429_pauses_the_whole_push_service() {
+    let site = Site::new().await;
+    let ps = PushService::start(site.dir.path()).await;
+    let c = site.crier(&ps).await;
+    let (a, b) = (Browser::new(&ps, "a"), Browser::new(&ps, "b"));
+    for br in [&a, &b] {
+        assert_eq!(subscribe(&c, "rate", br).await, StatusCode::CREATED);
+    }
+    ps.script(
+        "a",
+        &[Reply {
+            status: 429,
+            retry_after: Some("2"),
+        }],
+    );
+    c.publish("rate", "one").await;
+    let ok = eventually(Duration::from_secs(10), async || {
+        metric(&c, "crier_webpush_retries_total").await == Some(1.0)
+    })
+    .await;
+    assert!(ok, "the 429 was seen");
+    let limited_at = ps.pushed_to("a")[0].at;
+    c.publish("rate", "two").await;
+    wait_outcome(&c, "delivered", 4.0).await;
+    let to_b = ps.pushed_to("b");
+    assert_eq!(to_b.len(), 2);
+    assert_eq!(b.envelope(&to_b[1])["data"], "two");
+    let held = to_b[1].at - limited_at;
+    assert!(
+        held >= Duration::from_millis(1800),
+        "a new request to the service waited for its Retry-After: {held:?}"
+    );
+    let to_a: Vec<Value> = ps
+        .pushed_to("a")
+        .iter()
+        .map(|p| a.envelope(p)["data"].clone())
+        .collect();
+    assert_eq!(to_a.len(), 3, "one, one again, two");
+    assert!(to_a.contains(&json!("two")));
+    c.shutdown().await;
+}
+
+#[tokio::test]
 async fn subscriptions_survive_a_restart() {
     let site = Site::new().await;
     let ps = PushService::start(site.dir.path()).await;

@@ -118,6 +118,26 @@ pub(super) struct Delivery {
     sub: Arc<WebPushSubscription>,
     payload: Bytes,
     options: PushOptions,
+    pause: Arc<Pause>,
+}
+
+/// A push service's "not before": set by a 429 with Retry-After, so the service's worker
+/// starts no new request until then (a rate limit is the sender's, not one subscription's).
+#[derive(Default)]
+pub(super) struct Pause(parking_lot::Mutex<Option<tokio::time::Instant>>);
+
+impl Pause {
+    fn until(&self, t: tokio::time::Instant) {
+        let mut p = self.0.lock();
+        if p.is_none_or(|cur| cur < t) {
+            *p = Some(t);
+        }
+    }
+
+    fn get(&self) -> Option<tokio::time::Instant> {
+        let p = *self.0.lock();
+        p.filter(|t| *t > tokio::time::Instant::now())
+    }
 }
 
 /// The hub's view of Web Push: enqueue, never block.
@@ -280,6 +300,7 @@ async fn service(
     waiting: Arc<AtomicUsize>,
 ) {
     let limit = Arc::new(Semaphore::new(PER_SERVICE_CONCURRENCY));
+    let pause = Arc::new(Pause::default());
     loop {
         let job = tokio::select! {
             _ = inner.stop.cancelled() => return,
@@ -290,11 +311,18 @@ async fn service(
                 _ = inner.stop.cancelled() => return,
                 p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
             };
+            if let Some(t) = pause.get() {
+                tokio::select! {
+                    _ = inner.stop.cancelled() => return,
+                    _ = tokio::time::sleep_until(t) => {}
+                }
+            }
             waiting.fetch_sub(1, Ordering::AcqRel);
             let d = Delivery {
                 sub,
                 payload: job.payload.clone(),
                 options: job.options.clone(),
+                pause: pause.clone(),
             };
             let inner = inner.clone();
             tokio::spawn(async move {
@@ -353,6 +381,10 @@ async fn deliver(inner: &Arc<Inner>, d: Delivery) {
                 );
             }
             Answer::Status(s, ra) if s == StatusCode::TOO_MANY_REQUESTS || s.is_server_error() => {
+                if let (StatusCode::TOO_MANY_REQUESTS, Some(wait)) = (s, ra) {
+                    d.pause
+                        .until(tokio::time::Instant::now() + wait.min(MAX_RETRY_WAIT));
+                }
                 (ra, Some(s), format!("push service answered {s}"))
             }
             Answer::Status(s, _) => {
