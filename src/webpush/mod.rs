@@ -188,6 +188,8 @@ struct Inner {
     services: Mutex<HashMap<String, deliver::ServiceQueue>>,
     failures: Mutex<VecDeque<Failure>>,
     stop: CancellationToken,
+    /// The `ca_file` the outbound client was built with (a reload does not rebuild it).
+    ca_file: Option<std::path::PathBuf>,
 }
 
 impl Inner {
@@ -235,6 +237,7 @@ impl WebPush {
             services: Mutex::new(HashMap::new()),
             failures: Mutex::new(VecDeque::new()),
             stop: CancellationToken::new(),
+            ca_file: cfg.ca_file.clone(),
         });
         tokio::spawn(deliver::dispatch(inner.clone(), rx));
         hub.set_observer("webpush", Some(Arc::new(deliver::Observer(inner.clone()))));
@@ -248,7 +251,8 @@ impl WebPush {
     }
 
     /// Applies a reloaded `[webpush]`: key, subject, ttl, push_hosts, path, limit. The store
-    /// file stays the one opened at start (changing it needs a restart; said in the log).
+    /// file and the client's `ca_file` stay those of the start (changing them needs a restart;
+    /// said in the log).
     pub fn reload(&self, cfg: Option<&WebPushConfig>) {
         let Some(cfg) = cfg else {
             tracing::warn!("[webpush] was removed; Web Push stays on until crier restarts");
@@ -259,6 +263,9 @@ impl WebPush {
                 "webpush.store changed; crier keeps using {} until it restarts",
                 self.inner.store.path().display()
             );
+        }
+        if cfg.ca_file != self.inner.ca_file {
+            tracing::warn!("webpush.ca_file changed; it takes effect when crier restarts");
         }
         *self.inner.settings.write() = Arc::new(Settings::new(cfg));
     }
