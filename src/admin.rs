@@ -18,6 +18,7 @@ pub struct AdminView<'a> {
     pub ready: bool,
     /// For the status stream, which outlives the request.
     pub server: ServerHandle,
+    pub webpush: Option<&'a crate::webpush::WebPush>,
 }
 
 pub fn handle(v: AdminView<'_>, req: &Request<Incoming>) -> Response<Body> {
@@ -40,6 +41,13 @@ pub fn handle(v: AdminView<'_>, req: &Request<Incoming>) -> Response<Body> {
         "/readyz" => response::text(StatusCode::SERVICE_UNAVAILABLE, "draining"),
         "/channels" => channels(v.hub, req.uri().query().unwrap_or("")),
         "/webhooks" => response::json(StatusCode::OK, &v.server.webhooks().status()),
+        "/webpush" => match v.webpush {
+            Some(wp) => response::json(StatusCode::OK, &wp.admin_json()),
+            None => response::json_error(
+                StatusCode::NOT_FOUND,
+                "Web Push is off (no [webpush] section)",
+            ),
+        },
         _ => response::text(
             StatusCode::NOT_FOUND,
             "not found (try /, /metrics, /healthz, /readyz, /channels, /webhooks, /stats/stream)",

@@ -18,6 +18,9 @@ use crate::response::{self, Body};
 /// The demo app's page: HTML, CSS and script in one file, compiled into the binary.
 pub const PAGE: &str = include_str!("demo.html");
 
+/// The Web Push service worker the page registers (at `/sw.js`); the README shows it too.
+pub const SERVICE_WORKER: &str = include_str!("demo_sw.js");
+
 /// The channel the demo page subscribes to.
 pub const CHANNEL: &str = "demo";
 
@@ -58,6 +61,14 @@ fn app(req: &Request<Incoming>) -> Response<Body> {
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            r
+        }
+        "/sw.js" => {
+            let mut r = Response::new(response::full(SERVICE_WORKER));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/javascript; charset=utf-8"),
             );
             r
         }

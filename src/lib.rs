@@ -22,6 +22,7 @@ pub mod server;
 pub mod status;
 pub mod tls;
 pub mod webhook;
+pub mod webpush;
 
 pub use config::Config;
 pub use server::{Addrs, Server, ServerHandle};

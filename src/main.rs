@@ -62,6 +62,18 @@ enum Command {
     /// Try crier in one command: run it in front of a built-in demo app whose page shows the
     /// messages published to the channel "demo" as they arrive. Prints what to open and run.
     Demo,
+    /// Web Push (VAPID) keys.
+    Vapid {
+        #[command(subcommand)]
+        action: VapidAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum VapidAction {
+    /// Write a new P-256 private key (PEM, mode 0600) for webpush.vapid_key_file and print
+    /// its public key. Never overwrites a file.
+    Generate { path: PathBuf },
 }
 
 fn main() -> ExitCode {
@@ -99,6 +111,19 @@ fn main() -> ExitCode {
                 run(config, None)
             }
         }
+        Command::Vapid {
+            action: VapidAction::Generate { path },
+        } => match crier::webpush::vapid::VapidKey::generate(&path) {
+            Ok(k) => {
+                println!("wrote {} (mode 0600)", path.display());
+                println!("public key (applicationServerKey): {}", k.public_key_b64());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("crier: {e}");
+                ExitCode::from(1)
+            }
+        },
         Command::Publish {
             socket,
             url,
@@ -190,6 +215,26 @@ fn demo(mut config: Config, config_arg: Option<&std::path::Path>) -> ExitCode {
     };
     // SIGHUP would re-read the file and point the proxy back at the real upstream.
     config.source = None;
+    // "Notify me" on the page needs Web Push: a throwaway key and store unless configured.
+    let webpush_dir = match config.webpush {
+        Some(_) => None,
+        None => {
+            let dir = std::env::temp_dir().join(format!("crier-demo-{}", std::process::id()));
+            // 0700 and never an existing path (the name is guessable; /tmp is shared).
+            let made =
+                std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+                    .create(&dir)
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| {
+                        crier::config::WebPushConfig::for_demo(&dir).map_err(|e| e.to_string())
+                    });
+            match made {
+                Ok(w) => config.webpush = Some(w),
+                Err(e) => eprintln!("crier demo: Web Push stays off ({}: {e})", dir.display()),
+            }
+            Some(dir)
+        }
+    };
     let bin = std::env::args()
         .next()
         .filter(|a| a.contains('/'))
@@ -200,13 +245,17 @@ fn demo(mut config: Config, config_arg: Option<&std::path::Path>) -> ExitCode {
         cmd.push_str(&shell_word(&c.display().to_string()));
     }
     cmd.push_str(&format!(" publish {} \"hello\"", crier::demo::CHANNEL));
-    run(
+    let code = run(
         config,
         Some(Demo {
             app,
             publish_command: cmd,
         }),
-    )
+    );
+    if let Some(dir) = webpush_dir {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    code
 }
 
 /// `s`, single-quoted when the shell would otherwise split or expand it.

@@ -26,6 +26,7 @@ pub async fn handle(
     max_message_size: usize,
     token: Option<&PublishToken>,
     req: Request<Incoming>,
+    webpush: Option<&crate::webpush::WebPush>,
 ) -> Response<Body> {
     let started = Instant::now();
     if let Some(token) = token {
@@ -66,16 +67,17 @@ pub async fn handle(
         Method::GET | Method::HEAD => match hub.get(&channel) {
             Some(c) => {
                 let s = c.stats();
-                response::json(
-                    StatusCode::OK,
-                    &serde_json::json!({
-                        "channel": s.channel,
-                        "subscribers": s.subscribers,
-                        "buffered": s.buffered,
-                        "last_id": s.last_id,
-                        "published": s.published,
-                    }),
-                )
+                let mut v = serde_json::json!({
+                    "channel": s.channel,
+                    "subscribers": s.subscribers,
+                    "buffered": s.buffered,
+                    "last_id": s.last_id,
+                    "published": s.published,
+                });
+                if let Some(wp) = webpush {
+                    v["webpush_subscribers"] = wp.subscribers(&channel).into();
+                }
+                response::json(StatusCode::OK, &v)
             }
             None => response::json_error(StatusCode::NOT_FOUND, "no such channel"),
         },

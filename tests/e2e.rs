@@ -1,5 +1,5 @@
-//! crier with clients that are not ours: the browser suite (`tests/e2e/run.mjs`: headless
-//! Chromium driven by playwright-core) and the Python suite (`tests/pyclient/run.py`: PyPI
+//! crier with clients that are not ours: the browser suites (`tests/e2e/run.mjs` and
+//! `tests/e2e/webpush.mjs`: headless Chromium driven by playwright-core) and the Python suite (`tests/pyclient/run.py`: PyPI
 //! `websockets` and `httpx`). Both start the built `crier` binary themselves; these tests make
 //! sure what they need is there, run them, stream their output and assert their exit status.
 //!
@@ -253,6 +253,33 @@ fn browser_suite() {
         "browser",
         Command::new("node")
             .arg(dir.join("run.mjs"))
+            .env("CHROMIUM", chromium),
+    );
+}
+
+/// Web Push in Chromium (`tests/e2e/webpush.mjs`): the demo page's "Notify me" flow, with a
+/// recorded PushSubscription (headless Chromium reaches no push service).
+#[test]
+fn webpush_browser_suite() {
+    if skip("CRIER_SKIP_BROWSER", "Web Push browser") {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    assert!(
+        node_major().is_some_and(|v| v >= 20),
+        "the browser suite needs Node.js 20 or newer; install it or set CRIER_SKIP_BROWSER=1"
+    );
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    if !Path::new(&chromium).exists() {
+        ensure_apt("chromium", "chromium", "CRIER_SKIP_BROWSER");
+    }
+    ensure_apt("openssl", "openssl", "CRIER_SKIP_BROWSER");
+    let dir = repo().join("tests/e2e");
+    ensure_node_modules(&dir);
+    run_suite(
+        "Web Push browser",
+        Command::new("node")
+            .arg(dir.join("webpush.mjs"))
             .env("CHROMIUM", chromium),
     );
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use common::*;
-use hmac::{Hmac, KeyInit, Mac};
+use hmac::{Hmac, Mac};
 use http::StatusCode;
 
 const WHSEC: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";

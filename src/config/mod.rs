@@ -8,6 +8,7 @@
 mod raw;
 mod validate;
 mod webhook;
+mod webpush;
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -22,6 +23,7 @@ use validate::Validator;
 
 use crate::auth::jwt::{JwtAlgorithm, JwtVerifier};
 use crate::auth::PublishToken;
+pub use webpush::{HostPattern, WebPushConfig};
 
 pub use webhook::{
     decode_whsec, ChannelPattern, ChannelSource, ChannelTemplate, IngressConfig, Secret, Verify,
@@ -41,6 +43,8 @@ pub struct Config {
     pub webhooks: Vec<WebhookConfig>,
     /// `[[ingress]]`: public paths where verified webhooks are published.
     pub ingress: Vec<IngressConfig>,
+    /// `[webpush]`; None: Web Push is off.
+    pub webpush: Option<WebPushConfig>,
     /// Where the config came from (None: built-in defaults), for reload and messages.
     pub source: Option<PathBuf>,
 }
@@ -411,6 +415,7 @@ mod tests {
         assert_eq!(c.push[0].path, d.push[0].path);
         assert_eq!(c.push[0].keepalive, d.push[0].keepalive);
         assert_eq!(c.admin.listen, d.admin.listen);
+        assert!(c.webpush.is_none() && d.webpush.is_none());
     }
 
     #[test]

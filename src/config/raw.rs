@@ -17,6 +17,7 @@ pub(super) struct RawConfig {
     pub(super) admin: Option<S<RawAdmin>>,
     pub(super) webhook: Option<S<Vec<S<super::webhook::RawWebhook>>>>,
     pub(super) ingress: Option<S<Vec<S<super::webhook::RawIngress>>>>,
+    pub(super) webpush: Option<S<super::webpush::RawWebPush>>,
 }
 
 #[derive(Deserialize)]

@@ -143,6 +143,7 @@ impl Validator<'_> {
         };
         let webhooks = self.webhooks(raw.webhook, base);
         let ingress = self.ingresses(raw.ingress, &server, base);
+        let webpush = raw.webpush.and_then(|w| self.webpush(w, base, &push));
         Config {
             server,
             upstream,
@@ -152,6 +153,7 @@ impl Validator<'_> {
             admin,
             webhooks,
             ingress,
+            webpush,
             source: path.map(Path::to_path_buf),
         }
     }

@@ -59,7 +59,7 @@ pub trait Site {
 }
 
 /// Serves requests on a plain-TCP HTTP/1.1 connection until it ends or a request needs hyper.
-pub async fn serve<S: Site, F: Fn() -> std::sync::Arc<S>>(
+pub async fn serve<S: Site, F: Fn() -> S>(
     stream: &mut TcpStream,
     site: F,
     conn: &ConnInfo,

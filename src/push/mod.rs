@@ -71,19 +71,12 @@ pub async fn serve(
     loc: &PushLocation,
     channel: &str,
 ) -> Response<Body> {
-    // HTTP/2 carries the request's host in `:authority`, not `Host`: same-origin checks need it.
-    if !req.headers().contains_key(header::HOST) {
-        if let Some(v) = req
-            .uri()
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        {
-            req.headers_mut().insert(header::HOST, v);
-        }
-    }
+    ensure_host(&mut req);
     let cors = match check_origin(req.headers(), loc) {
         Ok(c) => c,
-        Err(()) => return response::text(StatusCode::FORBIDDEN, "origin not allowed"),
+        Err(OriginNotAllowed) => {
+            return response::text(StatusCode::FORBIDDEN, "origin not allowed")
+        }
     };
     let transport = if hyper_tungstenite::is_upgrade_request(&req) {
         Transport::WebSocket
@@ -110,22 +103,16 @@ pub async fn serve(
         };
     }
     // Once per subscription: WebSocket and SSE at connect, long-poll at every request.
-    if Gatekeeper::guards(loc) {
-        let target = req
-            .uri()
-            .path_and_query()
-            .map_or(req.uri().path(), |p| p.as_str());
-        let ask = Ask {
-            headers: req.headers(),
-            target,
-            query: req.uri().query(),
-            conn: ctx.conn,
-        };
-        // Boxed: the check's future (an upstream request) is not kept in the state of every
-        // request's future, long-polls waiting for a message included.
-        if let Err(denial) = Box::pin(ctx.gatekeeper.check(loc, channel, &ask)).await {
-            return denial.into_response(cors.as_ref());
-        }
+    if let Err(denial) = check_subscriber(
+        ctx.gatekeeper,
+        ctx.conn,
+        (req.uri(), req.headers()),
+        loc,
+        channel,
+    )
+    .await
+    {
+        return denial.into_response(cors.as_ref());
     }
     let position = match position(req.uri().query(), req.headers(), transport) {
         Ok(p) => p,
@@ -147,6 +134,43 @@ pub async fn serve(
         add_cors(resp.headers_mut(), origin);
     }
     resp
+}
+
+/// HTTP/2 carries the request's host in `:authority`, not `Host`: same-origin checks need it.
+pub fn ensure_host<B>(req: &mut Request<B>) {
+    if !req.headers().contains_key(header::HOST) {
+        if let Some(v) = req
+            .uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            req.headers_mut().insert(header::HOST, v);
+        }
+    }
+}
+
+/// The location's subscriber checks (forward auth, JWT) for a request that passed the Origin
+/// check: what a subscription at `loc` needs, whatever asks for one (a transport, Web Push).
+pub async fn check_subscriber(
+    gatekeeper: &Gatekeeper,
+    conn: &ConnInfo,
+    (uri, headers): (&http::Uri, &HeaderMap),
+    loc: &PushLocation,
+    channel: &str,
+) -> Result<(), crate::auth::Denial> {
+    if !Gatekeeper::guards(loc) {
+        return Ok(());
+    }
+    let target = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
+    let ask = Ask {
+        headers,
+        target,
+        query: uri.query(),
+        conn,
+    };
+    // Boxed: the check's future (an upstream request) is not kept in the state of every
+    // request's future, long-polls waiting for a message included.
+    Box::pin(gatekeeper.check(loc, channel, &ask)).await
 }
 
 /// An SSE subscription the fast path may serve itself (see `sse::serve_h1`).
@@ -279,13 +303,23 @@ fn parse_position(v: &str) -> Result<Position, String> {
     }
 }
 
+/// A page whose Origin the location does not allow (403).
+#[derive(Debug, Clone, Copy)]
+pub struct OriginNotAllowed;
+
 /// Ok(Some(origin)) when the request is cross-origin and allowed (CORS headers needed),
 /// Ok(None) when it is same-origin or carries no Origin, Err when it is not allowed.
-fn check_origin(h: &HeaderMap, loc: &PushLocation) -> Result<Option<HeaderValue>, ()> {
+pub fn check_origin(
+    h: &HeaderMap,
+    loc: &PushLocation,
+) -> Result<Option<HeaderValue>, OriginNotAllowed> {
     let Some(origin) = h.get(header::ORIGIN) else {
         return Ok(None);
     };
-    let o = origin.to_str().map_err(|_| ())?.trim_end_matches('/');
+    let o = origin
+        .to_str()
+        .map_err(|_| OriginNotAllowed)?
+        .trim_end_matches('/');
     let host = h.get(header::HOST).and_then(|v| v.to_str().ok());
     let same_origin = host.is_some_and(|host| {
         o.split_once("://")
@@ -301,7 +335,7 @@ fn check_origin(h: &HeaderMap, loc: &PushLocation) -> Result<Option<HeaderValue>
     {
         return Ok(Some(origin.clone()));
     }
-    Err(())
+    Err(OriginNotAllowed)
 }
 
 /// The CORS headers for an allowed cross-origin subscriber.

@@ -183,7 +183,10 @@ async fn serve_public(
             // Boxed, like the other branches: an idle SSE connection's task must not carry
             // the proxy's state in its size.
             let st = state.clone();
-            let site = move || st.live.read().clone();
+            let site = move || PublicSite {
+                live: st.live.read().clone(),
+                state: st.clone(),
+            };
             let served = Box::pin(h1::serve(&mut stream, site, &conn, &state.drain)).await;
             if let h1::Served::Handoff(read) = served {
                 let svc = service(&state, Kind::Public, conn);
@@ -534,13 +537,14 @@ async fn dispatch(
                 _ => None,
             };
             let max = config.channels.max_message_size;
-            crate::publish::handle(&state.hub, max, token, req).await
+            crate::publish::handle(&state.hub, max, token, req, state.webpush.as_ref()).await
         }
         Kind::Admin => admin::handle(
             AdminView {
                 hub: &state.hub,
                 metrics: &state.metrics,
                 ready: !state.draining.load(Ordering::Relaxed),
+                webpush: state.webpush.as_ref(),
                 server: super::ServerHandle {
                     state: state.clone(),
                 },
@@ -554,6 +558,18 @@ async fn public(state: &Arc<State>, req: Request<Incoming>, conn: ConnInfo) -> R
     let live = state.live.read().clone();
     if let Some(ingress) = live.ingress.find(req.uri().path()) {
         return crate::webhook::ingress::serve(&state.hub, ingress, req, conn.peer).await;
+    }
+    if let Some(wp) = &state.webpush {
+        if let Some(rest) = wp.route(req.uri().path()) {
+            let rest = rest.to_string();
+            let ctx = crate::webpush::api::ApiContext {
+                webpush: wp,
+                locations: &live.config.push,
+                gatekeeper: &live.gatekeeper,
+                conn: &conn,
+            };
+            return Box::pin(crate::webpush::api::handle(ctx, req, &rest)).await;
+        }
     }
     match live.router.route(req.uri().path()) {
         Route::Proxy => live.proxy.forward(req, &conn).await,
@@ -600,26 +616,38 @@ fn refuse(stream: TcpStream, state: &State) {
     let _ = stream.try_write(BUSY);
 }
 
-/// What the proxy fast path reads from the live config.
-impl h1::Site for Live {
+/// What the proxy fast path reads: the live config, and the server's own paths.
+struct PublicSite {
+    live: Arc<Live>,
+    state: Arc<State>,
+}
+
+impl h1::Site for PublicSite {
     fn proxy(&self) -> &Proxy {
-        &self.proxy
+        &self.live.proxy
     }
 
-    /// The same decision `public` makes: ingress paths and push locations are crier's own.
+    /// The decision `public` makes, in its order: ingress paths, the Web Push API and push
+    /// locations are crier's own; the rest goes to the upstream.
     fn proxies(&self, path: &str) -> bool {
-        self.ingress.find(path).is_none() && matches!(self.router.route(path), Route::Proxy)
+        self.live.ingress.find(path).is_none()
+            && self
+                .state
+                .webpush
+                .as_ref()
+                .is_none_or(|wp| wp.route(path).is_none())
+            && matches!(self.live.router.route(path), Route::Proxy)
     }
 
     fn header_timeout(&self) -> Duration {
-        self.http.header_timeout
+        self.live.http.header_timeout
     }
 
     fn max_header_bytes(&self) -> usize {
-        self.config.server.max_header_bytes
+        self.live.config.server.max_header_bytes
     }
 
     fn max_headers(&self) -> usize {
-        self.config.server.max_headers
+        self.live.config.server.max_headers
     }
 }

@@ -28,6 +28,7 @@ use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::router::Router;
+use crate::webpush::WebPush;
 use conn::HttpBuilders;
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +57,8 @@ pub enum StartError {
     Tls(#[from] crate::tls::TlsError),
     #[error("{0}")]
     Webhook(#[from] crate::webhook::WebhookError),
+    #[error("{0}")]
+    WebPush(#[from] crate::webpush::WebPushError),
 }
 
 /// The parts of the server that a config reload replaces as a whole. Connections accepted
@@ -161,6 +164,8 @@ struct State {
     accept: TaskTracker,
     /// parking_lot: touched only at start, reload and shutdown, never across `.await`.
     listeners: Mutex<Vec<Listening>>,
+    /// `[webpush]`, when on: made at start (its store file stays open until shutdown).
+    webpush: Option<WebPush>,
 }
 
 /// The addresses the server really listens on (port 0 resolved).
@@ -224,6 +229,13 @@ impl ServerHandle {
                 }
             }
         }
+        match &st.webpush {
+            Some(wp) => wp.reload(config.webpush.as_ref()),
+            None if config.webpush.is_some() => {
+                tracing::warn!("[webpush] was added; it takes effect when crier restarts")
+            }
+            None => {}
+        }
         st.hub.set_config(config);
         *st.live.write() = Arc::new(live);
         st.webhooks.install(webhooks);
@@ -274,6 +286,10 @@ impl ServerHandle {
 
     pub fn webhooks(&self) -> &crate::webhook::Webhooks {
         &self.state.webhooks
+    }
+
+    pub fn webpush(&self) -> Option<&WebPush> {
+        self.state.webpush.as_ref()
     }
 }
 
@@ -388,6 +404,10 @@ impl Server {
         let webhooks = crate::webhook::Webhooks::new(hub.clone(), metrics.clone());
         let endpoints = webhooks.prepare(&config)?;
         let bound = bind_keys(listen_keys(&config).iter(), &config.publish)?;
+        let webpush = match &config.webpush {
+            Some(w) => Some(WebPush::start(w, &hub, &metrics.registry)?),
+            None => None,
+        };
         // Delivery tasks start only once nothing else can fail.
         webhooks.install(endpoints);
         let stop = CancellationToken::new();
@@ -422,6 +442,7 @@ impl Server {
                 conns: TaskTracker::new(),
                 accept: TaskTracker::new(),
                 listeners: Mutex::new(listening),
+                webpush,
             }),
             pending,
             addrs,
@@ -475,6 +496,9 @@ impl Server {
         // same deadline again to go out.
         state.webhooks.drain(deadline).await;
         sweeper.abort();
+        if let Some(wp) = &state.webpush {
+            wp.close(); // stops deliveries and releases the store file
+        }
         state.finished.cancel();
         for l in state.listeners.lock().drain(..) {
             if let ListenKey::Unix(p) = l.key {

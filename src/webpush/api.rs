@@ -1,0 +1,421 @@
+//! The public Web Push endpoints, under `webpush.path`:
+//! - `GET {path}/key`: the VAPID public key, base64url (the page's `applicationServerKey`);
+//! - `POST {path}/{channel}` with `PushSubscription.toJSON()`: 201 new, 200 already there;
+//! - `DELETE {path}/{channel}` with the same JSON or `?endpoint=`: 204.
+//!
+//! A channel is authorised exactly as a subscriber of the push location serving it would be:
+//! the same Origin check, then the same forward auth and JWT (`push::check_subscriber`).
+//! The endpoint is a URL crier will POST to, so it must be https on a `push_hosts` host
+//! (the guard against server-side request forgery); any bad input is a 400 and stores nothing.
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+
+use super::crypto::UaKeys;
+use super::store::WebPushSubscription;
+use super::WebPush;
+use crate::auth::Gatekeeper;
+use crate::config::{HostPattern, PushLocation};
+use crate::proxy::ConnInfo;
+use crate::push;
+use crate::response::{self, Body};
+use crate::router::validate_channel;
+
+/// A `PushSubscription.toJSON()` is a few hundred bytes.
+const MAX_BODY: usize = 8 * 1024;
+/// Real endpoints are under 1 KiB.
+const MAX_ENDPOINT: usize = 2048;
+
+/// What a request to the API needs from the server.
+pub struct ApiContext<'a> {
+    pub webpush: &'a WebPush,
+    pub locations: &'a [PushLocation],
+    pub gatekeeper: &'a Gatekeeper,
+    pub conn: &'a ConnInfo,
+}
+
+/// Serves one request; `rest` is the path after `webpush.path` and its slash.
+pub async fn handle(ctx: ApiContext<'_>, mut req: Request<Incoming>, rest: &str) -> Response<Body> {
+    if rest == "key" && (req.method() == Method::GET || req.method() == Method::HEAD) {
+        return public_key(ctx.webpush);
+    }
+    if let Err(e) = validate_channel(rest) {
+        return response::json_error(
+            StatusCode::NOT_FOUND,
+            &format!("{e} (the Web Push API is {{path}}/key and {{path}}/{{channel}})"),
+        );
+    }
+    let channel = rest;
+    let Some(loc) = location_for(ctx.locations, channel) else {
+        return response::json_error(
+            StatusCode::NOT_FOUND,
+            "no push location serves this channel",
+        );
+    };
+    push::ensure_host(&mut req);
+    let Ok(cors) = push::check_origin(req.headers(), loc) else {
+        return response::json_error(StatusCode::FORBIDDEN, "origin not allowed");
+    };
+    let mut resp = match *req.method() {
+        Method::OPTIONS => preflight(),
+        Method::POST | Method::DELETE => {
+            let checked = push::check_subscriber(
+                ctx.gatekeeper,
+                ctx.conn,
+                (req.uri(), req.headers()),
+                loc,
+                channel,
+            )
+            .await;
+            match checked {
+                Err(denial) => return denial.into_response(cors.as_ref()),
+                Ok(()) if req.method() == Method::POST => {
+                    subscribe(ctx.webpush, channel, req).await
+                }
+                Ok(()) => unsubscribe(ctx.webpush, channel, req).await,
+            }
+        }
+        _ => response::method_not_allowed("POST, DELETE, OPTIONS", true),
+    };
+    if let Some(origin) = cors {
+        for (name, value) in push::cors_headers(&origin) {
+            resp.headers_mut().append(name, value);
+        }
+    }
+    resp
+}
+
+fn public_key(wp: &WebPush) -> Response<Body> {
+    let key = wp.inner.settings().vapid.key().public_key_b64().to_string();
+    let mut r = response::text(StatusCode::OK, &key);
+    // Any page may read it (it is public), and it changes only with the key file.
+    r.headers_mut().insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r
+}
+
+fn preflight() -> Response<Body> {
+    let mut r = Response::new(response::empty());
+    *r.status_mut() = StatusCode::NO_CONTENT;
+    let h = r.headers_mut();
+    h.insert(
+        header::ALLOW,
+        HeaderValue::from_static("POST, DELETE, OPTIONS"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("POST, DELETE, OPTIONS"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("Content-Type, Authorization"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("600"),
+    );
+    r
+}
+
+/// The location a subscriber of `channel` would use: the longest `channel_prefix` that
+/// `channel` extends, the first in config order among equals (the router's order).
+pub fn location_for<'l>(locations: &'l [PushLocation], channel: &str) -> Option<&'l PushLocation> {
+    let mut best: Option<&PushLocation> = None;
+    for loc in locations {
+        let fits = channel
+            .strip_prefix(loc.channel_prefix.as_str())
+            .is_some_and(|rest| !rest.is_empty());
+        if fits && best.is_none_or(|b| loc.channel_prefix.len() > b.channel_prefix.len()) {
+            best = Some(loc);
+        }
+    }
+    best
+}
+
+/// The `PushSubscription.toJSON()` fields crier reads (others, like `expirationTime`, are
+/// ignored).
+#[derive(serde::Deserialize)]
+struct SubscriptionJson {
+    endpoint: String,
+    keys: Option<KeysJson>,
+}
+
+#[derive(serde::Deserialize)]
+struct KeysJson {
+    p256dh: String,
+    auth: String,
+}
+
+async fn read_json(req: Request<Incoming>) -> Result<SubscriptionJson, String> {
+    let body = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                format!("body larger than {MAX_BODY} bytes")
+            } else {
+                format!("reading the body failed: {e}")
+            }
+        })?
+        .to_bytes();
+    serde_json::from_slice(&body)
+        .map_err(|e| format!("body is not a PushSubscription JSON ({{\"endpoint\", \"keys\": {{\"p256dh\", \"auth\"}}}}): {e}"))
+}
+
+async fn subscribe(wp: &WebPush, channel: &str, req: Request<Incoming>) -> Response<Body> {
+    let bad = |e: &str| response::json_error(StatusCode::BAD_REQUEST, e);
+    let json = match read_json(req).await {
+        Ok(j) => j,
+        Err(e) => return bad(&e),
+    };
+    let settings = wp.inner.settings();
+    let origin = match check_endpoint(&json.endpoint, &settings.push_hosts) {
+        Ok(o) => o,
+        Err(e) => return bad(&e),
+    };
+    let Some(keys) = json.keys else {
+        return bad("keys missing: {\"p256dh\", \"auth\"}");
+    };
+    let decode = |s: &str| URL_SAFE_NO_PAD.decode(s.trim_end_matches('=')).ok();
+    let (Some(p256dh), Some(auth)) = (decode(&keys.p256dh), decode(&keys.auth)) else {
+        return bad("keys.p256dh and keys.auth must be base64url");
+    };
+    let keys = match UaKeys::parse(&p256dh, &auth) {
+        Ok(k) => k,
+        Err(e) => return bad(e),
+    };
+    let store = &wp.inner.store;
+    if store.total() >= settings.max_subscriptions && !store.contains(channel, &json.endpoint) {
+        let mut r = response::json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "webpush.max_subscriptions reached",
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("3600"));
+        return r;
+    }
+    let sub = WebPushSubscription {
+        channel: channel.into(),
+        endpoint: json.endpoint.clone(),
+        origin,
+        keys,
+    };
+    let inner = wp.inner.clone();
+    // redb commits with an fsync: off the runtime's worker threads.
+    let put = tokio::task::spawn_blocking(move || inner.store.put(sub)).await;
+    let new = match put {
+        Ok(Ok(new)) => new,
+        Ok(Err(e)) => {
+            tracing::error!("{e}");
+            return response::json_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "cannot save the subscription",
+            );
+        }
+        Err(e) => {
+            tracing::error!("webpush store task: {e}");
+            return response::json_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "cannot save the subscription",
+            );
+        }
+    };
+    wp.inner
+        .metrics
+        .subscriptions
+        .set(wp.inner.store.total() as i64);
+    let status = if new {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    response::json(
+        status,
+        &serde_json::json!({ "channel": channel, "subscribed": true, "new": new }),
+    )
+}
+
+async fn unsubscribe(wp: &WebPush, channel: &str, req: Request<Incoming>) -> Response<Body> {
+    let from_query = req.uri().query().and_then(|q| {
+        q.split('&')
+            .filter_map(|p| p.split_once('='))
+            .find(|(k, _)| *k == "endpoint")
+            .map(|(_, v)| percent_decode(v))
+    });
+    let endpoint = match from_query {
+        Some(Some(e)) => e,
+        Some(None) => {
+            return response::json_error(
+                StatusCode::BAD_REQUEST,
+                "endpoint= is not valid percent-encoded UTF-8",
+            )
+        }
+        None => match read_json(req).await {
+            Ok(j) => j.endpoint,
+            Err(e) => {
+                return response::json_error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("{e}; or give ?endpoint="),
+                )
+            }
+        },
+    };
+    if endpoint.is_empty() || endpoint.len() > MAX_ENDPOINT {
+        return response::json_error(StatusCode::BAD_REQUEST, "endpoint missing or too long");
+    }
+    let inner = wp.inner.clone();
+    let ch = channel.to_string();
+    let r = tokio::task::spawn_blocking(move || inner.store.remove(&ch, &endpoint)).await;
+    match r {
+        Ok(Ok(_)) => {
+            wp.inner
+                .metrics
+                .subscriptions
+                .set(wp.inner.store.total() as i64);
+            let mut r = Response::new(response::empty());
+            *r.status_mut() = StatusCode::NO_CONTENT;
+            r
+        }
+        Ok(Err(e)) => {
+            tracing::error!("{e}");
+            response::json_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "cannot delete the subscription",
+            )
+        }
+        Err(e) => {
+            tracing::error!("webpush store task: {e}");
+            response::json_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "cannot delete the subscription",
+            )
+        }
+    }
+}
+
+/// Checks a subscription endpoint and returns its origin (`https://host[:port]`, lowercase):
+/// https, no user info, a host that `push_hosts` allows. An IP address or `localhost` passes
+/// only when listed exactly; a `*.` pattern never matches one.
+pub fn check_endpoint(endpoint: &str, hosts: &[HostPattern]) -> Result<String, String> {
+    if endpoint.len() > MAX_ENDPOINT {
+        return Err(format!("endpoint longer than {MAX_ENDPOINT} bytes"));
+    }
+    let uri: http::Uri = endpoint
+        .parse()
+        .map_err(|_| "endpoint is not a URL".to_string())?;
+    if uri.scheme_str() != Some("https") {
+        return Err("endpoint must be an https:// URL".into());
+    }
+    let Some(authority) = uri.authority() else {
+        return Err("endpoint has no host".into());
+    };
+    if authority.as_str().contains('@') {
+        return Err("endpoint must not carry user info".into());
+    }
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
+    if !hosts.iter().any(|p| p.matches(&host)) {
+        return Err(format!(
+            "endpoint host {host:?} is not a known push service (webpush.push_hosts)"
+        ));
+    }
+    origin_of(endpoint).ok_or_else(|| "endpoint has no host".into())
+}
+
+/// `https://host[:port]` of an endpoint, lowercase: the VAPID audience and the queue key.
+pub fn origin_of(endpoint: &str) -> Option<String> {
+    let uri: http::Uri = endpoint.parse().ok()?;
+    let a = uri.authority()?;
+    Some(format!(
+        "{}://{}",
+        uri.scheme_str()?,
+        a.as_str().to_ascii_lowercase()
+    ))
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_rule() {
+        let hosts: Vec<HostPattern> = ["*.googleapis.com", "127.0.0.1"]
+            .iter()
+            .map(|h| HostPattern::parse(h).expect("valid"))
+            .collect();
+        assert_eq!(
+            check_endpoint("https://fcm.googleapis.com/fcm/send/abc", &hosts).as_deref(),
+            Ok("https://fcm.googleapis.com")
+        );
+        assert_eq!(
+            check_endpoint("https://127.0.0.1:8443/p/1", &hosts).as_deref(),
+            Ok("https://127.0.0.1:8443")
+        );
+        for bad in [
+            "http://fcm.googleapis.com/x",
+            "https://googleapis.com/x",
+            "https://fcm.googleapis.com.evil.net/x",
+            "https://user@fcm.googleapis.com/x",
+            "https://127.0.0.2/x",
+            "https://localhost/x",
+            "https://[::1]/x",
+            "https://169.254.169.254/latest",
+            "ftp://fcm.googleapis.com/x",
+            "fcm.googleapis.com/x",
+            "",
+        ] {
+            assert!(
+                check_endpoint(bad, &hosts).is_err(),
+                "{bad} must be refused"
+            );
+        }
+        let long = format!("https://fcm.googleapis.com/{}", "a".repeat(MAX_ENDPOINT));
+        assert!(check_endpoint(&long, &hosts).is_err());
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(
+            percent_decode("https%3A%2F%2Fa.example%2Fx").as_deref(),
+            Some("https://a.example/x")
+        );
+        assert_eq!(percent_decode("%zz"), None);
+        assert_eq!(percent_decode("%2"), None);
+    }
+}
