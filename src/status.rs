@@ -202,7 +202,7 @@ pub struct ChannelRow {
 struct Previous {
     at: Instant,
     published: u64,
-    delivered: [u64; 3],
+    delivered: [u64; Transport::COUNT],
     proxied: u64,
     upstream_errors: u64,
     /// Per-channel `published` of the channels scanned last time.

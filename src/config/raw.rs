@@ -15,6 +15,16 @@ pub(super) struct RawConfig {
     pub(super) channels: Option<S<RawChannels>>,
     pub(super) push: Option<S<Vec<S<RawPush>>>>,
     pub(super) admin: Option<S<RawAdmin>>,
+    pub(super) webrtc: Option<S<RawWebRtc>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawWebRtc {
+    pub(super) listen: Option<S<String>>,
+    pub(super) candidates: Option<S<Vec<S<String>>>>,
+    pub(super) max_sessions: Option<S<i64>>,
+    pub(super) ice_timeout: Option<S<String>>,
 }
 
 #[derive(Deserialize)]

@@ -26,6 +26,7 @@ use crate::config::{Config, PublishConfig};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
+use crate::push::webrtc::WebRtc;
 use crate::router::Router;
 use conn::HttpBuilders;
 
@@ -53,6 +54,8 @@ pub enum StartError {
     UnixInUse(PathBuf),
     #[error("TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
+    #[error("{0}")]
+    WebRtc(#[from] crate::push::webrtc::WebRtcError),
 }
 
 /// The parts of the server that a config reload replaces as a whole. Connections accepted
@@ -153,6 +156,8 @@ struct State {
     accept: TaskTracker,
     /// parking_lot: touched only at start, reload and shutdown, never across `.await`.
     listeners: Mutex<Vec<Listening>>,
+    /// `[webrtc]` of the config crier started with (its socket is not reopened on reload).
+    webrtc: Option<WebRtc>,
 }
 
 /// The addresses the server really listens on (port 0 resolved).
@@ -163,6 +168,8 @@ pub struct Addrs {
     pub publish: Vec<SocketAddr>,
     pub publish_unix: Option<PathBuf>,
     pub admin: Option<SocketAddr>,
+    /// The `[webrtc]` UDP socket.
+    pub webrtc: Option<SocketAddr>,
 }
 
 pub struct Server {
@@ -236,7 +243,9 @@ impl ServerHandle {
 
     /// The addresses currently listened on.
     pub fn addrs(&self) -> Addrs {
-        addrs_of(&self.state.listeners.lock())
+        let mut a = addrs_of(&self.state.listeners.lock());
+        a.webrtc = self.state.webrtc.as_ref().and_then(WebRtc::local_addr);
+        a
     }
 
     /// True from the start of the draining shutdown.
@@ -387,7 +396,12 @@ impl Server {
             });
             pending.push(b);
         }
-        let addrs = addrs_of(&listening);
+        let webrtc = match &config.webrtc {
+            Some(w) => Some(WebRtc::bind(w, metrics.clone())?),
+            None => None,
+        };
+        let mut addrs = addrs_of(&listening);
+        addrs.webrtc = webrtc.as_ref().and_then(WebRtc::local_addr);
         Ok(Server {
             state: Arc::new(State {
                 live: RwLock::new(Arc::new(live)),
@@ -402,6 +416,7 @@ impl Server {
                 conns: TaskTracker::new(),
                 accept: TaskTracker::new(),
                 listeners: Mutex::new(listening),
+                webrtc,
             }),
             pending,
             addrs,
@@ -429,6 +444,9 @@ impl Server {
             }
         }
         let sweeper = tokio::spawn(state.hub.clone().run_sweeper(Duration::from_secs(1)));
+        if let Some(w) = &state.webrtc {
+            tokio::spawn(w.clone().serve());
+        }
         tracing::info!("crier is ready");
 
         state.stop.cancelled().await;
@@ -442,6 +460,9 @@ impl Server {
         state.upgraded.close();
         let deadline = state.live.read().config.server.shutdown_timeout;
         let all = async {
+            if let Some(w) = &state.webrtc {
+                w.shutdown(deadline).await; // sessions: SCTP shutdown, DTLS close_notify
+            }
             state.conns.wait().await;
             state.upgraded.wait().await;
         };

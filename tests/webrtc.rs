@@ -1,0 +1,616 @@
+//! WebRTC DataChannel subscribers: signalling (POST offer → 201 answer, DELETE), auth before
+//! any UDP state, limits, delivery and resume, against a real peer: str0m as the *client*
+//! (a full, non-lite ICE agent on its own UDP socket), independent of crier's session code.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::*;
+use reqwest::StatusCode;
+use str0m::change::{SdpAnswer, SdpPendingOffer};
+use str0m::channel::ChannelId;
+use str0m::media::{Direction, MediaKind};
+use str0m::net::{Protocol, Receive};
+use str0m::{Candidate, Event, Input, Output, Rtc};
+use tokio::net::UdpSocket;
+
+const WEBRTC: &str = "[webrtc]\nlisten = \"127.0.0.1:0\"\n";
+
+async fn start(extra: &str) -> (Upstream, Crier) {
+    let up = Upstream::start().await;
+    let c = Crier::start(&up.url(), &format!("{WEBRTC}{extra}")).await;
+    (up, c)
+}
+
+fn webrtc_addr(c: &Crier) -> SocketAddr {
+    c.handle.addrs().webrtc.expect("the webrtc socket is bound")
+}
+
+/// A WebRTC client: one str0m `Rtc` (not ICE-lite) on its own UDP socket.
+struct Peer {
+    rtc: Rtc,
+    socket: UdpSocket,
+    local: SocketAddr,
+    channel: ChannelId,
+    open: bool,
+    opened_at: Option<Instant>,
+    /// Text messages received on the data channel, parsed as JSON.
+    received: Vec<serde_json::Value>,
+    closed: bool,
+    /// The offer made, until the answer comes.
+    pending: Option<SdpPendingOffer>,
+}
+
+/// The offer a fresh client makes (a data channel named "crier"), and the client.
+async fn new_peer() -> (Peer, String) {
+    let socket = UdpSocket::bind("127.0.0.1:0").await.expect("udp bind");
+    let local = socket.local_addr().expect("udp addr");
+    let mut rtc = Rtc::builder().build(Instant::now());
+    rtc.add_local_candidate(Candidate::host(local, "udp").expect("candidate"));
+    let mut change = rtc.sdp_api();
+    let channel = change.add_channel("crier".into());
+    let (offer, pending) = change.apply().expect("an offer");
+    let sdp = offer.to_sdp_string();
+    let peer = Peer {
+        rtc,
+        socket,
+        local,
+        channel,
+        open: false,
+        opened_at: None,
+        received: Vec::new(),
+        closed: false,
+        pending: Some(pending),
+    };
+    (peer, sdp)
+}
+
+/// POSTs an offer; the response.
+async fn post_offer(url: &str, sdp: String, headers: &[(&str, &str)]) -> reqwest::Response {
+    let mut req = client()
+        .post(url)
+        .header("content-type", "application/sdp")
+        .body(sdp);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.send().await.expect("POST offer")
+}
+
+impl Peer {
+    /// Offers to `url`, takes the answer; returns the client and the session's Location.
+    async fn connect(url: &str) -> (Peer, String) {
+        let (mut p, sdp) = new_peer().await;
+        let r = post_offer(url, sdp, &[]).await;
+        assert_eq!(r.status(), StatusCode::CREATED, "{:?}", r.text().await);
+        assert_eq!(r.headers()["content-type"], "application/sdp");
+        let location = r.headers()["location"]
+            .to_str()
+            .expect("ascii location")
+            .to_string();
+        let answer = r.text().await.expect("answer body");
+        p.accept(&answer);
+        (p, location)
+    }
+
+    fn accept(&mut self, answer: &str) {
+        let answer = SdpAnswer::from_sdp_string(answer).expect("a valid SDP answer");
+        let pending = self.pending.take().expect("a pending offer");
+        self.rtc
+            .sdp_api()
+            .accept_answer(pending, answer)
+            .expect("answer accepted");
+    }
+
+    /// Drives the client until `done` holds or `within` passes; true when `done` held.
+    async fn run_until(&mut self, within: Duration, done: impl Fn(&Peer) -> bool) -> bool {
+        let end = Instant::now() + within;
+        let mut buf = vec![0u8; 2048];
+        loop {
+            if done(self) {
+                return true;
+            }
+            let timeout = loop {
+                match self.rtc.poll_output() {
+                    Ok(Output::Timeout(t)) => break t,
+                    Ok(Output::Transmit(t)) => {
+                        let _ = self.socket.send_to(&t.contents, t.destination).await;
+                    }
+                    Ok(Output::Event(e)) => self.event(e),
+                    Err(_) => {
+                        self.closed = true;
+                        return done(self);
+                    }
+                }
+            };
+            if done(self) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= end {
+                return false;
+            }
+            let wait = timeout.min(end).saturating_duration_since(now);
+            match tokio::time::timeout(wait, self.socket.recv_from(&mut buf)).await {
+                Ok(Ok((n, from))) => {
+                    if let Ok(r) = Receive::new(Protocol::Udp, from, self.local, &buf[..n]) {
+                        let _ = self.rtc.handle_input(Input::Receive(Instant::now(), r));
+                    }
+                }
+                _ => {
+                    let _ = self.rtc.handle_input(Input::Timeout(Instant::now()));
+                }
+            }
+        }
+    }
+
+    fn event(&mut self, e: Event) {
+        match e {
+            Event::ChannelOpen(id, _) if id == self.channel => {
+                self.open = true;
+                self.opened_at = Some(Instant::now());
+            }
+            Event::ChannelData(d) if d.id == self.channel => {
+                assert!(!d.binary, "crier sends text messages");
+                let v: serde_json::Value =
+                    serde_json::from_slice(&d.data).expect("a crier.json envelope");
+                self.received.push(v);
+            }
+            Event::ChannelClose(id) if id == self.channel => self.closed = true,
+            // DTLS close_notify from crier.
+            Event::Closed => self.closed = true,
+            _ => {}
+        }
+    }
+
+    async fn open(&mut self) {
+        let ok = self.run_until(Duration::from_secs(10), |p| p.open).await;
+        assert!(ok, "the data channel did not open");
+    }
+
+    async fn receive(&mut self, n: usize) -> Vec<serde_json::Value> {
+        let ok = self
+            .run_until(Duration::from_secs(15), |p| p.received.len() >= n)
+            .await;
+        assert!(
+            ok,
+            "received {} of {n} messages: {:?}",
+            self.received.len(),
+            self.received
+        );
+        std::mem::take(&mut self.received)
+    }
+}
+
+#[tokio::test]
+async fn delivers_in_order_including_messages_published_before_the_channel_opens() {
+    let (_up, c) = start("").await;
+    let (mut p, location) = Peer::connect(&c.url("/live/rtc")).await;
+    assert!(
+        location.starts_with("/live/rtc?webrtc_session="),
+        "{location}"
+    );
+    // The position is fixed at the POST: this one is published before ICE even starts.
+    let early = c.publish("rtc", "early").await;
+    p.open().await;
+    let mut ids = vec![early];
+    for body in ["two\nlines", "ünïcödé ✓"] {
+        ids.push(c.publish("rtc", body).await);
+    }
+    let bin = client()
+        .post(c.pub_url("rtc"))
+        .header("content-type", "application/octet-stream")
+        .body(vec![0xffu8, 0x00, 0x01])
+        .send()
+        .await
+        .expect("publish binary");
+    assert_eq!(bin.status(), StatusCode::CREATED);
+    let got = p.receive(4).await;
+    let got_ids: Vec<&str> = got.iter().map(|v| v["id"].as_str().expect("id")).collect();
+    assert_eq!(
+        &got_ids[..3],
+        &ids.iter().map(String::as_str).collect::<Vec<_>>()[..]
+    );
+    assert_eq!(got[0]["data"], "early");
+    assert_eq!(got[1]["data"], "two\nlines");
+    assert_eq!(got[2]["data"], "ünïcödé ✓");
+    assert_eq!(got[3]["data_b64"], "/wAB");
+    assert_eq!(
+        metric(&c, "crier_connections{transport=\"webrtc\"}").await,
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&c, "crier_webrtc_sessions{state=\"open\"}").await,
+        Some(1.0)
+    );
+    assert!(metric(&c, "crier_messages_delivered_total{transport=\"webrtc\"}").await >= Some(4.0));
+    assert_eq!(
+        metric(&c, "crier_webrtc_handshake_seconds_count").await,
+        Some(1.0)
+    );
+}
+
+/// An offer refused: its status and one-line reason.
+async fn refused(url: &str, sdp: String, headers: &[(&str, &str)]) -> (StatusCode, String) {
+    let r = post_offer(url, sdp, headers).await;
+    let status = r.status();
+    let body = r.text().await.expect("body");
+    assert_eq!(
+        body.trim_end().lines().count(),
+        1,
+        "one-line reason: {body:?}"
+    );
+    (status, body.trim_end().to_string())
+}
+
+async fn sessions(c: &Crier, state: &str) -> Option<f64> {
+    metric(c, &format!("crier_webrtc_sessions{{state=\"{state}\"}}")).await
+}
+
+/// Waits until no WebRTC session or subscriber is left.
+async fn all_gone(c: &Crier) -> bool {
+    eventually(Duration::from_secs(10), async || {
+        sessions(c, "open").await == Some(0.0)
+            && sessions(c, "connecting").await == Some(0.0)
+            && metric(c, "crier_connections{transport=\"webrtc\"}").await == Some(0.0)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn bad_offers_are_refused_with_one_line_and_nothing_allocated() {
+    let (_up, c) = start("").await;
+    let url = c.url("/live/bad");
+    let (_, good) = new_peer().await;
+
+    let r = client()
+        .post(&url)
+        .header("content-type", "text/plain")
+        .body(good.clone())
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+
+    let (s, why) = refused(&url, "this is not SDP".into(), &[]).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(why.starts_with("malformed SDP offer"), "{why}");
+
+    let audio_only = {
+        let mut rtc = Rtc::new(Instant::now());
+        let mut change = rtc.sdp_api();
+        change.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None);
+        change.apply().expect("an audio offer").0.to_sdp_string()
+    };
+    let (s, why) = refused(&url, audio_only, &[]).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(why.contains("no data channel section"), "{why}");
+
+    let (s, _) = refused(&url, "v=0\r\n".repeat(20_000), &[]).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+
+    // Nothing was allocated: no session, no subscriber, not even the channel.
+    assert_eq!(sessions(&c, "connecting").await, Some(0.0));
+    assert_eq!(
+        metric(&c, "crier_connections_total{transport=\"webrtc\"}").await,
+        Some(0.0)
+    );
+    assert_eq!(channel_info(&c, "bad").await.0, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn a_location_without_webrtc_refuses_post_and_delete() {
+    let (_up, c) = start(
+        "[[push]]\npath = \"/live/{channel}\"\ntransports = [\"sse\"]\n\
+         [[push]]\npath = \"/rtc/{channel}\"\ntransports = [\"webrtc\"]\n",
+    )
+    .await;
+    let (_, sdp) = new_peer().await;
+    let r = post_offer(&c.url("/live/x"), sdp, &[]).await;
+    assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(r.headers()["allow"], "GET, OPTIONS");
+    let r = client()
+        .delete(c.url("/live/x?webrtc_session=00"))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+    // The other location serves WebRTC only.
+    let (mut p, _) = Peer::connect(&c.url("/rtc/x")).await;
+    p.open().await;
+    let r = client()
+        .get(c.url("/rtc/x"))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), StatusCode::NOT_ACCEPTABLE);
+}
+
+#[tokio::test]
+async fn auth_and_origin_are_checked_before_any_udp_state() {
+    let (up, c) = start(
+        "[[push]]\npath = \"/live/{channel}\"\nauth_request = \"/auth/check\"\n\
+         allow_origins = [\"https://app.example\"]\n",
+    )
+    .await;
+    let url = c.url("/live/room");
+    // Garbage SDP: auth answers first, so the body is never even read.
+    let (s, _) = refused(&url, "not sdp".into(), &[]).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert_eq!(up.auth.calls(), 1);
+    let (_, sdp) = new_peer().await;
+    let (s, _) = refused(
+        &url,
+        sdp.clone(),
+        &[
+            ("cookie", "session=good"),
+            ("origin", "https://evil.example"),
+        ],
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert_eq!(up.auth.calls(), 1, "a refused origin never reaches the app");
+    let (s, _) = refused(
+        &c.url("/live/secret-room"),
+        sdp,
+        &[("cookie", "session=good")],
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert_eq!(sessions(&c, "connecting").await, Some(0.0));
+    assert_eq!(
+        metric(&c, "crier_connections_total{transport=\"webrtc\"}").await,
+        Some(0.0)
+    );
+
+    // With the cookie (and an allowed cross-origin page), the session starts.
+    let (mut p, sdp) = new_peer().await;
+    let r = post_offer(
+        &url,
+        sdp,
+        &[
+            ("cookie", "session=good"),
+            ("origin", "https://app.example"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+    let expose = r.headers()["access-control-expose-headers"]
+        .to_str()
+        .expect("ascii");
+    assert!(expose.contains("Location"), "{expose}");
+    p.accept(&r.text().await.expect("answer"));
+    p.open().await;
+    let id = c.publish("room", "hello").await;
+    assert_eq!(p.receive(1).await[0]["id"], id.as_str());
+
+    // The preflight of a cross-origin POST allows it.
+    let r = client()
+        .request(reqwest::Method::OPTIONS, &url)
+        .header("origin", "https://app.example")
+        .header("access-control-request-method", "POST")
+        .send()
+        .await
+        .expect("preflight");
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let methods = r.headers()["access-control-allow-methods"]
+        .to_str()
+        .expect("ascii");
+    assert!(
+        methods.contains("POST") && methods.contains("DELETE"),
+        "{methods}"
+    );
+}
+
+#[tokio::test]
+async fn max_sessions_is_503_and_a_slot_frees_when_a_session_ends() {
+    let (_up, c) = start("max_sessions = 1\n").await;
+    let url = c.url("/live/full");
+    let (mut p, location) = Peer::connect(&url).await;
+    p.open().await;
+    let (_, sdp) = new_peer().await;
+    let r = post_offer(&url, sdp.clone(), &[]).await;
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let why = r.text().await.expect("body");
+    assert!(why.contains("webrtc.max_sessions = 1"), "{why}");
+    assert_eq!(
+        metric(&c, "crier_connections{transport=\"webrtc\"}").await,
+        Some(1.0)
+    );
+
+    let r = client()
+        .delete(c.url(&location))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    assert!(all_gone(&c).await, "the session did not end");
+    let (mut p2, _) = Peer::connect(&url).await;
+    p2.open().await;
+}
+
+#[tokio::test]
+async fn delete_ends_the_session_and_frees_its_state() {
+    let (_up, c) = start("").await;
+    let (mut p, location) = Peer::connect(&c.url("/live/del")).await;
+    p.open().await;
+    assert_eq!(sessions(&c, "open").await, Some(1.0));
+    // The id belongs to its channel's URL.
+    let other = location.replace("/live/del?", "/live/other?");
+    let r = client().delete(c.url(&other)).send().await.expect("delete");
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let r = client()
+        .delete(c.url(&location))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    assert!(all_gone(&c).await, "the session did not end");
+    // crier said goodbye: the client sees its channel close.
+    let closed = p.run_until(Duration::from_secs(5), |p| p.closed).await;
+    assert!(closed, "the client was not told");
+    let r = client()
+        .delete(c.url(&location))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let r = client()
+        .delete(c.url("/live/del?webrtc_session=0123456789abcdef0123456789abcdef"))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let r = client()
+        .delete(c.url("/live/del"))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn garbage_datagrams_do_not_disturb_a_live_session() {
+    let (_up, c) = start("").await;
+    let (mut p, _) = Peer::connect(&c.url("/live/noise")).await;
+    p.open().await;
+    let target = webrtc_addr(&c);
+    let stranger = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let mut stun = vec![0x00, 0x01, 0x00, 0x0c, 0x21, 0x12, 0xA4, 0x42];
+    stun.extend_from_slice(&[9; 12]);
+    stun.extend_from_slice(&[0x00, 0x06, 0x00, 0x08]);
+    stun.extend_from_slice(b"nope:who");
+    let mut garbage: Vec<Vec<u8>> = vec![vec![], vec![0x16; 100], vec![0xff; 1500], stun];
+    for i in 0..200u32 {
+        garbage.push((0..(i % 97) * 13).map(|b| (b * 31 + i) as u8).collect());
+    }
+    for g in &garbage {
+        let _ = stranger.send_to(g, target).await;
+        // And from the client's own address: str0m must drop what it cannot parse.
+        let _ = p.socket.send_to(g, target).await;
+    }
+    let id = c.publish("noise", "still here").await;
+    let got = p.receive(1).await;
+    assert_eq!(got[0]["id"], id.as_str());
+    assert_eq!(got[0]["data"], "still here");
+    assert_eq!(sessions(&c, "open").await, Some(1.0));
+}
+
+#[tokio::test]
+async fn resume_after_teardown_gets_exactly_the_rest() {
+    let (_up, c) = start("").await;
+    let url = c.url("/live/resume");
+    let (mut p, _) = Peer::connect(&url).await;
+    p.open().await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(c.publish("resume", format!("m{i}")).await);
+    }
+    let got = p.receive(3).await;
+    let last_seen = got[2]["id"].as_str().expect("id").to_string();
+    assert_eq!(last_seen, ids[2]);
+    drop(p); // torn down without a word: no DELETE, no close
+    for i in 3..6 {
+        ids.push(c.publish("resume", format!("m{i}")).await);
+    }
+    let (mut q, _) = Peer::connect(&format!("{url}?last_event_id={last_seen}")).await;
+    q.open().await;
+    let got = q.receive(3).await;
+    let got_ids: Vec<&str> = got.iter().map(|v| v["id"].as_str().expect("id")).collect();
+    assert_eq!(
+        got_ids,
+        ids[3..].iter().map(String::as_str).collect::<Vec<_>>()
+    );
+    // Nothing more (no duplicate) arrives.
+    q.run_until(Duration::from_millis(500), |_| false).await;
+    assert!(q.received.is_empty(), "{:?}", q.received);
+    let (s, _) = refused(
+        &format!("{url}?last_event_id=nonsense"),
+        new_peer().await.1,
+        &[],
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn ice_timeout_ends_a_silent_session() {
+    let (_up, c) = start("ice_timeout = \"1s\"\n").await;
+    let (mut p, _) = Peer::connect(&c.url("/live/quiet")).await;
+    p.open().await;
+    drop(p); // no more consent checks
+    assert!(all_gone(&c).await, "the silent session was not ended");
+    assert_eq!(
+        metric(&c, "crier_subscribers_dropped_total{reason=\"timeout\"}").await,
+        Some(1.0)
+    );
+    // A client that never even starts ICE is ended too.
+    let (_p, sdp) = new_peer().await;
+    assert_eq!(
+        post_offer(&c.url("/live/quiet"), sdp, &[]).await.status(),
+        StatusCode::CREATED
+    );
+    assert_eq!(sessions(&c, "connecting").await, Some(1.0));
+    assert!(
+        all_gone(&c).await,
+        "the never-connected session was not ended"
+    );
+}
+
+#[tokio::test]
+async fn channel_delete_and_shutdown_close_sessions() {
+    let (_up, c) = start("").await;
+    let (mut p, _) = Peer::connect(&c.url("/live/gone")).await;
+    p.open().await;
+    let r = client()
+        .delete(c.pub_url("gone"))
+        .send()
+        .await
+        .expect("delete channel");
+    assert!(r.status().is_success(), "{}", r.status());
+    assert!(
+        p.run_until(Duration::from_secs(5), |p| p.closed).await,
+        "not closed on delete"
+    );
+    assert!(all_gone(&c).await);
+
+    let (mut p, _) = Peer::connect(&c.url("/live/stay")).await;
+    p.open().await;
+    let metrics = c.handle.metrics().clone();
+    let shut = tokio::spawn(c.shutdown());
+    assert!(
+        p.run_until(Duration::from_secs(5), |p| p.closed).await,
+        "not closed on shutdown"
+    );
+    shut.await.expect("shutdown");
+    assert_eq!(metrics.subscribers(crier::config::Transport::WebRtc), 0);
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_dropped_when_it_falls_behind() {
+    let (_up, c) = start("[channels]\nbuffer_messages = 4\n").await;
+    let (mut p, _) = Peer::connect(&c.url("/live/slow")).await;
+    p.open().await;
+    // The client stops driving its side (no acks), but its ICE consent is not the point
+    // here: 30 s of ice_timeout is far away. 60 KiB messages fill the data channel's send
+    // buffer after two; then the hub's buffer of 4 moves past the session.
+    let body = "x".repeat(60 * 1024);
+    for _ in 0..12 {
+        c.publish("slow", body.clone()).await;
+    }
+    let ok = eventually(Duration::from_secs(10), async || {
+        metric(&c, "crier_subscribers_dropped_total{reason=\"lagged\"}").await == Some(1.0)
+    })
+    .await;
+    assert!(ok, "the stalled client was not dropped");
+    assert!(all_gone(&c).await);
+    drop(p);
+}
