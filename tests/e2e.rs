@@ -1,6 +1,6 @@
 //! crier with clients that are not ours: the browser suite (`tests/e2e/run.mjs`: headless
-//! Chromium driven by playwright-core) and the Python suite (`tests/pyclient/run.py`: PyPI
-//! `websockets` and `httpx`). Both start the built `crier` binary themselves; these tests make
+//! Chromium driven by playwright-core; `tests/e2e/webrtc.mjs`: its WebRTC stack) and the Python
+//! suite (`tests/pyclient/run.py`: PyPI `websockets` and `httpx`). Both start the built `crier` binary themselves; these tests make
 //! sure what they need is there, run them, stream their output and assert their exit status.
 //!
 //! What is missing gets installed: Chromium and openssl with apt-get (only as root, as CI
@@ -253,6 +253,34 @@ fn browser_suite() {
         "browser",
         Command::new("node")
             .arg(dir.join("run.mjs"))
+            .env("CHROMIUM", chromium),
+    );
+}
+
+/// The WebRTC transport with Chromium's own WebRTC stack (`tests/e2e/webrtc.mjs`).
+#[test]
+fn browser_webrtc_suite() {
+    if skip("CRIER_SKIP_BROWSER", "browser WebRTC") {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    match node_major() {
+        Some(v) if v >= 20 => {}
+        other => panic!(
+            "the browser suite needs Node.js 20 or newer (found {other:?}); install it or set \
+             CRIER_SKIP_BROWSER=1"
+        ),
+    }
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    if !Path::new(&chromium).exists() {
+        ensure_apt("chromium", "chromium", "CRIER_SKIP_BROWSER");
+    }
+    let dir = repo().join("tests/e2e");
+    ensure_node_modules(&dir);
+    run_suite(
+        "browser WebRTC",
+        Command::new("node")
+            .arg(dir.join("webrtc.mjs"))
             .env("CHROMIUM", chromium),
     );
 }
