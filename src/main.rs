@@ -297,6 +297,9 @@ fn run(config: Config, demo: Option<Demo>) -> ExitCode {
         if let Some(l) = &a.admin {
             tracing::info!("admin on http://{l} (/metrics /healthz /readyz /channels)");
         }
+        if let Some(l) = &a.webrtc {
+            tracing::info!("webrtc on udp://{l} (ICE-lite)");
+        }
         if let Some(d) = demo {
             match tokio::net::TcpListener::from_std(d.app) {
                 Ok(l) => {

@@ -5,6 +5,7 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -613,4 +614,195 @@ async fn a_client_that_stops_reading_is_dropped_when_it_falls_behind() {
     assert!(ok, "the stalled client was not dropped");
     assert!(all_gone(&c).await);
     drop(p);
+}
+
+/// The built binary as a child process (so its RSS is crier's alone), with the addresses it
+/// logs. Killed on drop.
+struct Child {
+    child: std::process::Child,
+    public: SocketAddr,
+    publish: SocketAddr,
+    admin: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Child {
+    fn start(upstream: &str, extra: &str) -> Child {
+        use std::io::BufRead;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let toml = base_config(upstream, &dir.path().join("publish.sock"), extra);
+        let path = dir.path().join("crier.toml");
+        std::fs::write(&path, toml).expect("write config");
+        let mut child = std::process::Command::new(common::process::crier_bin())
+            .arg("--config")
+            .arg(&path)
+            .args(["--log-format", "json"])
+            .env("CRIER_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn crier");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        let mut found = std::collections::HashMap::new();
+        while found.len() < 3 {
+            let line = rx
+                .recv_timeout(Duration::from_secs(20))
+                .expect("crier logs its addresses");
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            let msg = v["fields"]["message"].as_str().unwrap_or("").to_string();
+            for (key, prefix) in [
+                ("public", "listening on http://"),
+                ("publish", "publish API on http://"),
+                ("admin", "admin on http://"),
+            ] {
+                if let Some(rest) = msg.strip_prefix(prefix) {
+                    let addr = rest.split(' ').next().unwrap_or("");
+                    found.insert(key, addr.parse::<SocketAddr>().expect("an address"));
+                }
+            }
+        }
+        std::thread::spawn(move || for _ in rx {});
+        Child {
+            child,
+            public: found["public"],
+            publish: found["publish"],
+            admin: found["admin"],
+            _dir: dir,
+        }
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS")
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// 1,000 sessions (the number: CRIER_WEBRTC_SESSIONS) on one channel all receive one publish.
+/// Prints the handshake time (client side: POST sent → data channel open, at most 50
+/// handshakes at once) and crier's RSS per session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_sessions_on_one_channel_all_receive_a_publish() {
+    raise_fd_limit();
+    let n: usize = std::env::var("CRIER_WEBRTC_SESSIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let up = Upstream::start().await;
+    let c = tokio::task::spawn_blocking({
+        let url = up.url();
+        move || Child::start(&url, &format!("{WEBRTC}ice_timeout = \"60s\"\n"))
+    })
+    .await
+    .expect("start crier");
+    let rss_before = c.rss_kib();
+    let url = format!("http://{}/live/many", c.public);
+    let gate = Arc::new(tokio::sync::Semaphore::new(50));
+    let opened = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let go = Arc::new(tokio::sync::Notify::new());
+    let published = Arc::new(std::sync::OnceLock::<String>::new());
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let (url, gate, opened, go, published) = (
+            url.clone(),
+            gate.clone(),
+            opened.clone(),
+            go.clone(),
+            published.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let permit = gate.acquire_owned().await.expect("semaphore");
+            let t0 = Instant::now();
+            let (mut p, _) = Peer::connect(&url).await;
+            let ok = p.run_until(Duration::from_secs(60), |p| p.open).await;
+            assert!(ok, "a data channel did not open");
+            let handshake = t0.elapsed();
+            drop(permit);
+            opened.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            // Keep the session alive (consent, acks) until the message arrives.
+            let notified = go.notified();
+            tokio::pin!(notified);
+            let end = Instant::now() + Duration::from_secs(120);
+            while published.get().is_none() && Instant::now() < end {
+                tokio::select! {
+                    _ = &mut notified => {}
+                    _ = p.run_until(Duration::from_millis(200), |_| false) => {}
+                }
+            }
+            let ok = p
+                .run_until(Duration::from_secs(30), |p| !p.received.is_empty())
+                .await;
+            assert!(ok, "a session did not receive the publish");
+            assert_eq!(
+                p.received[0]["id"].as_str(),
+                published.get().map(String::as_str)
+            );
+            handshake
+        }));
+    }
+    let all_open = eventually(Duration::from_secs(300), async || {
+        opened.load(std::sync::atomic::Ordering::SeqCst) == n
+    })
+    .await;
+    assert!(
+        all_open,
+        "only {} of {n} sessions opened",
+        opened.load(std::sync::atomic::Ordering::SeqCst)
+    );
+    let rss_open = c.rss_kib();
+    let sessions = metric_at(c.admin, "crier_webrtc_sessions{state=\"open\"}").await;
+    assert_eq!(sessions, Some(n as f64));
+    let r = client()
+        .post(format!("http://{}/pub/many", c.publish))
+        .body("to everyone")
+        .send()
+        .await
+        .expect("publish");
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let v: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(v["subscribers"], n);
+    let _ = published.set(v["id"].as_str().expect("id").to_string());
+    go.notify_waiters();
+    let mut times = Vec::new();
+    for t in tasks {
+        times.push(t.await.expect("a session task"));
+    }
+    times.sort();
+    let pct = |q: f64| times[((times.len() as f64 * q) as usize).min(times.len() - 1)];
+    let delivered = metric_at(
+        c.admin,
+        "crier_messages_delivered_total{transport=\"webrtc\"}",
+    )
+    .await;
+    assert_eq!(delivered, Some(n as f64));
+    eprintln!(
+        "webrtc: {n} sessions; handshake p50 {:?} p99 {:?} max {:?}; crier RSS {} KiB before, {} KiB with {n} open: {:.1} KiB per session",
+        pct(0.5),
+        pct(0.99),
+        times[times.len() - 1],
+        rss_before,
+        rss_open,
+        (rss_open.saturating_sub(rss_before)) as f64 / n as f64
+    );
 }

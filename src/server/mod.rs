@@ -209,6 +209,9 @@ impl ServerHandle {
         }
         let config = Arc::new(config);
         let live = Live::new(config.clone(), &st.metrics, &st.upgraded)?;
+        if config.webrtc != st.live.read().config.webrtc {
+            tracing::warn!("[webrtc] changed: it takes effect at the next start (the UDP socket and its sessions stay as they are)");
+        }
         let wanted = listen_keys(&config);
         let mut listeners = st.listeners.lock();
         let open: Vec<ListenKey> = listeners.iter().map(|l| l.key.clone()).collect();
