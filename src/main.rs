@@ -190,6 +190,7 @@ fn demo(mut config: Config, config_arg: Option<&std::path::Path>) -> ExitCode {
     };
     // SIGHUP would re-read the file and point the proxy back at the real upstream.
     config.source = None;
+    crier::demo::enable_webrtc(&mut config);
     let bin = std::env::args()
         .next()
         .filter(|a| a.contains('/'))

@@ -10,16 +10,19 @@
 // (multi-line, unicode, CR/CRLF, named events, JSON, binary, a 10 KiB one and one near the
 // 64 KiB limit) in order, each one crier.json envelope, byte-exact; after the peer connection
 // is closed, a new one with ?last_event_id= gets exactly the rest; DELETE on the Location ends
-// the session (204, the channel closes) and crier's gauges go back to zero.
+// the session (204, the channel closes) and crier's gauges go back to zero; `crier demo`'s page
+// shows a published message in all four columns (EventSource, WebSocket, long-poll, WebRTC).
 
-import http from 'node:http';
+import { execSync, spawn } from 'node:child_process';
 import fs from 'node:fs';
+import http from 'node:http';
 import path from 'node:path';
+import readline from 'node:readline';
 import { chromium } from 'playwright-core';
 
 import {
-  CHROMIUM_FLAGS, HERE, MAX_MESSAGE, OUT, assertSame, expected, makeMessages, publisher, startCrier,
-  tempDir, waitFor,
+  CHROMIUM_FLAGS, HERE, MAX_MESSAGE, OUT, assertSame, crierBin, expected, makeMessages, publisher,
+  sleep, startCrier, tempDir, waitFor,
 } from './harness.mjs';
 
 const SUITE_LIMIT_MS = 120_000;
@@ -144,6 +147,46 @@ try {
       && (await metric(crier, 'crier_connections{transport="webrtc"}')) === 0);
     const again = await page.evaluate(() => unsubscribe());
     if (again !== 404) throw new Error(`a second DELETE answered ${again}`);
+  });
+
+  await step('crier demo: the message shows up in all four columns, WebRTC included', async () => {
+    const demoDir = tempDir('webrtc-demo');
+    const config = path.join(demoDir, 'demo.toml');
+    fs.writeFileSync(config, [
+      '[server]', 'listen = ["127.0.0.1:0"]',
+      '[publish]', `unix = "${path.join(demoDir, 'publish.sock')}"`, 'listen = ["127.0.0.1:0"]',
+      '[admin]', 'listen = "127.0.0.1:0"',
+    ].join('\n'));
+    const proc = spawn(crierBin(), ['demo', '--config', config], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, CRIER_LOG: 'warn' } });
+    const out = [];
+    const errs = [];
+    readline.createInterface({ input: proc.stderr }).on('line', (l) => errs.push(l));
+    readline.createInterface({ input: proc.stdout }).on('line', (l) => out.push(l));
+    try {
+      const text = () => out.join('\n');
+      const pageUrl = await waitFor('the page address', () => /1\. open\s+(\S+)/.exec(text())?.[1], { timeout: 10000 });
+      const command = await waitFor('the publish command', () => /2\. publish\s+(.+)/.exec(text())?.[1].trim(), { timeout: 10000 });
+      const demo = await browser.newPage();
+      demo.on('pageerror', (e) => pageErrors.push(String(e)));
+      await demo.goto(pageUrl);
+      await waitFor('every column to connect', async () =>
+        (await demo.textContent('#state')).includes('connected')
+        && (await demo.textContent('#state-ws')) === 'connected'
+        && (await demo.textContent('#state-rtc')) === 'connected', { timeout: 15000 });
+      await sleep(300); // the long-poll's first request is in
+      execSync(command, { cwd: demoDir, timeout: 10000, encoding: 'utf8' });
+      for (const col of ['#messages', '#messages-ws', '#messages-lp', '#messages-rtc']) {
+        await waitFor(`"hello" in ${col}`, async () => (await demo.textContent(col)).includes('hello'), { timeout: 10000 });
+      }
+      await demo.close();
+    } catch (e) {
+      e.message += `\n    demo stdout:\n${out.join('\n')}\n    demo stderr:\n${errs.join('\n')}`;
+      throw e;
+    } finally {
+      proc.kill('SIGTERM');
+      await new Promise((r) => (proc.exitCode !== null ? r() : proc.once('exit', r)));
+    }
+    if (proc.exitCode !== 0) throw new Error(`crier demo exited ${proc.exitCode ?? proc.signalCode} on SIGTERM\n${errs.join('\n')}`);
   });
 } finally {
   await browser.close().catch(() => {});
