@@ -46,7 +46,12 @@ struct Peer {
 
 /// The offer a fresh client makes (a data channel named "crier"), and the client.
 async fn new_peer() -> (Peer, String) {
-    let socket = UdpSocket::bind("127.0.0.1:0").await.expect("udp bind");
+    new_peer_at("127.0.0.1:0".parse().expect("an address")).await
+}
+
+/// Like `new_peer`, on a given local address.
+async fn new_peer_at(bind: SocketAddr) -> (Peer, String) {
+    let socket = UdpSocket::bind(bind).await.expect("udp bind");
     let local = socket.local_addr().expect("udp addr");
     let mut rtc = Rtc::builder().build(Instant::now());
     rtc.add_local_candidate(Candidate::host(local, "udp").expect("candidate"));
@@ -83,7 +88,12 @@ async fn post_offer(url: &str, sdp: String, headers: &[(&str, &str)]) -> reqwest
 impl Peer {
     /// Offers to `url`, takes the answer; returns the client and the session's Location.
     async fn connect(url: &str) -> (Peer, String) {
-        let (mut p, sdp) = new_peer().await;
+        let (p, sdp) = new_peer().await;
+        p.offer_to(url, sdp).await
+    }
+
+    async fn offer_to(self, url: &str, sdp: String) -> (Peer, String) {
+        let mut p = self;
         let r = post_offer(url, sdp, &[]).await;
         assert_eq!(r.status(), StatusCode::CREATED, "{:?}", r.text().await);
         assert_eq!(r.headers()["content-type"], "application/sdp");
@@ -506,6 +516,21 @@ async fn garbage_datagrams_do_not_disturb_a_live_session() {
 }
 
 #[tokio::test]
+async fn a_new_session_from_the_port_of_a_dead_one_connects() {
+    let (_up, c) = start("").await;
+    let url = c.url("/live/port");
+    let (mut a, _) = Peer::connect(&url).await;
+    a.open().await;
+    let port = a.local;
+    drop(a); // crier's session lives on until ice_timeout (30 s), holding the address
+    let (b, sdp) = new_peer_at(port).await;
+    let (mut b, _) = b.offer_to(&url, sdp).await;
+    b.open().await;
+    let id = c.publish("port", "to the new one").await;
+    assert_eq!(b.receive(1).await[0]["id"], id.as_str());
+}
+
+#[tokio::test]
 async fn resume_after_teardown_gets_exactly_the_rest() {
     let (_up, c) = start("").await;
     let url = c.url("/live/resume");
@@ -700,8 +725,8 @@ impl Drop for Child {
 }
 
 /// 1,000 sessions (the number: CRIER_WEBRTC_SESSIONS) on one channel all receive one publish.
-/// Prints the handshake time (client side: POST sent → data channel open, at most 50
-/// handshakes at once) and crier's RSS per session.
+/// Prints the handshake time (client side: POST sent → data channel open, at most
+/// CRIER_WEBRTC_AT_ONCE = 50 handshakes at once) and crier's RSS per session.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_sessions_on_one_channel_all_receive_a_publish() {
     raise_fd_limit();
@@ -718,7 +743,11 @@ async fn a_thousand_sessions_on_one_channel_all_receive_a_publish() {
     .expect("start crier");
     let rss_before = c.rss_kib();
     let url = format!("http://{}/live/many", c.public);
-    let gate = Arc::new(tokio::sync::Semaphore::new(50));
+    let at_once: usize = std::env::var("CRIER_WEBRTC_AT_ONCE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
+    let gate = Arc::new(tokio::sync::Semaphore::new(at_once));
     let opened = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let go = Arc::new(tokio::sync::Notify::new());
     let published = Arc::new(std::sync::OnceLock::<String>::new());

@@ -265,7 +265,12 @@ pub async fn offer(
     sh.metrics.webrtc_session(WebRtcState::Connecting, 1);
     let task = session::Session {
         shared: sh.clone(),
-        slot,
+        _slot: slot,
+        registered: Registered {
+            shared: sh.clone(),
+            id: id.clone(),
+            open: false,
+        },
         id: id.clone(),
         rtc,
         sub,
@@ -425,6 +430,38 @@ struct Slot(Arc<Shared>);
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.count.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A session in the registry and the `crier_webrtc_sessions` gauge; dropping it (however the
+/// session task ends, a panic included) takes it out of both.
+struct Registered {
+    shared: Arc<Shared>,
+    id: String,
+    /// Counted as open (else connecting).
+    open: bool,
+}
+
+impl Registered {
+    fn opened(&mut self) {
+        if !self.open {
+            self.open = true;
+            let m = &self.shared.metrics;
+            m.webrtc_session(WebRtcState::Connecting, -1);
+            m.webrtc_session(WebRtcState::Open, 1);
+        }
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        let state = if self.open {
+            WebRtcState::Open
+        } else {
+            WebRtcState::Connecting
+        };
+        self.shared.metrics.webrtc_session(state, -1);
+        self.shared.unregister(&self.id);
     }
 }
 

@@ -13,10 +13,10 @@ use tokio::sync::mpsc;
 use tokio::time::sleep_until;
 use tokio_util::sync::CancellationToken;
 
-use super::{Datagram, Shared, Slot};
+use super::{Datagram, Registered, Shared, Slot};
 use crate::config::Transport;
 use crate::hub::{CloseReason, Message, Read, Subscription};
-use crate::metrics::{DropReason, WebRtcState};
+use crate::metrics::DropReason;
 use crate::push::{encoding, record_delivery, ws::encode_json_envelope};
 
 /// Messages taken from the hub per wake-up.
@@ -45,7 +45,9 @@ enum End {
 
 pub(super) struct Session {
     pub(super) shared: Arc<Shared>,
-    pub(super) slot: Slot,
+    /// Held for its Drop: the session count goes down when the task ends.
+    pub(super) _slot: Slot,
+    pub(super) registered: Registered,
     pub(super) id: String,
     pub(super) rtc: Rtc,
     pub(super) sub: Subscription,
@@ -97,17 +99,8 @@ impl Session {
         if !peer_gone && self.rtc.close().is_ok() {
             self.finish(&mut flow).await;
         }
-        let m = &self.shared.metrics;
-        let state = if flow.channel.is_some() {
-            WebRtcState::Open
-        } else {
-            WebRtcState::Connecting
-        };
-        m.webrtc_session(state, -1);
-        self.shared.unregister(&self.id);
-        // `slot` and `sub` go with `self`: the session count and the hub's subscriber count
-        // drop with them.
-        let _ = &self.slot;
+        // `registered`, `slot` and `sub` go with `self`: the registry entry, the gauges, the
+        // session count and the hub's subscriber count drop with them.
     }
 
     async fn serve(&mut self, flow: &mut Flow) -> End {
@@ -246,11 +239,11 @@ impl Session {
         match e {
             Event::ChannelOpen(cid, _label) if flow.channel.is_none() => {
                 flow.channel = Some(cid);
-                let m = &self.shared.metrics;
-                m.webrtc_handshake
+                self.shared
+                    .metrics
+                    .webrtc_handshake
                     .observe(self.posted.elapsed().as_secs_f64());
-                m.webrtc_session(WebRtcState::Connecting, -1);
-                m.webrtc_session(WebRtcState::Open, 1);
+                self.registered.opened();
             }
             // The client closed its channel, or the peer connection (DTLS close_notify).
             Event::ChannelClose(cid) if flow.channel == Some(cid) => {

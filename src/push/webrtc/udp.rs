@@ -55,9 +55,11 @@ fn find(sh: &Shared, data: &[u8], source: SocketAddr) -> Option<mpsc::Sender<Dat
         return reg.by_addr.get(&source).map(|(_, tx)| tx.clone());
     };
     let (id, tx) = reg.by_ufrag.get(ufrag).cloned()?;
-    // Remember where this session's peer is (once, and a few addresses at most). The ufrag
-    // is only ever sent in the answer, so a stranger cannot claim a session's address.
-    if !reg.by_addr.contains_key(&source) {
+    // Remember where this session's peer is (a few addresses at most). The ufrag is only ever
+    // sent in the answer, so a stranger cannot claim a session's address; an address that a
+    // dead session still holds (a port the client reused) goes to the session that asks now.
+    let known = reg.by_addr.get(&source).is_some_and(|(u, _)| u == ufrag);
+    if !known {
         let entry = reg.by_id.get_mut(&id);
         if let Some(e) = entry.filter(|e| e.addrs.len() < MAX_ADDRS_PER_SESSION) {
             e.addrs.push(source);
