@@ -706,6 +706,17 @@ impl Child {
         }
     }
 
+    /// utime + stime of the process, in clock ticks (1/100 s).
+    fn cpu_ticks(&self) -> u64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).expect("proc stat");
+        // The fields after the command name (which is in parentheses and may hold spaces).
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        n(11) + n(12)
+    }
+
     fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
             .expect("proc status");
@@ -800,6 +811,10 @@ async fn a_thousand_sessions_on_one_channel_all_receive_a_publish() {
         opened.load(std::sync::atomic::Ordering::SeqCst)
     );
     let rss_open = c.rss_kib();
+    // CPU crier spends on idle open sessions (timers, consent checks): over 3 s.
+    let cpu0 = c.cpu_ticks();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let idle_cpu = (c.cpu_ticks() - cpu0) as f64 / 100.0 / 3.0;
     let sessions = metric_at(c.admin, "crier_webrtc_sessions{state=\"open\"}").await;
     assert_eq!(sessions, Some(n as f64));
     let r = client()
@@ -826,12 +841,53 @@ async fn a_thousand_sessions_on_one_channel_all_receive_a_publish() {
     .await;
     assert_eq!(delivered, Some(n as f64));
     eprintln!(
-        "webrtc: {n} sessions; handshake p50 {:?} p99 {:?} max {:?}; crier RSS {} KiB before, {} KiB with {n} open: {:.1} KiB per session",
+        "webrtc: {n} sessions; handshake p50 {:?} p99 {:?} max {:?}; crier RSS {} KiB before, {} KiB with {n} open: {:.1} KiB per session; crier CPU with them idle: {:.1}% of a core",
         pct(0.5),
         pct(0.99),
         times[times.len() - 1],
         rss_before,
         rss_open,
-        (rss_open.saturating_sub(rss_before)) as f64 / n as f64
+        (rss_open.saturating_sub(rss_before)) as f64 / n as f64,
+        idle_cpu * 100.0
     );
+}
+
+#[tokio::test]
+async fn a_jwt_location_needs_a_token_naming_the_channel() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret = "webrtc-test-secret-0123456789abcdef-0123";
+    let key = dir.path().join("jwt.key");
+    std::fs::write(&key, secret).expect("write key");
+    let (_up, c) = start(&format!(
+        "[[push]]\npath = \"/live/{{channel}}\"\n[push.jwt]\nsecret_file = \"{}\"\n",
+        key.display()
+    ))
+    .await;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        + 600;
+    let token = |channels: &[&str]| {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &serde_json::json!({"sub": "u", "exp": exp, "crier.subscribe": channels}),
+            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .expect("sign")
+    };
+    let url = c.url("/live/orders");
+    let (_, sdp) = new_peer().await;
+    let (s, _) = refused(&url, sdp.clone(), &[]).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let other = format!("Bearer {}", token(&["news"]));
+    let (s, _) = refused(&url, sdp, &[("authorization", &other)]).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert_eq!(sessions(&c, "connecting").await, Some(0.0));
+    let (mut p, sdp) = new_peer().await;
+    let good = format!("Bearer {}", token(&["orders"]));
+    let r = post_offer(&url, sdp, &[("authorization", &good)]).await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    p.accept(&r.text().await.expect("answer"));
+    p.open().await;
 }
