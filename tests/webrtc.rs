@@ -42,6 +42,8 @@ struct Peer {
     closed: bool,
     /// The offer made, until the answer comes.
     pending: Option<SdpPendingOffer>,
+    /// crier's ICE username fragment, from the answer.
+    server_ufrag: Option<String>,
 }
 
 /// The offer a fresh client makes (a data channel named "crier"), and the client.
@@ -69,6 +71,7 @@ async fn new_peer_at(bind: SocketAddr) -> (Peer, String) {
         received: Vec::new(),
         closed: false,
         pending: Some(pending),
+        server_ufrag: None,
     };
     (peer, sdp)
 }
@@ -107,6 +110,10 @@ impl Peer {
     }
 
     fn accept(&mut self, answer: &str) {
+        self.server_ufrag = answer
+            .lines()
+            .find_map(|l| l.trim_end().strip_prefix("a=ice-ufrag:"))
+            .map(str::to_string);
         let answer = SdpAnswer::from_sdp_string(answer).expect("a valid SDP answer");
         let pending = self.pending.take().expect("a pending offer");
         self.rtc
@@ -499,7 +506,31 @@ async fn garbage_datagrams_do_not_disturb_a_live_session() {
     stun.extend_from_slice(&[9; 12]);
     stun.extend_from_slice(&[0x00, 0x06, 0x00, 0x08]);
     stun.extend_from_slice(b"nope:who");
-    let mut garbage: Vec<Vec<u8>> = vec![vec![], vec![0x16; 100], vec![0xff; 1500], stun];
+    // A binding request naming the session's real ufrag, with a bogus MESSAGE-INTEGRITY:
+    // it reaches the session (and its address is remembered), and str0m refuses it.
+    let ufrag = p.server_ufrag.clone().expect("the answer has a=ice-ufrag");
+    let username = format!("{ufrag}:evil");
+    let mut forged = vec![0x00, 0x01, 0, 0, 0x21, 0x12, 0xA4, 0x42];
+    forged.extend_from_slice(&[3; 12]);
+    forged.extend_from_slice(&[0x00, 0x06]);
+    forged.extend_from_slice(&(username.len() as u16).to_be_bytes());
+    forged.extend_from_slice(username.as_bytes());
+    forged.resize(forged.len().div_ceil(4) * 4, 0);
+    forged.extend_from_slice(&[0x00, 0x08, 0x00, 0x14]);
+    forged.extend_from_slice(&[0xAB; 20]);
+    let len = (forged.len() - 20) as u16;
+    forged[2..4].copy_from_slice(&len.to_be_bytes());
+    let mut dtls_like = vec![0x17, 0xfe, 0xfd, 0, 1, 0, 0, 0, 0, 0, 9, 0, 32];
+    dtls_like.extend_from_slice(&[0x55; 32]);
+    let mut garbage: Vec<Vec<u8>> = vec![
+        vec![],
+        vec![0x16; 100],
+        vec![0xff; 1500],
+        stun,
+        forged,
+        dtls_like,
+        vec![0x80; 200], // an RTP-looking header
+    ];
     for i in 0..200u32 {
         garbage.push((0..(i % 97) * 13).map(|b| (b * 31 + i) as u8).collect());
     }

@@ -122,15 +122,18 @@ impl Session {
                 d = self.rx.recv() => {
                     // The registry holds the sender until this task unregisters: never None.
                     let Some(d) = d else { return End::Failed };
-                    flow.last_heard = d.at;
                     let dest = self.shared.destination_for(d.source);
-                    // A datagram str0m cannot parse is dropped, like one lost on the way.
+                    // A datagram str0m cannot parse is dropped, like one lost on the way; it
+                    // does not count as hearing from the peer either.
                     let Ok(r) = Receive::new(Protocol::Udp, d.source, dest, &d.data) else {
                         continue;
                     };
+                    flow.last_heard = d.at;
+                    // One bad datagram (corrupt, or spoofed from the peer's address) must not
+                    // end the session: it is dropped; a session str0m gave up on is no longer
+                    // alive, and `drive` ends it.
                     if let Err(e) = self.rtc.handle_input(Input::Receive(d.at, r)) {
-                        tracing::debug!("webrtc session {}: {e}", self.id);
-                        return End::Failed;
+                        tracing::debug!("webrtc session {}: datagram dropped: {e}", self.id);
                     }
                 }
                 _ = sleep_until(deadline.into()) => {
