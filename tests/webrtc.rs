@@ -649,6 +649,10 @@ async fn channel_delete_and_shutdown_close_sessions() {
     );
     shut.await.expect("shutdown");
     assert_eq!(metrics.subscribers(crier::config::Transport::WebRtc), 0);
+    assert_eq!(
+        metrics.webrtc_sessions(crier::metrics::WebRtcState::Open),
+        0
+    );
 }
 
 #[tokio::test]
@@ -921,4 +925,23 @@ async fn a_jwt_location_needs_a_token_naming_the_channel() {
     assert_eq!(r.status(), StatusCode::CREATED);
     p.accept(&r.text().await.expect("answer"));
     p.open().await;
+}
+
+#[tokio::test]
+async fn webrtc_added_by_a_reload_says_it_needs_a_restart() {
+    let up = Upstream::start().await;
+    let c = Crier::start(&up.url(), "").await;
+    let (_, sdp) = new_peer().await;
+    let r = post_offer(&c.url("/live/r"), sdp.clone(), &[]).await;
+    assert_eq!(
+        r.status(),
+        StatusCode::METHOD_NOT_ALLOWED,
+        "no [webrtc] yet"
+    );
+    let toml = base_config(&up.url(), &c.publish_unix, WEBRTC);
+    let config = crier::Config::from_toml(&toml, None).expect("a valid config");
+    c.handle.reload(config).expect("reload");
+    let (s, why) = refused(&c.url("/live/r"), sdp, &[]).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(why.contains("restart"), "{why}");
 }
