@@ -248,6 +248,27 @@ async fn delivers_in_order_including_messages_published_before_the_channel_opens
         metric(&c, "crier_webrtc_handshake_seconds_count").await,
         Some(1.0)
     );
+    // The hub's view (`/channels`) and the status page count it as a WebRTC subscriber.
+    let info: serde_json::Value = client()
+        .get(c.admin_url("/channels?prefix=rtc"))
+        .send()
+        .await
+        .expect("/channels")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        info["channels"][0]["subscribers_by_transport"]["webrtc"], 1,
+        "{info}"
+    );
+    let mut stats = SseClient::connect(&c.admin_url("/stats/stream"), None).await;
+    let ev = stats
+        .next_within(Duration::from_secs(5))
+        .await
+        .expect("a snapshot")
+        .expect("the stream is open");
+    let snap: serde_json::Value = serde_json::from_str(&ev.data).expect("json snapshot");
+    assert_eq!(snap["connections"]["webrtc"], 1, "{snap}");
 }
 
 /// An offer refused: its status and one-line reason.
