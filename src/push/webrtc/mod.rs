@@ -193,6 +193,7 @@ pub async fn offer(
     start: Start,
     remote: SocketAddr,
 ) -> Response<Body> {
+    let posted = Instant::now();
     let sh = &w.shared;
     let is_sdp = req
         .headers()
@@ -276,7 +277,7 @@ pub async fn offer(
         sub,
         rx,
         stop,
-        posted: Instant::now(),
+        posted,
     };
     sh.tasks.spawn(task.run());
 
