@@ -13,6 +13,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
+use crate::config::{Config, Transport, WebRtcConfig};
 use crate::response::{self, Body};
 
 /// The demo app's page: HTML, CSS and script in one file, compiled into the binary.
@@ -23,6 +24,37 @@ pub const SERVICE_WORKER: &str = include_str!("demo_sw.js");
 
 /// The channel the demo page subscribes to.
 pub const CHANNEL: &str = "demo";
+
+/// Gives the demo its WebRTC column when the config has no `[webrtc]`: a UDP socket on this
+/// host's own address (browsers refuse or filter 127.0.0.1 candidates; the address a default
+/// route leaves from is one they take), on a free port, and "webrtc" on every push location
+/// that serves all the other transports.
+pub fn enable_webrtc(config: &mut Config) {
+    if config.webrtc.is_some() {
+        return;
+    }
+    // `connect` on UDP only picks the route and the source address: nothing is sent.
+    let ip = std::net::UdpSocket::bind(("0.0.0.0", 0))
+        .and_then(|s| s.connect(("192.0.2.1", 9)).and_then(|()| s.local_addr()))
+        .map(|a| a.ip())
+        .ok()
+        .filter(|ip| !ip.is_unspecified())
+        .unwrap_or(std::net::Ipv4Addr::LOCALHOST.into());
+    config.webrtc = Some(WebRtcConfig {
+        listen: (ip, 0).into(),
+        candidates: Vec::new(),
+        max_sessions: 100,
+        ice_timeout: Duration::from_secs(30),
+    });
+    for loc in &mut config.push {
+        if loc.allows(Transport::WebSocket)
+            && loc.allows(Transport::Sse)
+            && loc.allows(Transport::LongPoll)
+        {
+            loc.transports[Transport::WebRtc.index()] = true;
+        }
+    }
+}
 
 /// Serves the demo app on `listener` until the task is dropped: the page at `/`, an empty
 /// favicon, 404 elsewhere.

@@ -235,6 +235,7 @@ fn demo(mut config: Config, config_arg: Option<&std::path::Path>) -> ExitCode {
             Some(dir)
         }
     };
+    crier::demo::enable_webrtc(&mut config);
     let bin = std::env::args()
         .next()
         .filter(|a| a.contains('/'))
@@ -345,6 +346,9 @@ fn run(config: Config, demo: Option<Demo>) -> ExitCode {
         }
         if let Some(l) = &a.admin {
             tracing::info!("admin on http://{l} (/metrics /healthz /readyz /channels)");
+        }
+        if let Some(l) = &a.webrtc {
+            tracing::info!("webrtc on udp://{l} (ICE-lite)");
         }
         if let Some(d) = demo {
             match tokio::net::TcpListener::from_std(d.app) {

@@ -44,11 +44,11 @@ pub enum AuthResult {
 
 pub struct Metrics {
     pub registry: Registry,
-    connections: [IntGauge; 3],
-    connections_total: [IntCounter; 3],
+    connections: [IntGauge; Transport::COUNT],
+    connections_total: [IntCounter; Transport::COUNT],
     pub messages_published: IntCounter,
-    messages_delivered: [IntCounter; 3],
-    delivered_bytes: [IntCounter; 3],
+    messages_delivered: [IntCounter; Transport::COUNT],
+    delivered_bytes: [IntCounter; Transport::COUNT],
     pub channels: IntGauge,
     dropped: [IntCounter; 3],
     pub publish_duration: Histogram,
@@ -71,6 +71,19 @@ pub struct Metrics {
     pub webhook_deliveries: IntCounterVec,
     pub webhook_queue_depth: IntGaugeVec,
     pub webhook_duration: HistogramVec,
+    /// `crier_webrtc_sessions{state}`: [connecting, open].
+    webrtc_sessions: [IntGauge; 2],
+    /// POST of the offer → the client's data channel open.
+    pub webrtc_handshake: Histogram,
+}
+
+/// A WebRTC session's state for `crier_webrtc_sessions{state}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebRtcState {
+    /// Answered, waiting for ICE, DTLS, SCTP and the client's data channel.
+    Connecting,
+    /// The data channel is open: messages flow.
+    Open,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -207,6 +220,12 @@ impl Metrics {
         .expect("valid metric"); // ok: constant names
         r.register(Box::new(webhook_duration.clone()))
             .expect("unique metric"); // ok: registered once
+        let webrtc_vec = gauge_vec(
+            "webrtc_sessions",
+            "WebRTC DataChannel sessions, by state (connecting: answered, channel not open yet).",
+            "state",
+        );
+        let webrtc_sessions = ["connecting", "open"].map(|s| webrtc_vec.with_label_values(&[s]));
 
         let m = Metrics {
             connections,
@@ -253,8 +272,21 @@ impl Metrics {
             webhook_deliveries,
             webhook_queue_depth,
             webhook_duration,
+            webrtc_sessions,
+            webrtc_handshake: Histogram::with_opts(
+                HistogramOpts::new(
+                    "webrtc_handshake_seconds",
+                    "Time from a WebRTC offer's POST to the client's data channel open (ICE, DTLS, SCTP).",
+                )
+                .namespace("crier")
+                .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+            )
+            .expect("valid metric"), // ok: constant names
             registry: r,
         };
+        m.registry
+            .register(Box::new(m.webrtc_handshake.clone()))
+            .expect("unique metric"); // ok: registered once
         #[cfg(target_os = "linux")]
         {
             let pc = prometheus::process_collector::ProcessCollector::for_self();
@@ -291,6 +323,15 @@ impl Metrics {
     /// Proxied responses so far, by status class (`1xx` … `5xx`).
     pub fn proxy_responses(&self) -> [u64; 5] {
         self.proxy_requests.each_ref().map(|c| c.get())
+    }
+
+    pub fn webrtc_session(&self, state: WebRtcState, delta: i64) {
+        self.webrtc_sessions[state as usize].add(delta);
+    }
+
+    /// WebRTC sessions in one state (the `crier_webrtc_sessions` gauge).
+    pub fn webrtc_sessions(&self, state: WebRtcState) -> i64 {
+        self.webrtc_sessions[state as usize].get()
     }
 
     pub fn dropped(&self, reason: DropReason) {

@@ -164,6 +164,7 @@ pub struct Connections {
     pub websocket: i64,
     pub sse: i64,
     pub longpoll: i64,
+    pub webrtc: i64,
 }
 
 #[derive(Debug, Serialize)]
@@ -180,6 +181,7 @@ pub struct PerTransport {
     pub websocket: f64,
     pub sse: f64,
     pub longpoll: f64,
+    pub webrtc: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -202,7 +204,7 @@ pub struct ChannelRow {
 struct Previous {
     at: Instant,
     published: u64,
-    delivered: [u64; 3],
+    delivered: [u64; Transport::COUNT],
     proxied: u64,
     upstream_errors: u64,
     /// Per-channel `published` of the channels scanned last time.
@@ -293,6 +295,7 @@ impl Sampler {
             websocket: delivered_rate(Transport::WebSocket),
             sse: delivered_rate(Transport::Sse),
             longpoll: delivered_rate(Transport::LongPoll),
+            webrtc: delivered_rate(Transport::WebRtc),
         };
         let errors_per_s = per_s(upstream_errors, prev.as_ref().map(|p| p.upstream_errors));
         let health = match self.upstream.reachable {
@@ -345,12 +348,16 @@ impl Sampler {
                 websocket: m.subscribers(Transport::WebSocket),
                 sse: m.subscribers(Transport::Sse),
                 longpoll: m.subscribers(Transport::LongPoll),
+                webrtc: m.subscribers(Transport::WebRtc),
             },
             messages: Messages {
                 published,
                 published_per_s: per_s(published, prev.as_ref().map(|p| p.published)),
                 delivered: delivered.iter().sum(),
-                delivered_per_s: by_transport.websocket + by_transport.sse + by_transport.longpoll,
+                delivered_per_s: by_transport.websocket
+                    + by_transport.sse
+                    + by_transport.longpoll
+                    + by_transport.webrtc,
                 delivered_per_s_by_transport: by_transport,
             },
             channels: Channels {

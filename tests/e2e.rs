@@ -1,6 +1,7 @@
-//! crier with clients that are not ours: the browser suites (`tests/e2e/run.mjs` and
-//! `tests/e2e/webpush.mjs`: headless Chromium driven by playwright-core) and the Python suite (`tests/pyclient/run.py`: PyPI
-//! `websockets` and `httpx`). Both start the built `crier` binary themselves; these tests make
+//! crier with clients that are not ours: the browser suites (`tests/e2e/run.mjs`: headless
+//! Chromium driven by playwright-core; `tests/e2e/webpush.mjs`: Web Push; `tests/e2e/webrtc.mjs`:
+//! its WebRTC stack) and the Python suites (`tests/pyclient/run.py`: PyPI `websockets` and
+//! `httpx`; `tests/pyclient/webrtc.py`: aiortc). Both start the built `crier` binary themselves; these tests make
 //! sure what they need is there, run them, stream their output and assert their exit status.
 //!
 //! What is missing gets installed: Chromium and openssl with apt-get (only as root, as CI
@@ -257,6 +258,34 @@ fn browser_suite() {
     );
 }
 
+/// The WebRTC transport with Chromium's own WebRTC stack (`tests/e2e/webrtc.mjs`).
+#[test]
+fn browser_webrtc_suite() {
+    if skip("CRIER_SKIP_BROWSER", "browser WebRTC") {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    match node_major() {
+        Some(v) if v >= 20 => {}
+        other => panic!(
+            "the browser suite needs Node.js 20 or newer (found {other:?}); install it or set \
+             CRIER_SKIP_BROWSER=1"
+        ),
+    }
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    if !Path::new(&chromium).exists() {
+        ensure_apt("chromium", "chromium", "CRIER_SKIP_BROWSER");
+    }
+    let dir = repo().join("tests/e2e");
+    ensure_node_modules(&dir);
+    run_suite(
+        "browser WebRTC",
+        Command::new("node")
+            .arg(dir.join("webrtc.mjs"))
+            .env("CHROMIUM", chromium),
+    );
+}
+
 /// Web Push in Chromium (`tests/e2e/webpush.mjs`): the demo page's "Notify me" flow, with a
 /// recorded PushSubscription (headless Chromium reaches no push service).
 #[test]
@@ -310,5 +339,34 @@ fn python_suite() {
         Command::new("python3")
             .arg(repo().join("tests/pyclient/run.py"))
             .env("CRIER_PY_VENV", out_dir().join("venv")),
+    );
+}
+
+/// The WebRTC transport with aiortc's stack (`tests/pyclient/webrtc.py`, its own venv).
+#[test]
+fn python_webrtc_suite() {
+    if skip("CRIER_SKIP_PYTHON", "Python WebRTC") {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    ensure_apt("python3", "python3", "CRIER_SKIP_PYTHON");
+    let venv_ok = Command::new("python3")
+        .args(["-c", "import venv, ensurepip"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !venv_ok {
+        assert!(
+            is_root(),
+            "python3 cannot make a venv (no ensurepip): run `apt-get install -y python3-venv` \
+             (or set CRIER_SKIP_PYTHON=1)"
+        );
+        apt_install("python3-venv");
+    }
+    run_suite(
+        "Python WebRTC",
+        Command::new("python3")
+            .arg(repo().join("tests/pyclient/webrtc.py"))
+            .env("CRIER_PY_WEBRTC_VENV", out_dir().join("venv-webrtc")),
     );
 }

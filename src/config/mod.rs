@@ -45,6 +45,8 @@ pub struct Config {
     pub ingress: Vec<IngressConfig>,
     /// `[webpush]`; None: Web Push is off.
     pub webpush: Option<WebPushConfig>,
+    /// `[webrtc]`: None (the default) serves no WebRTC and opens no UDP socket.
+    pub webrtc: Option<WebRtcConfig>,
     /// Where the config came from (None: built-in defaults), for reload and messages.
     pub source: Option<PathBuf>,
 }
@@ -128,21 +130,42 @@ pub struct ChannelDefaults {
     pub max_channels: usize,
 }
 
+/// `[webrtc]`: one UDP socket (ICE-lite) for every WebRTC DataChannel subscriber.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebRtcConfig {
+    pub listen: SocketAddr,
+    /// Addresses announced in SDP answers. Empty: the listen address (as bound, so port 0
+    /// announces the real port). A candidate with port 0 takes the bound port too.
+    pub candidates: Vec<SocketAddr>,
+    /// Sessions at once; past it an offer gets 503 and nothing is allocated.
+    pub max_sessions: usize,
+    /// A session that hears nothing from its peer (consent checks included) this long ends.
+    pub ice_timeout: Duration,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
     WebSocket,
     Sse,
     LongPoll,
+    WebRtc,
 }
 
 impl Transport {
-    pub const ALL: [Transport; 3] = [Transport::WebSocket, Transport::Sse, Transport::LongPoll];
+    pub const COUNT: usize = 4;
+    pub const ALL: [Transport; Transport::COUNT] = [
+        Transport::WebSocket,
+        Transport::Sse,
+        Transport::LongPoll,
+        Transport::WebRtc,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Transport::WebSocket => "websocket",
             Transport::Sse => "sse",
             Transport::LongPoll => "longpoll",
+            Transport::WebRtc => "webrtc",
         }
     }
 
@@ -168,7 +191,7 @@ pub struct PushLocation {
     pub suffix: String,
     /// Prepended to the channel name taken from the path (`chat:` + `room1`).
     pub channel_prefix: String,
-    pub transports: [bool; 3],
+    pub transports: [bool; Transport::COUNT],
     /// Buffer policy for the channels this location serves, when it overrides the defaults.
     pub buffer_override: Option<BufferPolicy>,
     pub first_message: FirstMessage,
@@ -569,6 +592,66 @@ mod tests {
             lines[2].starts_with("c.toml:5:16: push.auth_timeout"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn webrtc_section() {
+        let c = Config::from_toml(
+            "[webrtc]\nlisten = \"0.0.0.0:3478\"\ncandidates = [\"203.0.113.7:3478\"]\nmax_sessions = 5\nice_timeout = \"10s\"\n",
+            None,
+        )
+        .expect("test setup");
+        let w = c.webrtc.as_ref().expect("test setup");
+        assert_eq!(
+            w.candidates,
+            vec!["203.0.113.7:3478".parse().expect("test setup")]
+        );
+        assert_eq!(
+            (w.max_sessions, w.ice_timeout),
+            (5, Duration::from_secs(10))
+        );
+        assert!(
+            c.push[0].allows(Transport::WebRtc),
+            "on by default with [webrtc]"
+        );
+        assert!(Config::default().webrtc.is_none());
+        assert!(!Config::default().push[0].allows(Transport::WebRtc));
+
+        let e = errs("[[push]]\npath = \"/a/{channel}\"\ntransports = [\"webrtc\"]\n");
+        assert!(
+            e.contains("push.transports: \"webrtc\" needs a [webrtc] section"),
+            "{e}"
+        );
+        let e = errs("[webrtc]\nlisten = \"0.0.0.0:3478\"\n");
+        assert!(
+            e.starts_with("c.toml:2:10: webrtc.candidates: needed when"),
+            "{e}"
+        );
+        let e = errs("[webrtc]\n");
+        assert!(
+            e.starts_with("c.toml:1:1: webrtc.candidates: needed when"),
+            "{e}"
+        );
+        let e = errs("[webrtc]\nlisten = \"127.0.0.1:1\"\ncandidates = [\"0.0.0.0:1\", \"x\"]\nmax_sessions = 0\nice_timeout = \"0s\"\nturn = 1\n");
+        let lines: Vec<_> = e.lines().collect();
+        assert_eq!(lines.len(), 5, "{e}");
+        assert!(
+            lines[0].contains("webrtc.candidates: a browser cannot reach 0.0.0.0"),
+            "{e}"
+        );
+        assert!(
+            lines[1].contains("webrtc.candidates: \"x\" is not an address"),
+            "{e}"
+        );
+        assert!(
+            lines[2].contains("webrtc.max_sessions: 0 is out of range"),
+            "{e}"
+        );
+        assert!(
+            lines[3].contains("webrtc.ice_timeout: must be greater than zero"),
+            "{e}"
+        );
+        assert!(lines[4].contains("webrtc.turn: unknown key"), "{e}");
     }
 
     #[test]

@@ -18,6 +18,16 @@ pub(super) struct RawConfig {
     pub(super) webhook: Option<S<Vec<S<super::webhook::RawWebhook>>>>,
     pub(super) ingress: Option<S<Vec<S<super::webhook::RawIngress>>>>,
     pub(super) webpush: Option<S<super::webpush::RawWebPush>>,
+    pub(super) webrtc: Option<S<RawWebRtc>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawWebRtc {
+    pub(super) listen: Option<S<String>>,
+    pub(super) candidates: Option<S<Vec<S<String>>>>,
+    pub(super) max_sessions: Option<S<i64>>,
+    pub(super) ice_timeout: Option<S<String>>,
 }
 
 #[derive(Deserialize)]

@@ -105,14 +105,21 @@ impl Validator<'_> {
         let upstream = self.upstream(raw.upstream.map(Spanned::into_inner));
         let publish = self.publish(raw.publish.map(Spanned::into_inner), base);
         let channels = self.channels(raw.channels.map(Spanned::into_inner));
+        let webrtc = raw.webrtc.map(|w| self.webrtc(w));
         let push = match raw.push {
-            None => vec![default_push_location(&channels)],
+            None => vec![default_push_location(&channels, webrtc.is_some())],
             Some(list) => {
                 let mut seen = BTreeSet::new();
                 let mut out = Vec::new();
                 for p in list.into_inner() {
                     let span_holder = Spanned::clone(&p.get_ref().path);
-                    if let Some(loc) = self.push_location(p.into_inner(), &channels.buffer, base) {
+                    let loc = self.push_location(
+                        p.into_inner(),
+                        &channels.buffer,
+                        base,
+                        webrtc.is_some(),
+                    );
+                    if let Some(loc) = loc {
                         if !seen.insert(loc.path.clone()) {
                             self.err("push.path", &span_holder, "the same path is used twice");
                         }
@@ -154,7 +161,62 @@ impl Validator<'_> {
             webhooks,
             ingress,
             webpush,
+            webrtc,
             source: path.map(Path::to_path_buf),
+        }
+    }
+
+    fn webrtc(&mut self, raw: S<RawWebRtc>) -> WebRtcConfig {
+        let table = raw.span();
+        let raw = raw.into_inner();
+        let listen_at = raw.listen.clone();
+        let default_listen: SocketAddr = ([0, 0, 0, 0], 3478).into();
+        let listen = match raw.listen {
+            None => default_listen,
+            Some(l) => parse_addr(l.get_ref()).unwrap_or_else(|e| {
+                self.err("webrtc.listen", &l, e);
+                default_listen
+            }),
+        };
+        let mut candidates = Vec::new();
+        if let Some(list) = raw.candidates {
+            for c in list.into_inner() {
+                match parse_addr(c.get_ref()) {
+                    Ok(a) if a.ip().is_unspecified() => self.err(
+                        "webrtc.candidates",
+                        &c,
+                        "a browser cannot reach 0.0.0.0; give the address it should use",
+                    ),
+                    Ok(a) => candidates.push(a),
+                    Err(e) => self.err("webrtc.candidates", &c, e),
+                }
+            }
+        }
+        if candidates.is_empty() && listen.ip().is_unspecified() {
+            let msg = "needed when webrtc.listen is a wildcard address: the address browsers reach crier's UDP port at, like [\"203.0.113.7:3478\"]";
+            match &listen_at {
+                Some(l) => self.err("webrtc.candidates", l, msg),
+                None => {
+                    let (l, c) = line_col(self.text, table.start);
+                    self.problems
+                        .push(format!("{}:{l}:{c}: webrtc.candidates: {msg}", self.name));
+                }
+            }
+        }
+        WebRtcConfig {
+            listen,
+            candidates,
+            max_sessions: self.count(
+                "webrtc.max_sessions",
+                raw.max_sessions,
+                (1, 10_000_000),
+                10_000,
+            ),
+            ice_timeout: self.duration(
+                "webrtc.ice_timeout",
+                raw.ice_timeout,
+                Duration::from_secs(30),
+            ),
         }
     }
 
@@ -390,6 +452,7 @@ impl Validator<'_> {
         raw: RawPush,
         defaults: &BufferPolicy,
         base: &Path,
+        webrtc: bool,
     ) -> Option<PushLocation> {
         let path = raw.path.get_ref().clone();
         let mut ok = true;
@@ -420,9 +483,10 @@ impl Validator<'_> {
                 p.into_inner()
             }
         };
-        let mut transports = [true; 3];
+        // "webrtc" is served by default only where a [webrtc] section opens the UDP socket.
+        let mut transports = [true, true, true, webrtc];
         if let Some(list) = raw.transports {
-            transports = [false; 3];
+            transports = [false; Transport::COUNT];
             if list.get_ref().is_empty() {
                 self.err("push.transports", &list, "needs at least one transport");
             }
@@ -431,10 +495,16 @@ impl Validator<'_> {
                     "websocket" => transports[0] = true,
                     "sse" => transports[1] = true,
                     "longpoll" => transports[2] = true,
+                    "webrtc" if webrtc => transports[3] = true,
+                    "webrtc" => self.err(
+                        "push.transports",
+                        &t,
+                        "\"webrtc\" needs a [webrtc] section (its UDP listen address)",
+                    ),
                     other => self.err(
                         "push.transports",
                         &t,
-                        format!("unknown transport {other:?} (websocket, sse, longpoll)"),
+                        format!("unknown transport {other:?} (websocket, sse, longpoll, webrtc)"),
                     ),
                 }
             }
@@ -655,14 +725,14 @@ impl Validator<'_> {
     }
 }
 
-pub(super) fn default_push_location(channels: &ChannelDefaults) -> PushLocation {
+pub(super) fn default_push_location(channels: &ChannelDefaults, webrtc: bool) -> PushLocation {
     let _ = channels;
     PushLocation {
         path: "/live/{channel}".into(),
         prefix: "/live/".into(),
         suffix: String::new(),
         channel_prefix: String::new(),
-        transports: [true; 3],
+        transports: [true, true, true, webrtc],
         buffer_override: None,
         first_message: FirstMessage::Newest,
         keepalive: Duration::from_secs(15),

@@ -45,7 +45,7 @@ pub struct Channel {
     notify: Notify,
     /// Live subscribers per transport. Changed under the hub's map lock (see `Hub`), so a
     /// channel is never freed while a subscriber is joining it.
-    subscribers: [AtomicUsize; 3],
+    subscribers: [AtomicUsize; Transport::COUNT],
 }
 
 struct State {
@@ -105,6 +105,7 @@ pub struct SubscriberCounts {
     pub websocket: usize,
     pub sse: usize,
     pub longpoll: usize,
+    pub webrtc: usize,
 }
 
 fn unix_millis() -> u64 {
@@ -296,6 +297,7 @@ impl Channel {
                 websocket: by(Transport::WebSocket),
                 sse: by(Transport::Sse),
                 longpoll: by(Transport::LongPoll),
+                webrtc: by(Transport::WebRtc),
             },
             buffered: st.messages.len(),
             last_id: st.last_id.map(|id| id.to_string()),

@@ -1,9 +1,11 @@
-//! Subscriber transports. One URL per channel serves all three; the request picks one:
-//! `Upgrade: websocket` → WebSocket, `Accept: text/event-stream` → SSE, anything else → long-poll.
+//! Subscriber transports. One URL per channel serves all of them; the request picks one:
+//! `Upgrade: websocket` → WebSocket, `Accept: text/event-stream` → SSE, `POST` of an SDP
+//! offer → WebRTC (`DELETE` ends that session), anything else → long-poll.
 //! Each transport owns its wire encoding and its loop, in its own file.
 
 pub mod longpoll;
 pub mod sse;
+pub mod webrtc;
 pub mod ws;
 
 use std::net::SocketAddr;
@@ -37,6 +39,8 @@ pub struct PushContext<'a> {
     /// Forward auth and JWT, for the locations that ask for them.
     pub gatekeeper: &'a Gatekeeper,
     pub conn: &'a ConnInfo,
+    /// The `[webrtc]` socket and sessions, when configured.
+    pub webrtc: Option<&'a webrtc::WebRtc>,
 }
 
 /// Where the client says it is.
@@ -81,9 +85,21 @@ pub async fn serve(
     let transport = if hyper_tungstenite::is_upgrade_request(&req) {
         Transport::WebSocket
     } else if req.method() == Method::OPTIONS {
-        return preflight(cors);
+        return preflight(cors, loc);
+    } else if loc.allows(Transport::WebRtc) && req.method() == Method::POST {
+        Transport::WebRtc
+    } else if loc.allows(Transport::WebRtc) && req.method() == Method::DELETE {
+        // The session id in the URL is the capability (as in WHIP): no auth round trip.
+        let mut resp = match ctx.webrtc {
+            Some(w) => webrtc::delete(w, req.uri().query(), channel),
+            None => response::text(StatusCode::NOT_FOUND, "no such WebRTC session"),
+        };
+        if let Some(origin) = cors {
+            add_cors(resp.headers_mut(), origin);
+        }
+        return resp;
     } else if req.method() != Method::GET && req.method() != Method::HEAD {
-        return response::method_not_allowed("GET, OPTIONS", false);
+        return response::method_not_allowed(allowed_methods(loc), false);
     } else if accepts_event_stream(req.headers()) {
         Transport::Sse
     } else {
@@ -118,6 +134,22 @@ pub async fn serve(
         Ok(p) => p,
         Err(e) => return response::text(StatusCode::BAD_REQUEST, &e),
     };
+    if transport == Transport::WebRtc {
+        let mut resp = match ctx.webrtc {
+            Some(w) => {
+                webrtc::offer(w, ctx.hub, req, channel, position.start(loc), ctx.conn.peer).await
+            }
+            // [webrtc] was added by a reload: its socket opens at the next start.
+            None => response::text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "webrtc is configured but its UDP socket opens only at start; restart crier",
+            ),
+        };
+        if let Some(origin) = cors {
+            add_cors(resp.headers_mut(), origin);
+        }
+        return resp;
+    }
     let sub = match ctx
         .hub
         .subscribe(channel, transport, position.start(loc), Some(ctx.conn.peer))
@@ -128,7 +160,8 @@ pub async fn serve(
     let mut resp = match transport {
         Transport::Sse => sse::respond(sub, loc),
         Transport::WebSocket => ws::respond(&mut req, sub, loc, ctx.ws_tasks),
-        Transport::LongPoll => longpoll::respond(sub, loc, position).await,
+        // (WebRTC answered above, before any subscription.)
+        Transport::LongPoll | Transport::WebRtc => longpoll::respond(sub, loc, position).await,
     };
     if let Some(origin) = cors {
         add_cors(resp.headers_mut(), origin);
@@ -288,7 +321,7 @@ fn position(query: Option<&str>, h: &HeaderMap, t: Transport) -> Result<Position
             }
             None => Ok(Position::Unnamed),
         },
-        Transport::WebSocket => Ok(Position::Unnamed),
+        Transport::WebSocket | Transport::WebRtc => Ok(Position::Unnamed),
     }
 }
 
@@ -348,7 +381,7 @@ pub fn cors_headers(origin: &HeaderValue) -> [(header::HeaderName, HeaderValue);
         ),
         (
             header::ACCESS_CONTROL_EXPOSE_HEADERS,
-            HeaderValue::from_static("ETag, Crier-Resume"),
+            HeaderValue::from_static("ETag, Crier-Resume, Location"),
         ),
         (header::VARY, HeaderValue::from_static("Origin")),
     ]
@@ -360,20 +393,29 @@ fn add_cors(h: &mut HeaderMap, origin: HeaderValue) {
     }
 }
 
-fn preflight(cors: Option<HeaderValue>) -> Response<Body> {
+/// The methods a push location answers: WebRTC signalling adds POST and DELETE.
+fn allowed_methods(loc: &PushLocation) -> &'static str {
+    if loc.allows(Transport::WebRtc) {
+        "GET, POST, DELETE, OPTIONS"
+    } else {
+        "GET, OPTIONS"
+    }
+}
+
+fn preflight(cors: Option<HeaderValue>, loc: &PushLocation) -> Response<Body> {
     let mut r = Response::new(response::empty());
     *r.status_mut() = StatusCode::NO_CONTENT;
     let h = r.headers_mut();
-    h.insert(header::ALLOW, HeaderValue::from_static("GET, OPTIONS"));
+    let methods = HeaderValue::from_static(allowed_methods(loc));
+    h.insert(header::ALLOW, methods.clone());
     if let Some(origin) = cors {
         add_cors(h, origin);
-        h.insert(
-            header::ACCESS_CONTROL_ALLOW_METHODS,
-            HeaderValue::from_static("GET, OPTIONS"),
-        );
+        h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, methods);
         h.insert(
             header::ACCESS_CONTROL_ALLOW_HEADERS,
-            HeaderValue::from_static("Last-Event-ID, If-None-Match, Cache-Control, Authorization"),
+            HeaderValue::from_static(
+                "Last-Event-ID, If-None-Match, Cache-Control, Authorization, Content-Type",
+            ),
         );
         h.insert(
             header::ACCESS_CONTROL_MAX_AGE,

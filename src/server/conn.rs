@@ -580,6 +580,7 @@ async fn public(state: &Arc<State>, req: Request<Incoming>, conn: ConnInfo) -> R
                 ws_tasks: &state.upgraded,
                 gatekeeper: &live.gatekeeper,
                 conn: &conn,
+                webrtc: state.webrtc.as_ref(),
             };
             push::serve(ctx, req, &location, &channel).await
         }

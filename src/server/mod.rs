@@ -27,6 +27,7 @@ use crate::config::{Config, PublishConfig};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
+use crate::push::webrtc::WebRtc;
 use crate::router::Router;
 use crate::webpush::WebPush;
 use conn::HttpBuilders;
@@ -59,6 +60,8 @@ pub enum StartError {
     Webhook(#[from] crate::webhook::WebhookError),
     #[error("{0}")]
     WebPush(#[from] crate::webpush::WebPushError),
+    #[error("{0}")]
+    WebRtc(#[from] crate::push::webrtc::WebRtcError),
 }
 
 /// The parts of the server that a config reload replaces as a whole. Connections accepted
@@ -166,6 +169,8 @@ struct State {
     listeners: Mutex<Vec<Listening>>,
     /// `[webpush]`, when on: made at start (its store file stays open until shutdown).
     webpush: Option<WebPush>,
+    /// `[webrtc]` of the config crier started with (its socket is not reopened on reload).
+    webrtc: Option<WebRtc>,
 }
 
 /// The addresses the server really listens on (port 0 resolved).
@@ -176,6 +181,8 @@ pub struct Addrs {
     pub publish: Vec<SocketAddr>,
     pub publish_unix: Option<PathBuf>,
     pub admin: Option<SocketAddr>,
+    /// The `[webrtc]` UDP socket.
+    pub webrtc: Option<SocketAddr>,
 }
 
 pub struct Server {
@@ -217,6 +224,9 @@ impl ServerHandle {
         let mut live = Live::new(config.clone(), &st.metrics, &st.upgraded)?;
         live.ingress.keep_seen(&st.live.read().ingress);
         let webhooks = st.webhooks.prepare(&config).map_err(StartError::from)?;
+        if config.webrtc != st.live.read().config.webrtc {
+            tracing::warn!("[webrtc] changed: it takes effect at the next start (the UDP socket and its sessions stay as they are)");
+        }
         let wanted = listen_keys(&config);
         let mut listeners = st.listeners.lock();
         let open: Vec<ListenKey> = listeners.iter().map(|l| l.key.clone()).collect();
@@ -259,7 +269,9 @@ impl ServerHandle {
 
     /// The addresses currently listened on.
     pub fn addrs(&self) -> Addrs {
-        addrs_of(&self.state.listeners.lock())
+        let mut a = addrs_of(&self.state.listeners.lock());
+        a.webrtc = self.state.webrtc.as_ref().and_then(WebRtc::local_addr);
+        a
     }
 
     /// True from the start of the draining shutdown.
@@ -426,7 +438,12 @@ impl Server {
             });
             pending.push(b);
         }
-        let addrs = addrs_of(&listening);
+        let webrtc = match &config.webrtc {
+            Some(w) => Some(WebRtc::bind(w, metrics.clone())?),
+            None => None,
+        };
+        let mut addrs = addrs_of(&listening);
+        addrs.webrtc = webrtc.as_ref().and_then(WebRtc::local_addr);
         Ok(Server {
             state: Arc::new(State {
                 live: RwLock::new(Arc::new(live)),
@@ -443,6 +460,7 @@ impl Server {
                 accept: TaskTracker::new(),
                 listeners: Mutex::new(listening),
                 webpush,
+                webrtc,
             }),
             pending,
             addrs,
@@ -470,6 +488,9 @@ impl Server {
             }
         }
         let sweeper = tokio::spawn(state.hub.clone().run_sweeper(Duration::from_secs(1)));
+        if let Some(w) = &state.webrtc {
+            tokio::spawn(w.clone().serve());
+        }
         tracing::info!("crier is ready");
 
         state.stop.cancelled().await;
@@ -483,6 +504,9 @@ impl Server {
         state.upgraded.close();
         let deadline = state.live.read().config.server.shutdown_timeout;
         let all = async {
+            if let Some(w) = &state.webrtc {
+                w.shutdown(deadline).await; // sessions: SCTP shutdown, DTLS close_notify
+            }
             state.conns.wait().await;
             state.upgraded.wait().await;
         };

@@ -540,7 +540,7 @@ class Suite:
         return out
 
     async def subscribed(self, channel):
-        want_ = {"websocket": 3, "sse": 3, "longpoll": 2}
+        want_ = {"websocket": 3, "sse": 3, "longpoll": 2, "webrtc": 0}
         seen = []
 
         async def counted():

@@ -1,0 +1,261 @@
+//! One WebRTC session: a task that owns its str0m `Rtc` and its hub subscription. It sleeps
+//! until a datagram arrives, the `Rtc`'s next timeout, a message is published, or the session
+//! is told to stop — never a busy loop — and then drives the `Rtc` until it wants to wait again.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use str0m::channel::ChannelId;
+use str0m::net::{Protocol, Receive};
+use str0m::{Event, Input, Output, Rtc};
+use tokio::sync::mpsc;
+use tokio::time::sleep_until;
+use tokio_util::sync::CancellationToken;
+
+use super::{Datagram, Registered, Shared, Slot};
+use crate::config::Transport;
+use crate::hub::{CloseReason, Message, Read, Subscription};
+use crate::metrics::DropReason;
+use crate::push::{encoding, record_delivery, ws::encode_json_envelope};
+
+/// Messages taken from the hub per wake-up.
+const BATCH: usize = 64;
+/// How long a closing session may take to send its goodbyes (SCTP shutdown, DTLS close).
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+/// Why a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// DELETE on its URL, or shutdown.
+    Stopped,
+    ChannelDeleted,
+    ShuttingDown,
+    /// Fell behind the channel's buffer.
+    Lagged,
+    /// A message that can never fit the data channel (larger than the peer accepts).
+    Oversized,
+    /// Nothing heard from the peer for `ice_timeout`.
+    IceTimeout,
+    /// The client closed its data channel or the association.
+    ClientClosed,
+    /// str0m gave up on the session (a protocol error).
+    Failed,
+}
+
+pub(super) struct Session {
+    pub(super) shared: Arc<Shared>,
+    /// Held for its Drop: the session count goes down when the task ends.
+    pub(super) _slot: Slot,
+    pub(super) registered: Registered,
+    pub(super) id: String,
+    pub(super) rtc: Rtc,
+    pub(super) sub: Subscription,
+    pub(super) rx: mpsc::Receiver<Datagram>,
+    pub(super) stop: CancellationToken,
+    /// When the offer was POSTed: the handshake histogram measures from here.
+    pub(super) posted: Instant,
+}
+
+/// What the session waits for from the hub: more messages once everything taken was
+/// written; while the data channel is full, only the news that the client fell behind the
+/// buffer (a client that stops reading is let go then, like a slow WebSocket).
+async fn hub_wait(
+    sub: &mut Subscription,
+    batch: &mut Vec<Arc<Message>>,
+    want_more: bool,
+    stuck: bool,
+) -> Read {
+    if want_more {
+        sub.next(batch, BATCH).await
+    } else if stuck {
+        sub.fell_behind().await;
+        Read::Lagged
+    } else {
+        std::future::pending().await
+    }
+}
+
+/// What the session loop keeps between wake-ups.
+struct Flow {
+    /// The client's first data channel, once open: every message goes there.
+    channel: Option<ChannelId>,
+    /// Taken from the hub, not yet accepted by the data channel (its send buffer was full).
+    pending: VecDeque<Arc<Message>>,
+    last_heard: Instant,
+}
+
+impl Session {
+    pub(super) async fn run(mut self) {
+        let mut flow = Flow {
+            channel: None,
+            pending: VecDeque::new(),
+            last_heard: Instant::now(),
+        };
+        let end = self.serve(&mut flow).await;
+        tracing::debug!("webrtc session {} ended: {end:?}", self.id);
+        // Say goodbye (SCTP shutdown, DTLS close_notify) when the peer may still listen.
+        let peer_gone = matches!(end, End::IceTimeout | End::Failed | End::ClientClosed);
+        if !peer_gone && self.rtc.close().is_ok() {
+            self.finish(&mut flow).await;
+        }
+        // `registered`, `slot` and `sub` go with `self`: the registry entry, the gauges, the
+        // session count and the hub's subscriber count drop with them.
+    }
+
+    async fn serve(&mut self, flow: &mut Flow) -> End {
+        let ice_timeout = self.shared.ice_timeout;
+        let mut batch: Vec<Arc<Message>> = Vec::new();
+        loop {
+            if let Err(end) = self.write_pending(flow) {
+                return end;
+            }
+            let deadline = match self.drive(flow).await {
+                Ok(d) => d,
+                Err(end) => return end,
+            };
+            let want_more = flow.channel.is_some() && flow.pending.is_empty();
+            let stuck = !flow.pending.is_empty();
+            tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => return End::Stopped,
+                d = self.rx.recv() => {
+                    // The registry holds the sender until this task unregisters: never None.
+                    let Some(d) = d else { return End::Failed };
+                    let dest = self.shared.destination_for(d.source);
+                    // A datagram str0m cannot parse is dropped, like one lost on the way; it
+                    // does not count as hearing from the peer either.
+                    let Ok(r) = Receive::new(Protocol::Udp, d.source, dest, &d.data) else {
+                        continue;
+                    };
+                    flow.last_heard = d.at;
+                    // One bad datagram (corrupt, or spoofed from the peer's address) must not
+                    // end the session: it is dropped; a session str0m gave up on is no longer
+                    // alive, and `drive` ends it.
+                    if let Err(e) = self.rtc.handle_input(Input::Receive(d.at, r)) {
+                        tracing::debug!("webrtc session {}: datagram dropped: {e}", self.id);
+                    }
+                }
+                _ = sleep_until(deadline.into()) => {
+                    if self.rtc.handle_input(Input::Timeout(Instant::now())).is_err() {
+                        return End::Failed;
+                    }
+                }
+                _ = sleep_until((flow.last_heard + ice_timeout).into()) => {
+                    self.sub.metrics().dropped(DropReason::Timeout);
+                    return End::IceTimeout;
+                }
+                r = hub_wait(&mut self.sub, &mut batch, want_more, stuck) => match r {
+                    Read::Messages(_) => {
+                        record_delivery(&self.sub, Transport::WebRtc, &batch);
+                        flow.pending.extend(batch.drain(..));
+                    }
+                    Read::Empty => {}
+                    Read::Lagged => {
+                        self.sub.metrics().dropped(DropReason::Lagged);
+                        return End::Lagged;
+                    }
+                    Read::Closed(CloseReason::Deleted) => return End::ChannelDeleted,
+                    Read::Closed(CloseReason::ShuttingDown) => return End::ShuttingDown,
+                },
+            }
+        }
+    }
+
+    /// Drives the closing `Rtc` until it has sent its goodbyes (or `CLOSE_WAIT` passed).
+    async fn finish(&mut self, flow: &mut Flow) {
+        let end = Instant::now() + CLOSE_WAIT;
+        while self.rtc.is_alive() {
+            let Ok(t) = self.drive(flow).await else {
+                return;
+            };
+            if t >= end {
+                return;
+            }
+            sleep_until(t.into()).await;
+            if self
+                .rtc
+                .handle_input(Input::Timeout(Instant::now()))
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+
+    /// Hands pending messages to the data channel, in order, until its send buffer is full.
+    fn write_pending(&mut self, flow: &mut Flow) -> Result<(), End> {
+        let Some(cid) = flow.channel else {
+            return Ok(());
+        };
+        while let Some(m) = flow.pending.front() {
+            let Some(mut ch) = self.rtc.channel(cid) else {
+                return Err(End::ClientClosed);
+            };
+            // The crier.json envelope, built once per message and shared with WebSocket.
+            let frame = m.encoded(encoding::WS_JSON, encode_json_envelope);
+            match ch.write(false, frame) {
+                Ok(true) => {
+                    flow.pending.pop_front();
+                }
+                // Full: the rest waits for the peer's acks (each arrives as input and brings
+                // us back here).
+                Ok(false) if ch.buffered_amount() > 0 => return Ok(()),
+                // Nothing in flight and still refused: it can never fit.
+                Ok(false) | Err(_) => {
+                    self.sub.metrics().dropped(DropReason::Oversized);
+                    return Err(End::Oversized);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Polls the `Rtc` until it wants to wait: sends what it transmits, handles its events.
+    /// Returns when to call it again.
+    async fn drive(&mut self, flow: &mut Flow) -> Result<Instant, End> {
+        loop {
+            if !self.rtc.is_alive() {
+                return Err(End::ClientClosed);
+            }
+            let out = match self.rtc.poll_output() {
+                Ok(o) => o,
+                Err(e) => {
+                    tracing::debug!("webrtc session {}: {e}", self.id);
+                    return Err(End::Failed);
+                }
+            };
+            match out {
+                Output::Timeout(t) => return Ok(t),
+                Output::Transmit(t) => {
+                    // UDP: a failed send is a lost datagram; the protocols above retransmit.
+                    if let Err(e) = self.shared.socket.send_to(&t.contents, t.destination).await {
+                        tracing::debug!("webrtc: send to {}: {e}", t.destination);
+                    }
+                }
+                Output::Event(e) => self.event(e, flow)?,
+            }
+        }
+    }
+
+    fn event(&mut self, e: Event, flow: &mut Flow) -> Result<(), End> {
+        match e {
+            Event::ChannelOpen(cid, _label) if flow.channel.is_none() => {
+                flow.channel = Some(cid);
+                self.shared
+                    .metrics
+                    .webrtc_handshake
+                    .observe(self.posted.elapsed().as_secs_f64());
+                self.registered.opened();
+            }
+            // The client closed its channel, or the peer connection (DTLS close_notify).
+            Event::ChannelClose(cid) if flow.channel == Some(cid) => {
+                return Err(End::ClientClosed);
+            }
+            Event::Closed => return Err(End::ClientClosed),
+            // Subscribers send nothing; anything they do send is ignored.
+            _ => {}
+        }
+        Ok(())
+    }
+}
