@@ -16,10 +16,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 /// What the scripted upstream does after writing a reply.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 enum After {
     KeepOpen,
     Close,
+    /// Wait, write these bytes unasked, then close (a server timing out an idle connection).
+    LaterWriteAndClose(Duration, &'static [u8]),
 }
 
 type Script = dyn Fn(usize, &str) -> (Vec<u8>, After) + Send + Sync;
@@ -64,6 +66,11 @@ impl Scripted {
                         };
                         let (reply, after) = script(n, &req);
                         if s.write_all(&reply).await.is_err() || after == After::Close {
+                            return;
+                        }
+                        if let After::LaterWriteAndClose(wait, bytes) = after {
+                            tokio::time::sleep(wait).await;
+                            let _ = s.write_all(bytes).await;
                             return;
                         }
                     }
@@ -409,5 +416,27 @@ async fn a_reload_applies_to_the_next_request_on_an_open_connection() {
     c.handle.reload(cfg).expect("reload");
     // The connection sat idle through the reload: its next request goes to the new upstream.
     assert_eq!(conn.get("/").await.text(), "new");
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn bytes_an_idle_pooled_connection_received_are_not_taken_for_the_next_answer() {
+    // Some servers write a 408 before closing a keep-alive connection that idled too long.
+    let up = Scripted::start(|n, _| {
+        (
+            ok(&format!("reply {n}")),
+            After::LaterWriteAndClose(
+                Duration::from_millis(50),
+                b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+            ),
+        )
+    })
+    .await;
+    let c = Crier::start(&up.url(), "").await;
+    let mut conn = RawConn::connect(c.public).await;
+    assert_eq!(conn.get("/a").await.text(), "reply 0");
+    tokio::time::sleep(Duration::from_millis(300)).await; // the 408 and the close land
+    let r = conn.get("/b").await;
+    assert_eq!((r.status, r.text().as_str()), (200, "reply 1"));
     c.shutdown().await;
 }

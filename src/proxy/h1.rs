@@ -350,6 +350,21 @@ impl AsyncWrite for Io {
     }
 }
 
+impl Io {
+    /// Nothing arrived while the connection sat in the pool: no EOF, and no unsolicited bytes
+    /// (some servers write a `408` before closing an idle connection, which would otherwise
+    /// be read as the answer to the next request). One non-blocking read, and only a real
+    /// syscall when the reactor saw the socket readable.
+    fn is_quiet(&self) -> bool {
+        let mut probe = [0u8; 1];
+        let r = match self {
+            Io::Tcp(s) => s.try_read(&mut probe),
+            Io::Unix(s) => s.try_read(&mut probe),
+        };
+        matches!(r, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+}
+
 /// One upstream connection and what has been read from it but not yet passed on.
 struct Upstream {
     io: Io,
@@ -401,15 +416,21 @@ impl Pool {
     }
 
     fn checkout(&self) -> Option<Upstream> {
-        let mut idle = self.idle.lock();
-        while let Some(u) = idle.pop() {
-            if u.idle_since.elapsed() < self.idle_timeout {
+        loop {
+            let u = {
+                let mut idle = self.idle.lock();
+                let u = idle.pop()?;
+                if u.idle_since.elapsed() >= self.idle_timeout {
+                    // Older ones are below it: drop them all.
+                    idle.clear();
+                    return None;
+                }
+                u
+            };
+            if u.io.is_quiet() {
                 return Some(u);
             }
-            // Older ones are below it: drop them all.
-            idle.clear();
         }
-        None
     }
 
     fn checkin(&self, mut u: Upstream) {
