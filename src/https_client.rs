@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -82,6 +82,29 @@ pub fn build(opts: &ClientOptions) -> Result<HttpsClient, ClientError> {
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
         .build(connector))
+}
+
+/// An error and its causes on one line: hyper-util's own message says only "client error
+/// (Connect)", and the operator needs the TLS or DNS reason under it.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// A `Retry-After` value: delay-seconds or an HTTP date (a date in the past is zero).
+pub fn parse_retry_after(v: &str) -> Option<Duration> {
+    let v = v.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(at.duration_since(SystemTime::now()).unwrap_or_default())
 }
 
 fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, ClientError> {

@@ -25,7 +25,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 use tokio_util::sync::CancellationToken;
 
-use super::{humanize, ConnInfo, Proxy};
+use super::{humanize, ConnInfo, Proxy, HOP_BY_HOP};
 use crate::config::{UpstreamAddr, UpstreamConfig};
 
 /// Most request headers the fast path parses; a request with more goes to hyper (which
@@ -265,17 +265,6 @@ struct HopByHop<'h> {
 }
 
 impl<'h> HopByHop<'h> {
-    const FIXED: [&'static str; 8] = [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "proxy-authenticate",
-    ];
-
     fn of(headers: &[httparse::Header<'h>]) -> HopByHop<'h> {
         let connection = headers
             .iter()
@@ -288,7 +277,7 @@ impl<'h> HopByHop<'h> {
     }
 
     fn strips(&self, name: &str) -> bool {
-        Self::FIXED.iter().any(|f| name.eq_ignore_ascii_case(f))
+        HOP_BY_HOP.iter().any(|f| name.eq_ignore_ascii_case(f))
             || self
                 .connection
                 .iter()

@@ -259,19 +259,22 @@ pub fn header_has_token(h: &HeaderMap, name: &HeaderName, token: &str) -> bool {
     })
 }
 
+/// The hop-by-hop headers every message drops (RFC 9110 §7.6.1), besides those its
+/// `Connection` names.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authenticate",
+];
+
 /// Removes the hop-by-hop headers (RFC 9110 §7.6.1): `Connection` and every header it
 /// names, plus the fixed list.
 fn strip_hop_by_hop(h: &mut HeaderMap) {
-    const FIXED: [&str; 8] = [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "proxy-authenticate",
-    ];
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -282,7 +285,7 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     for n in named {
         h.remove(n);
     }
-    for n in FIXED {
+    for n in HOP_BY_HOP {
         h.remove(n);
     }
 }

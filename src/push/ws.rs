@@ -104,6 +104,12 @@ fn frame(m: &Message, json: bool) -> WsMessage {
 
 /// `{"id":"...","event":"...","data":"..."}`; a non-UTF-8 body goes base64 in `data_b64`.
 pub fn encode_json_envelope(m: &Message) -> Bytes {
+    Bytes::from(serde_json::to_vec(&envelope_fields(m)).unwrap_or_default())
+}
+
+/// The fields of the crier.json envelope (WebSocket, WebRTC, Web Push): `id`, `event` when
+/// the message has one, and `data`, or `data_b64` for a body that is not UTF-8.
+pub fn envelope_fields(m: &Message) -> serde_json::Map<String, serde_json::Value> {
     let mut v = serde_json::Map::new();
     v.insert("id".into(), m.id.to_string().into());
     if let Some(e) = &m.event {
@@ -118,7 +124,7 @@ pub fn encode_json_envelope(m: &Message) -> Bytes {
                 .into(),
         ),
     };
-    Bytes::from(serde_json::to_vec(&v).unwrap_or_default())
+    v
 }
 
 async fn run(mut ws: HyperWebsocketStream, mut sub: Subscription, keepalive: Duration, json: bool) {

@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
+use http::header;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use parking_lot::Mutex;
@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{sign, Event, WebhookError};
 use crate::config::WebhookConfig;
-use crate::https_client::{self, ClientOptions, HttpsClient};
+use crate::https_client::{self, error_chain, parse_retry_after, ClientOptions, HttpsClient};
 use crate::metrics::Metrics;
 
 /// The longest `Retry-After` honoured: a receiver cannot park an endpoint for longer.
@@ -293,6 +293,7 @@ impl Endpoint {
                 StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => resp
                     .headers()
                     .get(header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
                     .and_then(parse_retry_after),
                 _ => None,
             };
@@ -310,28 +311,6 @@ impl Endpoint {
             Ok(Ok((s, ra))) => Attempt::Failed(format!("answered {s}"), ra),
         }
     }
-}
-
-/// The error and its causes on one line (hyper-util's own message is just "client error").
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
-/// `Retry-After`: delay-seconds or an HTTP date.
-fn parse_retry_after(v: &HeaderValue) -> Option<Duration> {
-    let s = v.to_str().ok()?.trim();
-    if let Ok(secs) = s.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    let at = httpdate::parse_http_date(s).ok()?;
-    Some(at.duration_since(SystemTime::now()).unwrap_or_default())
 }
 
 /// An endpoint and its delivery task.

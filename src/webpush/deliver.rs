@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use base64::Engine;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, StatusCode};
@@ -17,6 +16,7 @@ use http_body_util::Full;
 use tokio::sync::{mpsc, Semaphore};
 
 use super::{crypto, Failure, Inner, Outcome};
+use crate::https_client::{error_chain, parse_retry_after};
 use crate::hub::{HubObserver, Message, Published};
 use crate::webpush::store::WebPushSubscription;
 
@@ -169,29 +169,16 @@ impl HubObserver for Observer {
 /// in one push message, the same without the data and with `"truncated": true`, so the
 /// service worker fetches the message by id.
 pub fn payload(channel: &str, m: &Message) -> Vec<u8> {
-    let mut v = serde_json::Map::new();
+    let mut v = crate::push::ws::envelope_fields(m);
     v.insert("channel".into(), channel.into());
-    v.insert("id".into(), m.id.to_string().into());
-    if let Some(e) = &m.event {
-        v.insert("event".into(), e.to_string().into());
-    }
-    let head_only = serde_json::Value::Object(v.clone());
-    match std::str::from_utf8(&m.body) {
-        Ok(s) => v.insert("data".into(), s.into()),
-        Err(_) => v.insert(
-            "data_b64".into(),
-            base64::engine::general_purpose::STANDARD
-                .encode(&m.body)
-                .into(),
-        ),
-    };
     let full = serde_json::to_vec(&v).unwrap_or_default();
     if full.len() <= crypto::MAX_PLAINTEXT {
         return full;
     }
-    let mut t = head_only;
-    t["truncated"] = true.into();
-    serde_json::to_vec(&t).unwrap_or_default()
+    v.remove("data");
+    v.remove("data_b64");
+    v.insert("truncated".into(), true.into());
+    serde_json::to_vec(&v).unwrap_or_default()
 }
 
 /// Fans each message out to its channel's subscriptions, once per message.
@@ -448,32 +435,6 @@ async fn send(inner: &Inner, d: &Delivery, body: Bytes) -> Answer {
             Answer::Status(resp.status(), retry_after)
         }
     }
-}
-
-/// `e: cause: cause`: hyper-util's errors say only "client error (Connect)" at the top, and
-/// the operator needs the TLS or DNS reason under it.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
-/// `Retry-After`: seconds, or an HTTP date.
-fn parse_retry_after(v: &str) -> Option<Duration> {
-    let v = v.trim();
-    if let Ok(s) = v.parse::<u64>() {
-        return Some(Duration::from_secs(s));
-    }
-    let at = httpdate::parse_http_date(v).ok()?;
-    Some(
-        at.duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO),
-    )
 }
 
 async fn remove_gone(inner: &Arc<Inner>, sub: &WebPushSubscription) {
