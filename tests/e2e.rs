@@ -232,72 +232,51 @@ fn run_suite(name: &str, cmd: &mut Command) {
 
 #[test]
 fn browser_suite() {
-    if skip("CRIER_SKIP_BROWSER", "browser") {
-        return;
-    }
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    match node_major() {
-        Some(v) if v >= 20 => {}
-        other => panic!(
-            "the browser suite needs Node.js 20 or newer (found {other:?}); install it or set \
-             CRIER_SKIP_BROWSER=1"
-        ),
-    }
-    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    if !Path::new(&chromium).exists() {
-        ensure_apt("chromium", "chromium", "CRIER_SKIP_BROWSER");
-    }
-    ensure_apt("openssl", "openssl", "CRIER_SKIP_BROWSER");
-    let dir = repo().join("tests/e2e");
-    ensure_node_modules(&dir);
-    run_suite(
-        "browser",
-        Command::new("node")
-            .arg(dir.join("run.mjs"))
-            .env("CHROMIUM", chromium),
-    );
+    browser("browser", "run.mjs");
 }
 
 /// The WebRTC transport with Chromium's own WebRTC stack (`tests/e2e/webrtc.mjs`).
 #[test]
 fn browser_webrtc_suite() {
-    if skip("CRIER_SKIP_BROWSER", "browser WebRTC") {
-        return;
-    }
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    match node_major() {
-        Some(v) if v >= 20 => {}
-        other => panic!(
-            "the browser suite needs Node.js 20 or newer (found {other:?}); install it or set \
-             CRIER_SKIP_BROWSER=1"
-        ),
-    }
-    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    if !Path::new(&chromium).exists() {
-        ensure_apt("chromium", "chromium", "CRIER_SKIP_BROWSER");
-    }
-    let dir = repo().join("tests/e2e");
-    ensure_node_modules(&dir);
-    run_suite(
-        "browser WebRTC",
-        Command::new("node")
-            .arg(dir.join("webrtc.mjs"))
-            .env("CHROMIUM", chromium),
-    );
+    browser("browser WebRTC", "webrtc.mjs");
 }
 
 /// Web Push in Chromium (`tests/e2e/webpush.mjs`): the demo page's "Notify me" flow, with a
 /// recorded PushSubscription (headless Chromium reaches no push service).
 #[test]
 fn webpush_browser_suite() {
-    if skip("CRIER_SKIP_BROWSER", "Web Push browser") {
+    browser("Web Push browser", "webpush.mjs");
+}
+
+#[test]
+fn python_suite() {
+    python("Python", "run.py", "CRIER_PY_VENV", "venv");
+}
+
+/// The WebRTC transport with aiortc's stack (`tests/pyclient/webrtc.py`, its own venv).
+#[test]
+fn python_webrtc_suite() {
+    python(
+        "Python WebRTC",
+        "webrtc.py",
+        "CRIER_PY_WEBRTC_VENV",
+        "venv-webrtc",
+    );
+}
+
+/// Runs `tests/e2e/<script>` with Node and headless Chromium (both checked or installed first).
+fn browser(name: &str, script: &str) {
+    if skip("CRIER_SKIP_BROWSER", name) {
         return;
     }
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    assert!(
-        node_major().is_some_and(|v| v >= 20),
-        "the browser suite needs Node.js 20 or newer; install it or set CRIER_SKIP_BROWSER=1"
-    );
+    match node_major() {
+        Some(v) if v >= 20 => {}
+        other => panic!(
+            "the browser suite needs Node.js 20 or newer (found {other:?}); install it or set \
+             CRIER_SKIP_BROWSER=1"
+        ),
+    }
     let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
     if !Path::new(&chromium).exists() {
         ensure_apt("chromium", "chromium", "CRIER_SKIP_BROWSER");
@@ -306,16 +285,17 @@ fn webpush_browser_suite() {
     let dir = repo().join("tests/e2e");
     ensure_node_modules(&dir);
     run_suite(
-        "Web Push browser",
+        name,
         Command::new("node")
-            .arg(dir.join("webpush.mjs"))
+            .arg(dir.join(script))
             .env("CHROMIUM", chromium),
     );
 }
 
-#[test]
-fn python_suite() {
-    if skip("CRIER_SKIP_PYTHON", "Python") {
+/// Runs `tests/pyclient/<script>`, which makes its venv at `out_dir()/<venv>` (passed in
+/// `venv_env`).
+fn python(name: &str, script: &str, venv_env: &str, venv: &str) {
+    if skip("CRIER_SKIP_PYTHON", name) {
         return;
     }
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
@@ -335,38 +315,9 @@ fn python_suite() {
     }
     ensure_apt("openssl", "openssl", "CRIER_SKIP_PYTHON");
     run_suite(
-        "Python",
+        name,
         Command::new("python3")
-            .arg(repo().join("tests/pyclient/run.py"))
-            .env("CRIER_PY_VENV", out_dir().join("venv")),
-    );
-}
-
-/// The WebRTC transport with aiortc's stack (`tests/pyclient/webrtc.py`, its own venv).
-#[test]
-fn python_webrtc_suite() {
-    if skip("CRIER_SKIP_PYTHON", "Python WebRTC") {
-        return;
-    }
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    ensure_apt("python3", "python3", "CRIER_SKIP_PYTHON");
-    let venv_ok = Command::new("python3")
-        .args(["-c", "import venv, ensurepip"])
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !venv_ok {
-        assert!(
-            is_root(),
-            "python3 cannot make a venv (no ensurepip): run `apt-get install -y python3-venv` \
-             (or set CRIER_SKIP_PYTHON=1)"
-        );
-        apt_install("python3-venv");
-    }
-    run_suite(
-        "Python WebRTC",
-        Command::new("python3")
-            .arg(repo().join("tests/pyclient/webrtc.py"))
-            .env("CRIER_PY_WEBRTC_VENV", out_dir().join("venv-webrtc")),
+            .arg(repo().join("tests/pyclient").join(script))
+            .env(venv_env, out_dir().join(venv)),
     );
 }

@@ -33,10 +33,11 @@ import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from pathlib import Path
+
+import crier_process
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -98,8 +99,7 @@ class Crier:
 
     def __init__(self, d, cert, key):
         self.sock = d / "publish.sock"
-        config = d / "crier.toml"
-        config.write_text("\n".join([
+        self.proc, self.log, addrs = crier_process.start(d, [
             "[server]", 'listen = ["127.0.0.1:0"]',
             "[server.tls]", 'listen = ["127.0.0.1:0"]', f'cert = "{cert}"', f'key = "{key}"',
             "[upstream]", 'url = "http://127.0.0.1:9"', 'connect_timeout = "1s"',
@@ -110,41 +110,7 @@ class Crier:
             # A small buffer, for gap reporting; a short long-poll wait, for 304.
             "[[push]]", 'path = "/small/{channel}"', 'channel_prefix = "small:"', "buffer_messages = 5",
             'longpoll_timeout = "1s"',
-        ]))
-        bin_ = os.environ.get("CRIER_BIN") or str(REPO / "target" / "debug" / "crier")
-        if not Path(bin_).exists():
-            raise SystemExit(f"no crier binary at {bin_}: run `cargo build` (or set CRIER_BIN)")
-        self.proc = subprocess.Popen(
-            [bin_, "--config", str(config), "--log-format", "json"],
-            env={**os.environ, "CRIER_LOG": "info"},
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )
-        self.log = []
-        ready = threading.Event()
-        addrs = {}
-
-        def read():
-            for raw in self.proc.stderr:
-                line = raw.decode(errors="replace").rstrip("\n")
-                self.log.append(line)
-                try:
-                    msg = json.loads(line)["fields"]["message"]
-                except (ValueError, KeyError, TypeError):
-                    continue
-                for key, pat in [("public", r"listening on http://(\S+) \(public\)$"),
-                                 ("tls", r"listening on https://(\S+) \(public, TLS\)$"),
-                                 ("publish", r"publish API on http://(\S+)$"),
-                                 ("admin", r"admin on http://(\S+)")]:
-                    m = re.match(pat, msg)
-                    if m:
-                        addrs[key] = m.group(1)
-                if msg == "crier is ready":
-                    ready.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        if not ready.wait(20):
-            self.proc.kill()
-            raise SystemExit("crier did not become ready within 20 s:\n" + "\n".join(self.log))
+        ])
         self.public, self.tls, self.admin = addrs["public"], addrs["tls"], addrs["admin"]
         self.port = int(self.public.rsplit(":", 1)[1])
         self.tls_port = int(self.tls.rsplit(":", 1)[1])

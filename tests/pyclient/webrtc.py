@@ -33,6 +33,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import crier_process
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 REQUIREMENTS = HERE / "webrtc-requirements.txt"
@@ -73,48 +75,14 @@ class Crier:
     """The built binary with every listener on port 0; addresses read from its log lines."""
 
     def __init__(self, d):
-        config = d / "crier.toml"
-        config.write_text("\n".join([
+        self.proc, self.log, addrs = crier_process.start(d, [
             "[server]", 'listen = ["127.0.0.1:0"]',
             "[upstream]", 'url = "http://127.0.0.1:9"', 'connect_timeout = "1s"',
             "[publish]", f'unix = "{d / "publish.sock"}"', 'listen = ["127.0.0.1:0"]',
             "[admin]", 'listen = "127.0.0.1:0"',
             "[channels]", "buffer_messages = 1000",
             "[webrtc]", 'listen = "127.0.0.1:0"', 'ice_timeout = "10s"',
-        ]))
-        bin_ = os.environ.get("CRIER_BIN") or str(REPO / "target" / "debug" / "crier")
-        if not Path(bin_).exists():
-            raise SystemExit(f"no crier binary at {bin_}: run `cargo build` (or set CRIER_BIN)")
-        self.proc = subprocess.Popen(
-            [bin_, "--config", str(config), "--log-format", "json"],
-            env={**os.environ, "CRIER_LOG": "info"},
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )
-        self.log = []
-        ready = threading.Event()
-        addrs = {}
-
-        def read():
-            for raw in self.proc.stderr:
-                line = raw.decode(errors="replace").rstrip("\n")
-                self.log.append(line)
-                try:
-                    msg = json.loads(line)["fields"]["message"]
-                except (ValueError, KeyError, TypeError):
-                    continue
-                for key, pat in [("public", r"listening on http://(\S+) \(public\)$"),
-                                 ("publish", r"publish API on http://(\S+)$"),
-                                 ("admin", r"admin on http://(\S+)")]:
-                    m = re.match(pat, msg)
-                    if m:
-                        addrs[key] = m.group(1)
-                if msg == "crier is ready":
-                    ready.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        if not ready.wait(20):
-            self.proc.kill()
-            raise SystemExit("crier did not become ready within 20 s:\n" + "\n".join(self.log))
+        ])
         self.public, self.publish_addr, self.admin = addrs["public"], addrs["publish"], addrs["admin"]
 
     def stop(self):
