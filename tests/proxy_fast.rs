@@ -244,7 +244,7 @@ async fn head_and_no_body_statuses_carry_no_body() {
 }
 
 #[tokio::test]
-async fn a_pooled_connection_the_upstream_closed_is_retried_on_a_fresh_one() {
+async fn a_pooled_connection_the_upstream_closed_while_idle_is_not_used() {
     // Every connection answers one request and closes without saying so, as an upstream
     // with a short keep-alive timeout does while the connection sits in the pool.
     let up = Scripted::start(|n, _| (ok(&format!("reply {n}")), After::Close)).await;
@@ -256,6 +256,25 @@ async fn a_pooled_connection_the_upstream_closed_is_retried_on_a_fresh_one() {
         tokio::time::sleep(Duration::from_millis(30)).await; // let the close land
     }
     assert!(up.connections.load(Ordering::SeqCst) >= 5);
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_pooled_connection_closed_under_the_next_request_is_retried_on_a_fresh_one() {
+    // Request 1 reaches the pooled connection, which the upstream closes without answering
+    // (the close raced the request): GET is safe to send again, on a new connection.
+    let up = Scripted::start(|n, _| match n {
+        1 => (Vec::new(), After::Close),
+        _ => (ok(&format!("reply {n}")), After::KeepOpen),
+    })
+    .await;
+    let c = Crier::start(&up.url(), "").await;
+    let mut conn = RawConn::connect(c.public).await;
+    assert_eq!(conn.get("/first").await.text(), "reply 0");
+    let r = conn.get("/second").await;
+    assert_eq!((r.status, r.text().as_str()), (200, "reply 2"));
+    assert_eq!(up.connections.load(Ordering::SeqCst), 2);
+    assert_eq!(target(&up.request(2)), "/second");
     c.shutdown().await;
 }
 
