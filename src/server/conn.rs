@@ -554,27 +554,48 @@ async fn dispatch(
     }
 }
 
-async fn public(state: &Arc<State>, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
-    let live = state.live.read().clone();
-    if let Some(ingress) = live.ingress.find(req.uri().path()) {
-        return crate::webhook::ingress::serve(&state.hub, ingress, req, conn.peer).await;
+/// Who answers a public request path, in order: an `[[ingress]]` path, the Web Push API, then
+/// the router (push locations, else the upstream). The one decision `public` and the proxy
+/// fast path both follow.
+enum PublicRoute<'a> {
+    Ingress(&'a crate::webhook::ingress::IngressPoint),
+    /// The Web Push API, with the part of the path after its base.
+    WebPush(&'a crate::webpush::WebPush, String),
+    Router(Route),
+}
+
+fn route_public<'a>(state: &'a State, live: &'a Live, path: &str) -> PublicRoute<'a> {
+    if let Some(ingress) = live.ingress.find(path) {
+        return PublicRoute::Ingress(ingress);
     }
     if let Some(wp) = &state.webpush {
-        if let Some(rest) = wp.route(req.uri().path()) {
-            let rest = rest.to_string();
+        if let Some(rest) = wp.route(path) {
+            return PublicRoute::WebPush(wp, rest.to_string());
+        }
+    }
+    PublicRoute::Router(live.router.route(path))
+}
+
+async fn public(state: &Arc<State>, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
+    let live = state.live.read().clone();
+    match route_public(state, &live, req.uri().path()) {
+        PublicRoute::Ingress(ingress) => {
+            crate::webhook::ingress::serve(&state.hub, ingress, req, conn.peer).await
+        }
+        PublicRoute::WebPush(wp, rest) => {
             let ctx = crate::webpush::api::ApiContext {
                 webpush: wp,
                 locations: &live.config.push,
                 gatekeeper: &live.gatekeeper,
                 conn: &conn,
             };
-            return Box::pin(crate::webpush::api::handle(ctx, req, &rest)).await;
+            Box::pin(crate::webpush::api::handle(ctx, req, &rest)).await
         }
-    }
-    match live.router.route(req.uri().path()) {
-        Route::Proxy => live.proxy.forward(req, &conn).await,
-        Route::BadChannel(reason) => response::text(StatusCode::BAD_REQUEST, reason),
-        Route::Push { location, channel } => {
+        PublicRoute::Router(Route::Proxy) => live.proxy.forward(req, &conn).await,
+        PublicRoute::Router(Route::BadChannel(reason)) => {
+            response::text(StatusCode::BAD_REQUEST, reason)
+        }
+        PublicRoute::Router(Route::Push { location, channel }) => {
             let ctx = PushContext {
                 hub: &state.hub,
                 ws_tasks: &state.upgraded,
@@ -628,16 +649,11 @@ impl h1::Site for PublicSite {
         &self.live.proxy
     }
 
-    /// The decision `public` makes, in its order: ingress paths, the Web Push API and push
-    /// locations are crier's own; the rest goes to the upstream.
     fn proxies(&self, path: &str) -> bool {
-        self.live.ingress.find(path).is_none()
-            && self
-                .state
-                .webpush
-                .as_ref()
-                .is_none_or(|wp| wp.route(path).is_none())
-            && matches!(self.live.router.route(path), Route::Proxy)
+        matches!(
+            route_public(&self.state, &self.live, path),
+            PublicRoute::Router(Route::Proxy)
+        )
     }
 
     fn header_timeout(&self) -> Duration {
