@@ -168,13 +168,9 @@ fn event_name(req: &Request<Incoming>) -> Result<Option<Box<str>>, &'static str>
     Ok(Some(name.into()))
 }
 
-fn hub_error(e: HubError) -> Response<Body> {
-    let status = match e {
-        HubError::TooManyChannels(_) => StatusCode::TOO_MANY_REQUESTS,
-        HubError::NoSuchChannel => StatusCode::NOT_FOUND,
-        HubError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
-    };
-    response::json_error(status, &e.to_string())
+/// A hub refusal as the JSON APIs answer it (publish API, webhook ingress).
+pub(crate) fn hub_error(e: HubError) -> Response<Body> {
+    response::json_error(e.status(), &e.to_string())
 }
 
 // ---------------------------------------------------------------------------------------

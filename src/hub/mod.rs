@@ -36,6 +36,17 @@ pub enum HubError {
     ShuttingDown,
 }
 
+impl HubError {
+    /// The HTTP status every API answers it with.
+    pub fn status(&self) -> http::StatusCode {
+        match self {
+            HubError::TooManyChannels(_) => http::StatusCode::TOO_MANY_REQUESTS,
+            HubError::NoSuchChannel => http::StatusCode::NOT_FOUND,
+            HubError::ShuttingDown => http::StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
 /// What a publish answers.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PublishReceipt {

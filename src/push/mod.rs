@@ -258,10 +258,9 @@ pub fn subscribe_fast_sse(
 
 pub fn hub_error(e: HubError) -> Response<Body> {
     match e {
-        HubError::TooManyChannels(_) => {
-            response::text(StatusCode::TOO_MANY_REQUESTS, &e.to_string())
+        HubError::TooManyChannels(_) | HubError::NoSuchChannel => {
+            response::text(e.status(), &e.to_string())
         }
-        HubError::NoSuchChannel => response::text(StatusCode::NOT_FOUND, &e.to_string()),
         HubError::ShuttingDown => {
             let mut r = response::text(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
             r.headers_mut()

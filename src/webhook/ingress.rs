@@ -15,7 +15,7 @@ use parking_lot::Mutex;
 
 use super::sign::{self, VerifyError};
 use crate::config::{ChannelSource, ChannelTemplate, IngressConfig, Verify};
-use crate::hub::{Hub, HubError, NewMessage};
+use crate::hub::{Hub, NewMessage};
 use crate::response::{self, Body};
 use crate::router::validate_channel;
 
@@ -190,7 +190,7 @@ pub async fn serve(
     let Some(id) = delivery_id.filter(|id| !id.is_empty() && id.len() <= 256) else {
         return match hub.publish(&channel, msg) {
             Ok(r) => accepted(&r.id, &channel, false),
-            Err(e) => hub_error(e),
+            Err(e) => crate::publish::hub_error(e),
         };
     };
     // Checked and published under one lock, so two copies of a delivery arriving together
@@ -205,7 +205,7 @@ pub async fn serve(
             seen.insert(id, &r.id);
             accepted(&r.id, &channel, false)
         }
-        Err(e) => hub_error(e),
+        Err(e) => crate::publish::hub_error(e),
     }
 }
 
@@ -218,15 +218,6 @@ fn accepted(id: &str, channel: &str, duplicate: bool) -> Response<Body> {
         StatusCode::ACCEPTED,
         &serde_json::json!({ "id": id, "channel": channel, "duplicate": duplicate }),
     )
-}
-
-fn hub_error(e: HubError) -> Response<Body> {
-    let status = match e {
-        HubError::TooManyChannels(_) => StatusCode::TOO_MANY_REQUESTS,
-        HubError::NoSuchChannel => StatusCode::NOT_FOUND,
-        HubError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
-    };
-    error(status, &e.to_string())
 }
 
 /// The channel a verified request goes to.
