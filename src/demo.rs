@@ -13,7 +13,11 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
-use crate::config::{Config, Transport, WebRtcConfig};
+use crate::config::{
+    Config, HostPattern, KeyFile, Origin, WebPushConfig, WebRtcConfig, DEFAULT_PUSH_HOSTS,
+};
+use crate::keys::{VapidError, VapidKey};
+use crate::model::Transport;
 use crate::response::{self, Body};
 
 /// The demo app's page: HTML, CSS and script in one file, compiled into the binary.
@@ -54,6 +58,34 @@ pub fn enable_webrtc(config: &mut Config) {
             loc.transports[Transport::WebRtc.index()] = true;
         }
     }
+}
+
+/// `crier demo` without a `[webpush]` section: a fresh key and store in `dir`, the real
+/// browsers' push services, so the demo page's "Notify me" works as it would on a site.
+pub fn webpush_config(dir: &std::path::Path) -> Result<WebPushConfig, VapidError> {
+    let path = dir.join("vapid.pem");
+    VapidKey::generate(&path)?;
+    Ok(WebPushConfig {
+        vapid_key_file: KeyFile {
+            path,
+            origin: Origin {
+                file: "<crier demo>".into(),
+                line: 0,
+                col: 0,
+                key: "webpush.vapid_key_file",
+            },
+        },
+        subject: "mailto:crier-demo@example.invalid".into(),
+        path: "/_crier/webpush".into(),
+        store: dir.join("webpush.redb"),
+        push_hosts: DEFAULT_PUSH_HOSTS
+            .iter()
+            .filter_map(|h| HostPattern::parse(h).ok())
+            .collect(),
+        ttl: Duration::from_secs(3600),
+        max_subscriptions: 10_000,
+        ca_file: None,
+    })
 }
 
 /// Serves the demo app on `listener` until the task is dropped: the page at `/`, an empty

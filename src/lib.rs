@@ -1,28 +1,36 @@
-//! crier: a push sidecar. It sits in front of a web application as its reverse proxy and
-//! holds WebSocket, SSE and long-poll subscribers on configured paths, fed by messages the
-//! application publishes to a local socket. See `DESIGN.md` for the data path.
+//! crier: a push sidecar. It sits in front of a web application as its reverse proxy, passes
+//! ordinary traffic through, and on configured paths holds WebSocket, Server-Sent Events,
+//! long-poll and WebRTC subscribers itself, fed by messages the application publishes to a
+//! local socket.
 //!
-//! The modules follow the data path: `server` (accept) → `router` → `proxy` or
-//! `push::{sse, ws, longpoll}` ← `hub` ← `publish`.
+//! A request's path through the modules: `server` (accept, sniff the protocol, HTTP, route) →
+//! `proxy` (the upstream app) or `push` (admission by the channel's owner, then one transport) →
+//! `hub` (channels, ids, buffers; storage engines in `hub::store`) ← `publish` (the app's
+//! publishes); the hub's observers feed `webhook` and `webpush`. Below them: `config` (plain
+//! data), `keys` (key material), `model` (domain types).
+//!
+//! The whole map, the seams and how to extend them: `docs/ARCHITECTURE.md`, shown below.
+#![doc = include_str!("../docs/ARCHITECTURE.md")]
 
-pub mod admin;
-pub mod auth;
+pub(crate) mod admin;
+pub(crate) mod auth;
 pub mod config;
 pub mod demo;
-pub mod https_client;
+pub(crate) mod https_client;
 pub mod hub;
+pub mod keys;
 pub mod metrics;
-pub mod proxy;
+pub mod model;
+pub(crate) mod proxy;
 pub mod publish;
-pub mod push;
-pub mod response;
-pub mod router;
+pub(crate) mod push;
+pub(crate) mod query;
+pub(crate) mod response;
 pub mod sd_notify;
 pub mod server;
-pub mod status;
-pub mod tls;
+pub(crate) mod tls;
 pub mod webhook;
-pub mod webpush;
+pub(crate) mod webpush;
 
 pub use config::Config;
 pub use server::{Addrs, Server, ServerHandle};

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
 use crier::config::UpstreamAddr;
+use crier::keys::Keys;
 use crier::publish::{client_request, Target};
 use crier::{sd_notify, Config, Server};
 use tokio::signal::unix::{signal, SignalKind};
@@ -80,15 +81,27 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let path = cli.config.clone().or_else(Config::default_path);
+    // The config alone (`crier publish` needs no keys, and may not be allowed to read them).
     let load = || match &path {
         Some(p) => Config::load(p),
         None => Ok(Config::default()),
     };
+    // The config and the key files it names, checked together.
+    let load_all = || match &path {
+        Some(p) => crier::keys::load_file(p),
+        None => {
+            let c = Config::default();
+            Keys::load(&c).map(|k| (c, k))
+        }
+    };
     match cli.command.unwrap_or(Command::Run) {
-        Command::Check => match load() {
-            Ok(_) => {
+        Command::Check => match load_all() {
+            Ok((config, _)) => {
                 let name = path.map_or("built-in defaults".into(), |p| p.display().to_string());
                 println!("{name}: ok");
+                for note in config.ownership_notes() {
+                    println!("note: {note}");
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -97,7 +110,7 @@ fn main() -> ExitCode {
             }
         },
         command @ (Command::Run | Command::Demo) => {
-            let config = match load() {
+            let (config, keys) = match load_all() {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("{e}");
@@ -108,12 +121,12 @@ fn main() -> ExitCode {
             if matches!(command, Command::Demo) {
                 demo(config, cli.config.as_deref())
             } else {
-                run(config, None)
+                run(config, keys, None)
             }
         }
         Command::Vapid {
             action: VapidAction::Generate { path },
-        } => match crier::webpush::vapid::VapidKey::generate(&path) {
+        } => match crier::keys::VapidKey::generate(&path) {
             Ok(k) => {
                 println!("wrote {} (mode 0600)", path.display());
                 println!("public key (applicationServerKey): {}", k.public_key_b64());
@@ -153,7 +166,9 @@ fn main() -> ExitCode {
                 }
             };
             let token = match publish_token(token_file, &target, || {
-                load().ok().and_then(|c| c.publish.token_file)
+                load()
+                    .ok()
+                    .and_then(|c| c.publish.token_file.map(|f| f.path))
             }) {
                 Ok(t) => t,
                 Err(e) => {
@@ -225,9 +240,7 @@ fn demo(mut config: Config, config_arg: Option<&std::path::Path>) -> ExitCode {
                 std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
                     .create(&dir)
                     .map_err(|e| e.to_string())
-                    .and_then(|()| {
-                        crier::config::WebPushConfig::for_demo(&dir).map_err(|e| e.to_string())
-                    });
+                    .and_then(|()| crier::demo::webpush_config(&dir).map_err(|e| e.to_string()));
             match made {
                 Ok(w) => config.webpush = Some(w),
                 Err(e) => eprintln!("crier demo: Web Push stays off ({}: {e})", dir.display()),
@@ -246,8 +259,17 @@ fn demo(mut config: Config, config_arg: Option<&std::path::Path>) -> ExitCode {
         cmd.push_str(&shell_word(&c.display().to_string()));
     }
     cmd.push_str(&format!(" publish {} \"hello\"", crier::demo::CHANNEL));
+    // The demo changed the config (Web Push, WebRTC): read its keys again.
+    let keys = match Keys::load(&config) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(64);
+        }
+    };
     let code = run(
         config,
+        keys,
         Some(Demo {
             app,
             publish_command: cmd,
@@ -303,7 +325,7 @@ fn print_demo_help(a: &crier::Addrs, publish_command: &str) {
     println!("Messages appear on the page as you publish them. Ctrl-C stops.");
 }
 
-fn run(config: Config, demo: Option<Demo>) -> ExitCode {
+fn run(config: Config, keys: Keys, demo: Option<Demo>) -> ExitCode {
     raise_fd_limit();
     let rt = match runtime(config.server.worker_threads) {
         Ok(rt) => rt,
@@ -324,7 +346,7 @@ fn run(config: Config, demo: Option<Demo>) -> ExitCode {
             eprintln!("crier: cannot install signal handlers");
             return ExitCode::from(1);
         };
-        let server = match Server::bind(config).await {
+        let server = match Server::bind_with_keys(config, keys).await {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("crier: {e}");
@@ -397,9 +419,9 @@ fn reload(handle: &crier::ServerHandle, source: Option<&std::path::Path>) {
         tracing::info!("SIGHUP: no config file to re-read (built-in defaults or crier demo)");
         return;
     };
-    match Config::load(path)
+    match crier::keys::load_file(path)
         .map_err(|e| e.to_string())
-        .and_then(|c| handle.reload(c).map_err(|e| e.to_string()))
+        .and_then(|(c, k)| handle.reload_with_keys(c, k).map_err(|e| e.to_string()))
     {
         Ok(()) => {
             handle.metrics().config_reloads_ok.inc();
@@ -420,7 +442,7 @@ fn publish_token(
     config_token_file: impl FnOnce() -> Option<PathBuf>,
 ) -> Result<Option<String>, String> {
     let read = |p: &std::path::Path| {
-        crier::auth::read_secret_file(p).map(|b| String::from_utf8_lossy(&b).into_owned())
+        crier::keys::read_secret_file(p).map(|b| String::from_utf8_lossy(&b).into_owned())
     };
     if let Some(p) = token_file {
         return read(&p).map(Some);

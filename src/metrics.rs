@@ -9,7 +9,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::config::Transport;
+use crate::model::Transport;
 
 /// Why the hub let go of a subscriber.
 #[derive(Debug, Clone, Copy)]

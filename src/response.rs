@@ -67,3 +67,105 @@ pub fn method_not_allowed(allow: &'static str, as_json: bool) -> Response<Body> 
         .insert(header::ALLOW, HeaderValue::from_static(allow));
     r
 }
+
+/// The CORS headers for an allowed cross-origin page (a subscriber, the Web Push API, a
+/// denial it must be able to read).
+pub fn cors_headers(origin: &HeaderValue) -> [(header::HeaderName, HeaderValue); 4] {
+    [
+        (header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone()),
+        (
+            header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+            HeaderValue::from_static("true"),
+        ),
+        (
+            header::ACCESS_CONTROL_EXPOSE_HEADERS,
+            HeaderValue::from_static("ETag, Crier-Resume, Location"),
+        ),
+        (header::VARY, HeaderValue::from_static("Origin")),
+    ]
+}
+
+/// Appends the CORS headers for `origin` to `h`.
+pub fn add_cors(h: &mut http::HeaderMap, origin: &HeaderValue) {
+    for (name, value) in cors_headers(origin) {
+        h.append(name, value);
+    }
+}
+
+/// How a response crier writes itself on a raw HTTP/1.1 socket delimits its body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum H1Framing {
+    /// A body of this many bytes follows.
+    Length(usize),
+    /// A stream of chunks follows (SSE).
+    Chunked,
+}
+
+/// The one writer of the HTTP/1.1 responses crier writes without hyper (the SSE fast path,
+/// the proxy fast path's errors, a refused connection): the status line, `headers` (any
+/// framing or `connection` header among them is dropped: this function frames), `date`, the
+/// framing, and `connection: close` when `close`.
+pub fn h1_head(
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    headers: &http::HeaderMap,
+    framing: H1Framing,
+    close: bool,
+) {
+    use std::io::Write;
+    let _ = write!(
+        out,
+        "HTTP/1.1 {} {}\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    );
+    for (name, value) in headers {
+        if matches!(
+            name,
+            &header::CONTENT_LENGTH | &header::CONNECTION | &header::TRANSFER_ENCODING
+        ) {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"date: ");
+    out.extend_from_slice(httpdate::fmt_http_date(std::time::SystemTime::now()).as_bytes());
+    match framing {
+        H1Framing::Length(n) => {
+            let _ = write!(out, "\r\ncontent-length: {n}\r\n");
+        }
+        H1Framing::Chunked => out.extend_from_slice(b"\r\ntransfer-encoding: chunked\r\n"),
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A whole plain-text answer (`reason` and a newline) on a raw HTTP/1.1 socket.
+pub fn h1_text(
+    status: StatusCode,
+    reason: &str,
+    headers: &http::HeaderMap,
+    close: bool,
+) -> Vec<u8> {
+    let mut h = headers.clone();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    let mut out = Vec::with_capacity(160 + reason.len());
+    h1_head(
+        &mut out,
+        status,
+        &h,
+        H1Framing::Length(reason.len() + 1),
+        close,
+    );
+    out.extend_from_slice(reason.as_bytes());
+    out.push(b'\n');
+    out
+}

@@ -352,8 +352,8 @@ async fn cache_is_keyed_by_credentials_and_channel_and_expires() {
         &up.url(),
         "[[push]]\npath = \"/live/{channel}\"\nauth_request = \"/auth/check\"\n\
          auth_cache_ttl = \"2s\"\nlongpoll_timeout = \"50ms\"\n\
-         [[push]]\npath = \"/nocache/{channel}\"\nauth_request = \"/auth/check\"\n\
-         longpoll_timeout = \"50ms\"\n",
+         [[push]]\npath = \"/nocache/{channel}\"\nchannel_prefix = \"nc:\"\n\
+         auth_request = \"/auth/check\"\nlongpoll_timeout = \"50ms\"\n",
     )
     .await;
     let cl = client();

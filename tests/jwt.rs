@@ -188,7 +188,7 @@ async fn missing_bad_expired_and_unsigned_tokens_are_401() {
     let c = Crier::start(
         &up.url(),
         &format!(
-            "{}[[push]]\npath = \"/nocookie/{{channel}}\"\nlongpoll_timeout = \"50ms\"\n\
+            "{}[[push]]\npath = \"/nocookie/{{channel}}\"\nchannel_prefix = \"nc:\"\nlongpoll_timeout = \"50ms\"\n\
              [push.jwt]\nsecret_file = \"{}\"\n",
             hs_location("/live/{channel}", &secret, ""),
             secret.display()
@@ -341,7 +341,7 @@ async fn public_key_algorithms_are_fixed_by_config() {
         &format!(
             "[[push]]\npath = \"/rs/{{channel}}\"\nlongpoll_timeout = \"50ms\"\n\
              [push.jwt]\npublic_key_file = \"{}\"\nalgorithm = \"RS256\"\n\
-             [[push]]\npath = \"/es/{{channel}}\"\nlongpoll_timeout = \"50ms\"\n\
+             [[push]]\npath = \"/es/{{channel}}\"\nchannel_prefix = \"es:\"\nlongpoll_timeout = \"50ms\"\n\
              [push.jwt]\npublic_key_file = \"{}\"\nalgorithm = \"ES256\"\n",
             fixture("rsa.pub").display(),
             fixture("ec.pub").display()
@@ -450,7 +450,9 @@ async fn key_files_are_read_on_reload() {
 
     // A key file that went missing makes the new config invalid: the old one keeps running.
     std::fs::remove_file(&secret).unwrap();
-    let e = crier::Config::from_toml(&toml, None)
+    let e = c
+        .handle
+        .reload(crier::Config::from_toml(&toml, None).unwrap())
         .unwrap_err()
         .to_string();
     assert!(
@@ -475,7 +477,7 @@ fn bad_key_files_are_config_errors() {
     .unwrap();
     let err = |jwt: &str| {
         let text = format!("[[push]]\npath = \"/live/{{channel}}\"\n[push.jwt]\n{jwt}");
-        crier::Config::from_toml(&text, Some(Path::new("c.toml")))
+        crier::keys::load_str(&text, Some(Path::new("c.toml")))
             .expect_err(jwt)
             .to_string()
     };

@@ -110,7 +110,7 @@ fn a_non_loopback_publish_address_needs_a_token_file() {
     let f = token_file(dir.path());
     let check = |publish: &str| {
         let text = format!("[publish]\nunix = \"\"\n{publish}");
-        crier::Config::from_toml(&text, Some(Path::new("c.toml"))).map_err(|e| e.to_string())
+        crier::keys::load_str(&text, Some(Path::new("c.toml"))).map_err(|e| e.to_string())
     };
     let e = check("listen = [\"127.0.0.1:8081\", \"0.0.0.0:8081\"]\n").unwrap_err();
     assert!(
@@ -127,8 +127,8 @@ fn a_non_loopback_publish_address_needs_a_token_file() {
         "listen = [\"0.0.0.0:8081\"]\ntoken_file = \"{}\"\n",
         f.display()
     );
-    let c = check(&with_token).unwrap();
-    assert!(c.publish.token.is_some());
+    let (_, keys) = check(&with_token).unwrap();
+    assert!(keys.publish_token.is_some());
 
     // crier refuses to start on it (EX_USAGE), and says why.
     let conf = dir.path().join("crier.toml");
@@ -144,7 +144,7 @@ fn token_file_problems_are_config_errors() {
     let dir = tempfile::tempdir().unwrap();
     let check = |file: &Path| {
         let text = format!("[publish]\ntoken_file = \"{}\"\n", file.display());
-        crier::Config::from_toml(&text, Some(Path::new("c.toml")))
+        crier::keys::load_str(&text, Some(Path::new("c.toml")))
             .unwrap_err()
             .to_string()
     };

@@ -372,7 +372,8 @@ async fn sse_origin_policy_and_cors() {
     let c = Crier::start(
         &up.url(),
         "[[push]]\npath = \"/live/{channel}\"\n\
-         [[push]]\npath = \"/open/{channel}\"\nallow_origins = [\"https://app.example\"]\n",
+         [[push]]\npath = \"/open/{channel}\"\nchannel_prefix = \"open:\"\n\
+         allow_origins = [\"https://app.example\"]\n",
     )
     .await;
     let cl = client();

@@ -837,10 +837,11 @@ async fn drain_delivers_within_the_deadline_and_counts_the_rest() {
     let metrics = Arc::new(crier::metrics::Metrics::new());
     let hub = crier::hub::Hub::new(config.clone(), metrics.clone());
     let hooks = crier::webhook::Webhooks::new(hub.clone(), metrics);
-    hooks.install(hooks.prepare(&config).expect("prepare"));
+    let keys = crier::keys::Keys::load(&config).expect("keys");
+    hooks.install(hooks.prepare(&config, &keys).expect("prepare"));
     for i in 0..50 {
         hub.publish(
-            "a",
+            &crier::model::ChannelName::new("a").expect("name"),
             crier::hub::NewMessage {
                 event: None,
                 content_type: http::HeaderValue::from_static("text/plain"),
@@ -848,6 +849,7 @@ async fn drain_delivers_within_the_deadline_and_counts_the_rest() {
                 headers: http::HeaderMap::new(),
             },
         )
+        .await
         .expect("publish");
     }
     let t = Instant::now();

@@ -353,7 +353,7 @@ struct Site {
 impl Site {
     async fn new() -> Site {
         let dir = tempfile::tempdir().expect("tempdir");
-        crier::webpush::vapid::VapidKey::generate(&dir.path().join("vapid.pem")).expect("key");
+        crier::keys::VapidKey::generate(&dir.path().join("vapid.pem")).expect("key");
         std::fs::write(
             dir.path().join("jwt.key"),
             "a-secret-for-the-webpush-tests-0123456789",
@@ -1126,8 +1126,9 @@ async fn a_reload_takes_a_new_key_and_ttl() {
 
     let mut cfg = c.handle.config().as_ref().clone();
     let w = cfg.webpush.as_mut().expect("webpush on");
-    w.vapid_key = crier::webpush::vapid::VapidKey::generate(&site.dir.path().join("vapid2.pem"))
-        .expect("new key");
+    let key2 = site.dir.path().join("vapid2.pem");
+    crier::keys::VapidKey::generate(&key2).expect("new key");
+    w.vapid_key_file.path = key2;
     w.ttl = Duration::from_secs(300);
     c.handle.reload(cfg).expect("reload");
     let new_key = crier_key(&c).await;
@@ -1284,7 +1285,7 @@ fn vapid_generate_writes_a_private_key_once() {
     assert_eq!(mode & 0o777, 0o600);
     let pem = std::fs::read_to_string(&key).expect("read");
     assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----"), "{pem}");
-    let public = crier::webpush::vapid::VapidKey::from_pem(&pem).expect("a P-256 key");
+    let public = crier::keys::VapidKey::from_pem(&pem).expect("a P-256 key");
     assert!(
         printed.contains(public.public_key_b64()),
         "prints the public key: {printed}"

@@ -669,7 +669,7 @@ async fn channel_delete_and_shutdown_close_sessions() {
         "not closed on shutdown"
     );
     shut.await.expect("shutdown");
-    assert_eq!(metrics.subscribers(crier::config::Transport::WebRtc), 0);
+    assert_eq!(metrics.subscribers(crier::model::Transport::WebRtc), 0);
     assert_eq!(
         metrics.webrtc_sessions(crier::metrics::WebRtcState::Open),
         0

@@ -217,12 +217,9 @@ impl AuthCache {
         entries.insert(key, (Instant::now(), v.clone()));
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.entries.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

@@ -7,27 +7,28 @@
 //!   credentials; the app's 2xx allows, its 401/403 reach the subscriber as they are, and
 //!   anything else (an error, no answer in time) is 503: never an open door.
 //!
-//! The Origin check runs before both (in `push`), so a cross-site page never makes crier send
-//! the victim's cookies to the app. Publishing over TCP may need a bearer token
-//! ([`PublishToken`]); the Unix socket relies on its file permissions.
+//! The Origin check runs before both (in `push::admission`), so a cross-site page never makes
+//! crier send the victim's cookies to the app. The keys (JWT verification keys) come from
+//! [`crate::keys`], read after the config validated.
 
 pub mod forward;
 pub mod jwt;
 
-use std::path::Path;
+use std::borrow::Cow;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Response, StatusCode};
-use subtle::ConstantTimeEq;
 
 use crate::config::{Config, PushLocation};
+use crate::keys::{bearer_token, Keys};
 use crate::metrics::{AuthMethod, AuthResult, Metrics};
-use crate::proxy::ConnInfo;
+use crate::model::ConnInfo;
 use crate::response::{self, Body};
 use forward::{AuthCache, ForwardAuth};
-use jwt::JwtRejection;
+use jwt::{JwtRejection, JwtVerifier};
 
 /// What the checks see of a subscriber's request.
 pub struct Ask<'a> {
@@ -90,25 +91,26 @@ impl Denial {
         *r.status_mut() = self.status;
         *r.headers_mut() = *self.headers;
         if let Some(origin) = cors {
-            for (name, value) in crate::push::cors_headers(origin) {
-                r.headers_mut().append(name, value);
-            }
+            response::add_cors(r.headers_mut(), origin);
         }
         r
     }
 }
 
-/// The subscriber checks of one config: the forward-auth client (pooled, to the upstream) and
-/// the per-location caches. Rebuilt on reload, which also empties the caches.
+/// The subscriber checks of one config: the forward-auth client (pooled, to the upstream),
+/// the JWT verifiers and the per-location caches. Rebuilt on reload, which also empties the
+/// caches.
 pub struct Gatekeeper {
     forward: ForwardAuth,
+    /// By location path: the locations with `[push.jwt]`.
+    verifiers: HashMap<String, JwtVerifier>,
     /// By location path, for the locations with `auth_cache_ttl`.
-    caches: std::collections::HashMap<String, AuthCache>,
+    caches: HashMap<String, AuthCache>,
     metrics: Arc<Metrics>,
 }
 
 impl Gatekeeper {
-    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Gatekeeper {
+    pub fn new(config: &Config, keys: &Keys, metrics: Arc<Metrics>) -> Gatekeeper {
         let caches = config
             .push
             .iter()
@@ -117,8 +119,18 @@ impl Gatekeeper {
                 Some((loc.path.clone(), AuthCache::new(ttl)))
             })
             .collect();
+        let verifiers = config
+            .push
+            .iter()
+            .filter_map(|loc| {
+                let j = loc.jwt.as_ref()?;
+                let key = keys.jwt.get(&loc.path)?.clone();
+                Some((loc.path.clone(), JwtVerifier::new(key, j.leeway)))
+            })
+            .collect();
         Gatekeeper {
             forward: ForwardAuth::new(&config.upstream),
+            verifiers,
             caches,
             metrics,
         }
@@ -137,10 +149,15 @@ impl Gatekeeper {
         ask: &Ask<'_>,
     ) -> Result<(), Denial> {
         if let Some(j) = &loc.jwt {
+            // Keys are loaded with the config that made this gatekeeper: a location without
+            // its verifier cannot happen, and would fail closed.
+            let Some(verifier) = self.verifiers.get(&loc.path) else {
+                return Err(Denial::unavailable());
+            };
             let token = find_token(ask.headers, ask.query, j.cookie.as_deref());
             let verdict = match token {
                 None => Err(JwtRejection::Missing),
-                Some(t) => j.verifier.verify(t, channel),
+                Some(t) => verifier.verify(&t, channel),
             };
             if let Err(e) = verdict {
                 self.metrics.auth_check(AuthMethod::Jwt, AuthResult::Deny);
@@ -199,19 +216,14 @@ pub fn find_token<'a>(
     h: &'a HeaderMap,
     query: Option<&'a str>,
     cookie: Option<&str>,
-) -> Option<&'a str> {
+) -> Option<Cow<'a, str>> {
     let bearer = h
         .get_all(header::AUTHORIZATION)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .find_map(bearer_token);
-    let from_query = || {
-        query?
-            .split('&')
-            .filter_map(|p| p.split_once('='))
-            .find(|(k, v)| *k == "access_token" && !v.is_empty())
-            .map(|(_, v)| v)
-    };
+        .find_map(bearer_token)
+        .map(Cow::Borrowed);
+    let from_query = || crate::query::param(query, "access_token").filter(|v| !v.is_empty());
     let from_cookie = || {
         let name = cookie?;
         h.get_all(header::COOKIE)
@@ -220,90 +232,9 @@ pub fn find_token<'a>(
             .flat_map(|s| s.split(';'))
             .filter_map(|c| c.trim().split_once('='))
             .find(|(k, v)| *k == name && !v.is_empty())
-            .map(|(_, v)| v.trim_matches('"'))
+            .map(|(_, v)| Cow::Borrowed(v.trim_matches('"')))
     };
     bearer.or_else(from_query).or_else(from_cookie)
-}
-
-/// `Bearer <token>` (the scheme is case-insensitive) → the token.
-pub fn bearer_token(v: &str) -> Option<&str> {
-    let (scheme, token) = v.trim().split_once(' ')?;
-    let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
-}
-
-/// Reads a secret from a file: its bytes without trailing whitespace (the newline an editor
-/// or `echo` adds). Empty is an error. The message names the file.
-pub fn read_secret_file(path: &Path) -> Result<Vec<u8>, String> {
-    let mut bytes =
-        std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    while bytes.last().is_some_and(|b| b.is_ascii_whitespace()) {
-        bytes.pop();
-    }
-    if bytes.is_empty() {
-        return Err(format!("{} is empty", path.display()));
-    }
-    Ok(bytes)
-}
-
-/// The publish API's bearer token (`[publish] token_file`). Only its SHA-256 is kept, and a
-/// presented token is hashed and compared in constant time: neither the token's bytes nor its
-/// length show in the time an answer takes.
-#[derive(Clone)]
-pub struct PublishToken {
-    digest: [u8; 32],
-}
-
-impl std::fmt::Debug for PublishToken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("PublishToken(..)")
-    }
-}
-
-/// Shortest publish token accepted.
-pub const MIN_PUBLISH_TOKEN: usize = 16;
-
-impl PublishToken {
-    /// Reads the token file; the token must be at least 16 visible ASCII characters (it
-    /// travels in an HTTP header).
-    pub fn load(path: &Path) -> Result<PublishToken, String> {
-        let token = read_secret_file(path)?;
-        if !token.iter().all(|b| b.is_ascii_graphic()) {
-            return Err(format!(
-                "{}: the token must be visible ASCII characters without spaces",
-                path.display()
-            ));
-        }
-        if token.len() < MIN_PUBLISH_TOKEN {
-            return Err(format!(
-                "{}: the token needs at least {MIN_PUBLISH_TOKEN} characters; make one with: openssl rand -hex 32",
-                path.display()
-            ));
-        }
-        Ok(PublishToken {
-            digest: sha256(&token),
-        })
-    }
-
-    pub fn matches(&self, presented: &[u8]) -> bool {
-        bool::from(sha256(presented).ct_eq(&self.digest))
-    }
-
-    /// Whether the request's `Authorization: Bearer` carries this token.
-    pub fn authorizes(&self, h: &HeaderMap) -> bool {
-        h.get_all(header::AUTHORIZATION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .filter_map(bearer_token)
-            .any(|t| self.matches(t.as_bytes()))
-    }
-}
-
-fn sha256(data: &[u8]) -> [u8; 32] {
-    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data);
-    let mut out = [0u8; 32];
-    out.copy_from_slice(d.as_ref());
-    out
 }
 
 #[cfg(test)]
@@ -317,10 +248,13 @@ mod tests {
             header::COOKIE,
             HeaderValue::from_static("a=1; tok=from-cookie; b=2"),
         );
-        assert_eq!(find_token(&h, None, Some("tok")), Some("from-cookie"));
+        assert_eq!(
+            find_token(&h, None, Some("tok")).as_deref(),
+            Some("from-cookie")
+        );
         assert_eq!(find_token(&h, None, None), None, "no cookie configured");
         assert_eq!(
-            find_token(&h, Some("x=1&access_token=from-query"), Some("tok")),
+            find_token(&h, Some("x=1&access_token=from-query"), Some("tok")).as_deref(),
             Some("from-query")
         );
         h.insert(
@@ -328,26 +262,13 @@ mod tests {
             HeaderValue::from_static("bearer from-header"),
         );
         assert_eq!(
-            find_token(&h, Some("access_token=q"), Some("tok")),
+            find_token(&h, Some("access_token=q"), Some("tok")).as_deref(),
             Some("from-header")
         );
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic xyz"));
-        assert_eq!(find_token(&h, Some("access_token=q"), None), Some("q"));
-    }
-
-    #[test]
-    fn publish_token_compare() {
-        let dir = tempfile::tempdir().expect("test setup");
-        let p = dir.path().join("t");
-        std::fs::write(&p, "0123456789abcdef0123\n").expect("test setup");
-        let t = PublishToken::load(&p).expect("test setup");
-        assert!(t.matches(b"0123456789abcdef0123"));
-        assert!(!t.matches(b"0123456789abcdef012"));
-        assert!(!t.matches(b""));
-        std::fs::write(&p, "short\n").expect("test setup");
-        assert!(PublishToken::load(&p).unwrap_err().contains("at least 16"));
-        std::fs::write(&p, "\n").expect("test setup");
-        assert!(PublishToken::load(&p).unwrap_err().contains("empty"));
-        assert!(format!("{t:?}").contains(".."));
+        assert_eq!(
+            find_token(&h, Some("access_token=q"), None).as_deref(),
+            Some("q")
+        );
     }
 }

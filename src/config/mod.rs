@@ -21,13 +21,11 @@ use toml::Spanned;
 use raw::read_raw;
 use validate::Validator;
 
-use crate::auth::jwt::{JwtAlgorithm, JwtVerifier};
-use crate::auth::PublishToken;
-pub use webpush::{HostPattern, WebPushConfig};
+pub use webpush::{HostPattern, WebPushConfig, DEFAULT_PUSH_HOSTS};
 
+use crate::model::Transport;
 pub use webhook::{
-    decode_whsec, ChannelPattern, ChannelSource, ChannelTemplate, IngressConfig, Secret, Verify,
-    WebhookConfig, WebhookEvent,
+    ChannelSource, ChannelTemplate, IngressConfig, Verify, WebhookConfig, WebhookEvent,
 };
 
 /// The whole, validated configuration. Read by every module, written by none after load.
@@ -105,10 +103,9 @@ pub struct PublishConfig {
     /// The group the socket file is given (`chown :group`), so the app's user can reach it.
     pub unix_group: Option<UnixGroup>,
     pub listen: Vec<SocketAddr>,
-    /// When set, TCP publishes need `Authorization: Bearer <token>`; the Unix socket does not.
-    pub token: Option<PublishToken>,
-    /// Where `token` was read from (`crier publish` reads it too).
-    pub token_file: Option<PathBuf>,
+    /// When set, TCP publishes need `Authorization: Bearer <the token in it>`; the Unix socket
+    /// does not. Read by `keys` (and by `crier publish`).
+    pub token_file: Option<KeyFile>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,37 +141,6 @@ pub struct WebRtcConfig {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transport {
-    WebSocket,
-    Sse,
-    LongPoll,
-    WebRtc,
-}
-
-impl Transport {
-    pub const COUNT: usize = 4;
-    pub const ALL: [Transport; Transport::COUNT] = [
-        Transport::WebSocket,
-        Transport::Sse,
-        Transport::LongPoll,
-        Transport::WebRtc,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Transport::WebSocket => "websocket",
-            Transport::Sse => "sse",
-            Transport::LongPoll => "longpoll",
-            Transport::WebRtc => "webrtc",
-        }
-    }
-
-    pub fn index(self) -> usize {
-        self as usize
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FirstMessage {
     /// A subscriber without a position gets only what is published after it connects.
     Newest,
@@ -206,7 +172,7 @@ pub struct PushLocation {
 }
 
 /// `auth_request` and its knobs.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ForwardAuthConfig {
     /// Path (and query) on the upstream, e.g. `/auth/can-subscribe`.
     pub path: String,
@@ -216,20 +182,85 @@ pub struct ForwardAuthConfig {
     pub cache_ttl: Option<Duration>,
 }
 
-/// `[push.jwt]`: the key is read (and checked) when the config is loaded, so a missing or bad
-/// key file is a config error, and SIGHUP re-reads it.
-#[derive(Debug, Clone)]
+/// `[push.jwt]`. The key file is read by `keys` after validation (a missing or bad file is a
+/// config error there, and SIGHUP re-reads it).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JwtConfig {
-    pub verifier: JwtVerifier,
-    pub key_file: PathBuf,
+    pub algorithm: JwtAlgorithm,
+    pub key_file: KeyFile,
     /// A cookie that may carry the token (besides `Authorization: Bearer` and `access_token`).
     pub cookie: Option<String>,
     pub leeway: Duration,
 }
 
+/// The algorithms a `[push.jwt]` location may be configured with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JwtAlgorithm {
+    Hs256,
+    Rs256,
+    Es256,
+}
+
+impl JwtAlgorithm {
+    pub fn parse(s: &str) -> Option<JwtAlgorithm> {
+        match s {
+            "HS256" => Some(JwtAlgorithm::Hs256),
+            "RS256" => Some(JwtAlgorithm::Rs256),
+            "ES256" => Some(JwtAlgorithm::Es256),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JwtAlgorithm::Hs256 => "HS256",
+            JwtAlgorithm::Rs256 => "RS256",
+            JwtAlgorithm::Es256 => "ES256",
+        }
+    }
+}
+
+/// A file of key material the config names (a token, a secret, a key). The config only says
+/// where it is; `keys` reads it after validation, and a problem with it points at `origin`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyFile {
+    pub path: PathBuf,
+    pub origin: Origin,
+}
+
+/// Where in the config file a value is: for problems found after validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// The config file as messages name it.
+    pub file: std::sync::Arc<str>,
+    pub line: usize,
+    pub col: usize,
+    /// The dotted key, e.g. `push.jwt.secret_file`.
+    pub key: &'static str,
+}
+
+impl Origin {
+    /// A problem at this place, in the same `file:line:col: key: reason` shape as every
+    /// config error.
+    pub fn problem(&self, msg: impl fmt::Display) -> String {
+        format!(
+            "{}:{}:{}: {}: {msg}",
+            self.file, self.line, self.col, self.key
+        )
+    }
+}
+
 impl PushLocation {
     pub fn allows(&self, t: Transport) -> bool {
         self.transports[t.index()]
+    }
+
+    /// Whether two locations check subscribers the same way (Origin, forward auth, JWT): the
+    /// condition for sharing a `channel_prefix`, since the channels' owner's checks apply.
+    pub fn checks_like(&self, other: &PushLocation) -> bool {
+        self.allow_origins == other.allow_origins
+            && self.forward_auth == other.forward_auth
+            && self.jwt == other.jwt
     }
 }
 
@@ -285,12 +316,25 @@ impl Config {
 
     /// Parses and validates TOML text. `path` only names the file in messages.
     pub fn from_toml(text: &str, path: Option<&Path>) -> Result<Config, ConfigError> {
+        let name = path.map_or("<config>".to_string(), |p| p.display().to_string());
+        match Config::parse(text, path) {
+            (Some(cfg), problems) if problems.is_empty() => Ok(cfg),
+            (_, mut problems) => {
+                sort_problems(&name, &mut problems);
+                Err(ConfigError { problems })
+            }
+        }
+    }
+
+    /// Parses and validates, returning what could be built (None when the TOML itself does
+    /// not read) and every problem found, unsorted.
+    pub(crate) fn parse(text: &str, path: Option<&Path>) -> (Option<Config>, Vec<String>) {
         let name = path
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| "<config>".into());
         let mut problems = Vec::new();
         let Some(raw) = read_raw(text, &name, &mut problems) else {
-            return Err(ConfigError { problems });
+            return (None, problems);
         };
         let mut v = Validator {
             text,
@@ -298,21 +342,34 @@ impl Config {
             problems,
         };
         let cfg = v.build(raw, path);
-        if v.problems.is_empty() {
-            return Ok(cfg);
+        (Some(cfg), v.problems)
+    }
+
+    /// The config file as messages name it.
+    pub fn display_name(&self) -> String {
+        self.source
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "<config>".into())
+    }
+
+    /// What `crier check` tells about channel ownership: for each location whose channel
+    /// names a longer prefix claims, who owns those channels (their checks apply however a
+    /// channel is reached).
+    pub fn ownership_notes(&self) -> Vec<String> {
+        let mut notes = Vec::new();
+        for owner in &self.push {
+            for other in &self.push {
+                let p = owner.channel_prefix.as_str();
+                if other.channel_prefix.len() < p.len() && p.starts_with(&other.channel_prefix) {
+                    notes.push(format!(
+                        "channels {p:?}… belong to {} (channel_prefix {p:?}); {} names them too and applies the checks of {} to them",
+                        owner.path, other.path, owner.path
+                    ));
+                }
+            }
         }
-        // In file order, so the operator reads them top to bottom.
-        let at = |p: &String| -> (usize, usize) {
-            let mut nums = p[v.name.len()..]
-                .split(':')
-                .skip(1)
-                .map_while(|n| n.parse::<usize>().ok());
-            (nums.next().unwrap_or(0), nums.next().unwrap_or(0))
-        };
-        v.problems.sort_by_key(at);
-        Err(ConfigError {
-            problems: v.problems,
-        })
+        notes
     }
 
     /// The buffer policy of a channel: the override of the location with the longest
@@ -327,6 +384,19 @@ impl Config {
     }
 }
 
+/// Puts problems (`file:line:col: ...`) in file order, so the operator reads them top to bottom.
+pub fn sort_problems(file: &str, problems: &mut [String]) {
+    let at = |p: &String| -> (usize, usize) {
+        let rest = p.strip_prefix(file).unwrap_or(p);
+        let mut nums = rest
+            .split(':')
+            .skip(1)
+            .map_while(|n| n.parse::<usize>().ok());
+        (nums.next().unwrap_or(0), nums.next().unwrap_or(0))
+    };
+    problems.sort_by_key(at);
+}
+
 /// `$XDG_RUNTIME_DIR/crier/publish.sock`, else `/tmp/crier-<uid>/publish.sock`.
 pub fn default_publish_socket() -> PathBuf {
     match std::env::var_os("XDG_RUNTIME_DIR") {
@@ -337,11 +407,6 @@ pub fn default_publish_socket() -> PathBuf {
             PathBuf::from(format!("/tmp/crier-{uid}/publish.sock"))
         }
     }
-}
-
-/// `A-Z a-z 0-9 . _ - : ~`
-pub fn is_channel_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':' | '~')
 }
 
 /// Parses `"250ms"`, `"15s"`, `"10m"`, `"2h"`, `"1d"` (a whole number and a unit).

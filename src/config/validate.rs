@@ -21,6 +21,21 @@ impl Validator<'_> {
             .push(format!("{}:{l}:{c}: {key}: {msg}", self.name));
     }
 
+    /// A key file named at `at`: its path (resolved against the config's directory) and where
+    /// the config names it, for `keys` to report problems with.
+    pub(super) fn key_file(&self, key: &'static str, at: &S<String>, base: &Path) -> KeyFile {
+        let (line, col) = line_col(self.text, at.span().start);
+        KeyFile {
+            path: resolve(base, at.get_ref()),
+            origin: Origin {
+                file: self.name.as_str().into(),
+                line,
+                col,
+                key,
+            },
+        }
+    }
+
     pub(super) fn duration(
         &mut self,
         key: &str,
@@ -110,7 +125,7 @@ impl Validator<'_> {
             None => vec![default_push_location(&channels, webrtc.is_some())],
             Some(list) => {
                 let mut seen = BTreeSet::new();
-                let mut out = Vec::new();
+                let mut out: Vec<PushLocation> = Vec::new();
                 for p in list.into_inner() {
                     let span_holder = Spanned::clone(&p.get_ref().path);
                     let loc = self.push_location(
@@ -122,6 +137,20 @@ impl Validator<'_> {
                     if let Some(loc) = loc {
                         if !seen.insert(loc.path.clone()) {
                             self.err("push.path", &span_holder, "the same path is used twice");
+                        }
+                        // Same prefix, same channels: the first owns them, and its checks
+                        // would silently apply to the other's subscribers.
+                        if let Some(first) = out.iter().find(|o| {
+                            o.channel_prefix == loc.channel_prefix && !o.checks_like(&loc)
+                        }) {
+                            self.err(
+                                "push.path",
+                                &span_holder,
+                                format!(
+                                    "serves the same channels as {} (channel_prefix {:?}) but checks subscribers differently (allow_origins, auth_request, [push.jwt]); give one of them its own channel_prefix",
+                                    first.path, loc.channel_prefix
+                                ),
+                            );
                         }
                         out.push(loc);
                     }
@@ -331,7 +360,6 @@ impl Validator<'_> {
                 unix_mode: 0o660,
                 unix_group: None,
                 listen: vec![SocketAddr::from(([127, 0, 0, 1], 8081))],
-                token: None,
                 token_file: None,
             };
         };
@@ -366,19 +394,9 @@ impl Validator<'_> {
                     None
                 }
             });
-        let (token, token_file) = match raw.token_file {
-            None => (None, None),
-            Some(f) => {
-                let path = resolve(base, f.get_ref());
-                match PublishToken::load(&path) {
-                    Ok(t) => (Some(t), Some(path)),
-                    Err(e) => {
-                        self.err("publish.token_file", &f, e);
-                        (None, Some(path))
-                    }
-                }
-            }
-        };
+        let token_file = raw
+            .token_file
+            .map(|f| self.key_file("publish.token_file", &f, base));
         let has_token_file = token_file.is_some();
         let mut listen = Vec::new();
         if let Some(list) = raw.listen {
@@ -406,7 +424,6 @@ impl Validator<'_> {
             unix_mode,
             unix_group,
             listen,
-            token,
             token_file,
         }
     }
@@ -473,7 +490,8 @@ impl Validator<'_> {
         let channel_prefix = match raw.channel_prefix {
             None => String::new(),
             Some(p) => {
-                if !p.get_ref().chars().all(is_channel_char) || p.get_ref().len() > 64 {
+                if !p.get_ref().chars().all(crate::model::is_channel_char) || p.get_ref().len() > 64
+                {
                     self.err(
                         "push.channel_prefix",
                         &p,
@@ -709,19 +727,12 @@ impl Validator<'_> {
                 }
             },
         };
-        let key_file = resolve(base, file.get_ref());
-        match JwtVerifier::load(algorithm, &key_file, leeway) {
-            Ok(verifier) => Some(JwtConfig {
-                verifier,
-                key_file,
-                cookie,
-                leeway,
-            }),
-            Err(e) => {
-                self.err(file_key, &file, e);
-                None
-            }
-        }
+        Some(JwtConfig {
+            algorithm,
+            key_file: self.key_file(file_key, &file, base),
+            cookie,
+            leeway,
+        })
     }
 }
 
@@ -759,39 +770,13 @@ pub(super) fn lookup_group(name: &str) -> Result<u32, String> {
             .parse()
             .map_err(|_| format!("{name:?} is not a valid gid"));
     }
-    let unknown = || format!("unknown group {name:?} (not in the system's group database)");
-    let Ok(cname) = std::ffi::CString::new(name) else {
-        return Err(unknown());
-    };
-    let mut buf = vec![0u8; 4096];
-    loop {
-        // SAFETY: every pointer is to a live local of the right type; getgrnam_r writes the
-        // group's strings into `buf` (of the length we pass) and nowhere else.
-        let mut grp: libc::group = unsafe { std::mem::zeroed() };
-        let mut found: *mut libc::group = std::ptr::null_mut();
-        let rc = unsafe {
-            libc::getgrnam_r(
-                cname.as_ptr(),
-                &mut grp,
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                &mut found,
-            )
-        };
-        if rc == libc::ERANGE && buf.len() < 1 << 20 {
-            buf.resize(buf.len() * 4, 0);
-            continue;
-        }
-        if rc != 0 {
-            return Err(format!(
-                "cannot look up group {name:?}: {}",
-                std::io::Error::from_raw_os_error(rc)
-            ));
-        }
-        if found.is_null() {
-            return Err(unknown());
-        }
-        return Ok(grp.gr_gid);
+    // nix's getgrnam_r wrapper grows its buffer as the group database needs.
+    match nix::unistd::Group::from_name(name) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        Ok(None) => Err(format!(
+            "unknown group {name:?} (not in the system's group database)"
+        )),
+        Err(e) => Err(format!("cannot look up group {name:?}: {e}")),
     }
 }
 

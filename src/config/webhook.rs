@@ -1,21 +1,19 @@
 //! `[[webhook]]` (crier calls out) and `[[ingress]]` (others publish by webhook): the raw
-//! serde input, the typed values, and their validation. Secrets are read here, at load, so a
-//! missing or malformed secret file is a config error with its key and line, and SIGHUP
-//! re-reads it.
+//! serde input, the typed values, and their validation. The secret files are read by `keys`
+//! after validation (a missing or malformed one is a config error with its key and line, and
+//! SIGHUP re-reads it).
 
-use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine;
 use serde::Deserialize;
 use toml::Spanned;
 
 use super::raw::S;
 use super::validate::{resolve, Validator};
-use super::{parse_duration, ServerConfig};
+use super::{parse_duration, KeyFile, ServerConfig};
+use crate::model::{is_channel_char, ChannelName, ChannelPattern};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -41,16 +39,6 @@ pub(super) struct RawIngress {
     pub(super) secret_file: Option<S<String>>,
     pub(super) header: Option<S<String>>,
     pub(super) max_body: Option<S<String>>,
-}
-
-/// An HMAC key read from a secret file. Debug never shows it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(pub Arc<[u8]>);
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Secret({} bytes)", self.0.len())
-    }
 }
 
 /// What a webhook is told about.
@@ -81,22 +69,6 @@ impl WebhookEvent {
     }
 }
 
-/// A channel filter: an exact name, or a prefix when written with a trailing `*`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ChannelPattern {
-    Exact(String),
-    Prefix(String),
-}
-
-impl ChannelPattern {
-    pub fn matches(&self, channel: &str) -> bool {
-        match self {
-            ChannelPattern::Exact(s) => s == channel,
-            ChannelPattern::Prefix(p) => channel.starts_with(p.as_str()),
-        }
-    }
-}
-
 /// One `[[webhook]]`: an endpoint crier POSTs signed events to.
 #[derive(Debug, Clone)]
 pub struct WebhookConfig {
@@ -108,9 +80,8 @@ pub struct WebhookConfig {
     pub events: [bool; 4],
     /// Empty: every channel.
     pub channels: Vec<ChannelPattern>,
-    /// The base64-decoded `whsec_` secret: the HMAC-SHA256 key.
-    pub secret: Secret,
-    pub secret_file: PathBuf,
+    /// Holds the `whsec_` secret (the HMAC-SHA256 key), read by `keys`.
+    pub secret_file: KeyFile,
     /// Bounds each attempt (connect, send, response).
     pub timeout: Duration,
     /// Delays after the first attempt; when they run out the event is given up.
@@ -178,8 +149,8 @@ pub struct IngressConfig {
     pub path: String,
     pub channel: ChannelTemplate,
     pub verify: Verify,
-    /// None only with `verify = "none"`.
-    pub secret: Option<Secret>,
+    /// The shared secret (read by `keys`); None only with `verify = "none"`.
+    pub secret_file: Option<KeyFile>,
     pub max_body: usize,
 }
 
@@ -256,7 +227,7 @@ impl Validator<'_> {
         }
         let mut channels = Vec::new();
         for c in w.channels.map(Spanned::into_inner).unwrap_or_default() {
-            match parse_channel_pattern(c.get_ref()) {
+            match ChannelPattern::new(c.get_ref()) {
                 Ok(p) => channels.push(p),
                 Err(e) => self.err("webhook.channels", &c, e),
             }
@@ -298,20 +269,12 @@ impl Validator<'_> {
             );
             return None;
         };
-        let secret_file = resolve(base, secret_at.get_ref());
-        let secret = match read_secret(&secret_file).and_then(|s| decode_whsec(&s)) {
-            Ok(s) => s,
-            Err(e) => {
-                self.err("webhook.secret_file", &secret_at, e);
-                return None;
-            }
-        };
+        let secret_file = self.key_file("webhook.secret_file", &secret_at, base);
         Some(WebhookConfig {
             name,
             url: url?,
             events,
             channels,
-            secret,
             secret_file,
             timeout,
             retry,
@@ -415,7 +378,7 @@ impl Validator<'_> {
                 "only applies with verify = \"hmac-sha256\"",
             );
         }
-        let secret = match (&verify, i.secret_file) {
+        let secret_file = match (&verify, i.secret_file) {
             (Verify::None, None) => None,
             (Verify::None, Some(s)) => {
                 self.err(
@@ -433,51 +396,17 @@ impl Validator<'_> {
                 );
                 return None;
             }
-            (v, Some(s)) => {
-                let file = resolve(base, s.get_ref());
-                let secret = read_secret(&file).and_then(|text| match v {
-                    Verify::Standard => decode_whsec(&text),
-                    _ if text.is_empty() => Err(format!("{}: is empty", file.display())),
-                    _ => Ok(Secret(text.into_bytes().into())),
-                });
-                match secret {
-                    Ok(secret) => Some(secret),
-                    Err(e) => {
-                        self.err("ingress.secret_file", &s, e);
-                        return None;
-                    }
-                }
-            }
+            (_, Some(s)) => Some(self.key_file("ingress.secret_file", &s, base)),
         };
         Some(IngressConfig {
             path,
             channel: channel?,
             verify,
-            secret,
+            secret_file,
             max_body,
         })
         .filter(|_| path_ok)
     }
-}
-
-/// The secret file's text without surrounding whitespace (the trailing newline editors add).
-fn read_secret(path: &Path) -> Result<String, String> {
-    std::fs::read_to_string(path)
-        .map(|s| s.trim().to_string())
-        .map_err(|e| format!("{}: cannot read: {e}", path.display()))
-}
-
-/// `whsec_<base64>` → the key bytes, as every Standard Webhooks library decodes it.
-pub fn decode_whsec(text: &str) -> Result<Secret, String> {
-    let bad = "bad secret format: expected \"whsec_<base64>\" (e.g. whsec_ and 24 to 64 random bytes in base64)";
-    let b64 = text.strip_prefix("whsec_").ok_or(bad)?;
-    let key = base64::engine::general_purpose::STANDARD
-        .decode(b64)
-        .map_err(|_| bad)?;
-    if key.len() < 16 {
-        return Err("secret too short: the base64 after whsec_ must hold at least 16 bytes".into());
-    }
-    Ok(Secret(key.into()))
 }
 
 fn parse_webhook_url(s: &str, allow_http: bool) -> Result<http::Uri, String> {
@@ -515,33 +444,13 @@ fn default_label(u: &http::Uri) -> String {
     format!("{authority}{}", u.path())
 }
 
-fn parse_channel_pattern(s: &str) -> Result<ChannelPattern, String> {
-    let (name, prefix) = match s.strip_suffix('*') {
-        Some(p) => (p, true),
-        None => (s, false),
-    };
-    if name.contains('*') {
-        return Err(format!("{s:?}: '*' is only allowed at the end"));
-    }
-    if !name.chars().all(super::is_channel_char) || (!prefix && name.is_empty()) {
-        return Err(format!(
-            "{s:?} is not a channel name (A-Z a-z 0-9 . _ - : ~) with an optional trailing '*'"
-        ));
-    }
-    Ok(if prefix {
-        ChannelPattern::Prefix(name.to_string())
-    } else {
-        ChannelPattern::Exact(name.to_string())
-    })
-}
-
 fn parse_channel_template(s: &str) -> Result<ChannelTemplate, String> {
-    let literal_ok = |t: &str| t.chars().all(super::is_channel_char);
+    let literal_ok = |t: &str| t.chars().all(is_channel_char);
     let bad_literal = || {
         format!("{s:?}: a channel holds only A-Z a-z 0-9 . _ - : ~ besides one {{header:X}} or {{json:/pointer}}")
     };
     let Some(open) = s.find('{') else {
-        if s.is_empty() || s.len() > crate::router::MAX_CHANNEL_LEN || !literal_ok(s) {
+        if s.is_empty() || s.len() > ChannelName::MAX_LEN || !literal_ok(s) {
             return Err(bad_literal());
         }
         return Ok(ChannelTemplate {
@@ -585,10 +494,10 @@ fn parse_channel_template(s: &str) -> Result<ChannelTemplate, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
 
+    /// Every problem of the config and the key files it names (what `crier check` prints).
     fn errs(text: &str) -> String {
-        Config::from_toml(text, Some(Path::new("c.toml")))
+        crate::keys::load_str(text, Some(Path::new("c.toml")))
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default()
@@ -604,7 +513,7 @@ mod tests {
     fn a_webhook_with_defaults() {
         let dir = tempfile::tempdir().expect("tempdir");
         let s = secret_file(dir.path(), "s", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\n");
-        let c = Config::from_toml(
+        let (c, keys) = crate::keys::load_str(
             &format!("[[webhook]]\nurl = \"http://127.0.0.1:9/hook?x=1\"\nsecret_file = \"{s}\"\n"),
             None,
         )
@@ -615,7 +524,7 @@ mod tests {
         assert!(w.wants_channel("anything"));
         assert_eq!(w.retry.len(), 5);
         assert_eq!(w.max_queue, 10_000);
-        assert_eq!(w.secret.0.len(), 24);
+        assert_eq!(keys.webhooks[&w.name].0.len(), 24);
     }
 
     #[test]
@@ -666,7 +575,7 @@ mod tests {
     fn ingress_keys() {
         let dir = tempfile::tempdir().expect("tempdir");
         let gh = secret_file(dir.path(), "gh", "It's a Secret to Everybody\n");
-        let c = Config::from_toml(
+        let (c, keys) = crate::keys::load_str(
             &format!(
                 "[[ingress]]\npath = \"/hooks/gh\"\nchannel = \"gh.{{header:X-GitHub-Event}}\"\nverify = \"github\"\nsecret_file = \"{gh}\"\n\
                  [[ingress]]\npath = \"/hooks/open\"\nchannel = \"{{json:/repo/name}}\"\nverify = \"none\"\nmax_body = \"1KiB\"\n"
@@ -674,7 +583,8 @@ mod tests {
             None,
         )
         .expect("valid");
-        assert_eq!(c.ingress[0].secret.as_ref().map(|s| s.0.len()), Some(26));
+        assert_eq!(keys.ingress["/hooks/gh"].0.len(), 26);
+        assert!(!keys.ingress.contains_key("/hooks/open"));
         assert_eq!(c.ingress[0].channel.prefix, "gh.");
         assert_eq!(c.ingress[0].max_body, 1 << 20);
         assert_eq!(c.ingress[1].verify, Verify::None);

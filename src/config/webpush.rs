@@ -6,7 +6,6 @@ use serde::Deserialize;
 use super::raw::S;
 use super::validate::{resolve, Validator};
 use super::*;
-use crate::webpush::vapid::VapidKey;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -29,12 +28,11 @@ pub const DEFAULT_PUSH_HOSTS: [&str; 4] = [
     "*.push.apple.com",
 ];
 
-/// `[webpush]`, validated. The VAPID key is read when the config is loaded, so a missing or
-/// bad key file is a config error (and SIGHUP re-reads it).
-#[derive(Debug, Clone)]
+/// `[webpush]`, validated. The VAPID key file is read by `keys` (a missing or bad one is a
+/// config error there, and SIGHUP re-reads it).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WebPushConfig {
-    pub vapid_key_file: PathBuf,
-    pub vapid_key: VapidKey,
+    pub vapid_key_file: KeyFile,
     /// The VAPID `sub` claim: `mailto:` or `https:` contact for the push services.
     pub subject: String,
     /// On the public listener: `{path}/key`, `{path}/{channel}`. No trailing slash.
@@ -57,29 +55,6 @@ pub enum HostPattern {
     Exact(String),
     /// `*.example.com`: any host strictly under `example.com` (never an IP address).
     Subdomain(String),
-}
-
-impl WebPushConfig {
-    /// `crier demo` without a `[webpush]` section: a fresh key and store in `dir`, the real
-    /// browsers' push services, so the demo page's "Notify me" works as it would on a site.
-    pub fn for_demo(dir: &Path) -> Result<WebPushConfig, crate::webpush::vapid::VapidError> {
-        let vapid_key_file = dir.join("vapid.pem");
-        let vapid_key = VapidKey::generate(&vapid_key_file)?;
-        Ok(WebPushConfig {
-            vapid_key_file,
-            vapid_key,
-            subject: "mailto:crier-demo@example.invalid".into(),
-            path: "/_crier/webpush".into(),
-            store: dir.join("webpush.redb"),
-            push_hosts: DEFAULT_PUSH_HOSTS
-                .iter()
-                .filter_map(|h| HostPattern::parse(h).ok())
-                .collect(),
-            ttl: Duration::from_secs(3600),
-            max_subscriptions: 10_000,
-            ca_file: None,
-        })
-    }
 }
 
 impl HostPattern {
@@ -148,7 +123,6 @@ impl Validator<'_> {
                 v.name
             ));
         };
-        let mut ok = true;
         let subject = match raw.subject {
             None => {
                 missing(
@@ -156,7 +130,6 @@ impl Validator<'_> {
                     "subject",
                     "\"mailto:ops@example.com\" or an https:// URL",
                 );
-                ok = false;
                 String::new()
             }
             Some(s) => {
@@ -169,7 +142,6 @@ impl Validator<'_> {
                         &s,
                         "a contact for the push services: \"mailto:ops@example.com\" or an https:// URL",
                     );
-                    ok = false;
                 }
                 v.to_string()
             }
@@ -188,7 +160,6 @@ impl Validator<'_> {
                         &p,
                         "a path on the public listener like \"/_crier/webpush\"",
                     );
-                    ok = false;
                 }
                 // The API is matched before the push locations: it must not hide one (all of
                 // a location's paths under it, or one channel's path equal to it).
@@ -207,7 +178,6 @@ impl Validator<'_> {
                             loc.path
                         ),
                     );
-                    ok = false;
                 }
                 v
             }
@@ -219,12 +189,10 @@ impl Validator<'_> {
                     "store",
                     "the subscription database file, like \"/var/lib/crier/webpush.redb\"",
                 );
-                ok = false;
                 PathBuf::new()
             }
             Some(s) if s.get_ref().is_empty() => {
                 self.err("webpush.store", &s, "must name a file");
-                ok = false;
                 PathBuf::new()
             }
             Some(s) => resolve(base, s.get_ref()),
@@ -243,14 +211,12 @@ impl Validator<'_> {
                         &list,
                         "needs at least one host (no endpoint could be accepted)",
                     );
-                    ok = false;
                 }
                 for h in list.into_inner() {
                     match HostPattern::parse(h.get_ref()) {
                         Ok(p) => push_hosts.push(p),
                         Err(e) => {
                             self.err("webpush.push_hosts", &h, e);
-                            ok = false;
                         }
                     }
                 }
@@ -272,7 +238,7 @@ impl Validator<'_> {
             1_000_000,
         );
         let ca_file = raw.ca_file.map(|f| resolve(base, f.get_ref()));
-        let (vapid_key_file, vapid_key) = match raw.vapid_key_file {
+        let vapid_key_file = match raw.vapid_key_file {
             None => {
                 missing(
                     self,
@@ -281,24 +247,12 @@ impl Validator<'_> {
                 );
                 return None;
             }
-            Some(f) => {
-                let path = resolve(base, f.get_ref());
-                match VapidKey::load(&path) {
-                    Ok(k) => (path, k),
-                    Err(e) => {
-                        self.err(
-                            "webpush.vapid_key_file",
-                            &f,
-                            format!("{}: {e}", path.display()),
-                        );
-                        return None;
-                    }
-                }
-            }
+            Some(f) => self.key_file("webpush.vapid_key_file", &f, base),
         };
-        ok.then_some(WebPushConfig {
+        // Built even when a value was bad (the problems fail the load anyway), so the key file
+        // is still checked and reported in the same pass.
+        Some(WebPushConfig {
             vapid_key_file,
-            vapid_key,
             subject,
             path,
             store,
@@ -313,6 +267,7 @@ impl Validator<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::keys::VapidKey;
 
     #[test]
     fn host_patterns() {
@@ -353,7 +308,7 @@ mod tests {
         assert!(Config::default().webpush.is_none());
 
         let bad = "[webpush]\nvapid_key_file = \"/nonexistent/k.pem\"\nsubject = \"ops\"\nstore = \"x\"\npush_hosts = [\"*.com\"]\nttl = \"60d\"\npath = \"nope\"\nmax_subscriptions = 0\n";
-        let e = Config::from_toml(bad, Some(Path::new("c.toml")))
+        let e = crate::keys::load_str(bad, Some(Path::new("c.toml")))
             .expect_err("invalid")
             .to_string();
         for want in [

@@ -10,7 +10,8 @@ use parking_lot::RwLock;
 use tokio::sync::Notify;
 
 use super::message::{Message, MessageId};
-use crate::config::{BufferPolicy, Transport};
+use crate::config::BufferPolicy;
+use crate::model::Transport;
 
 /// Why a channel stopped serving its subscribers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,9 +85,20 @@ pub enum Start {
     After(MessageId),
 }
 
+#[derive(Debug, Clone, Copy)]
 pub struct AppendOutcome {
     pub id: MessageId,
     pub buffered: usize,
+}
+
+/// What [`Channel::append_assigned`] did.
+#[derive(Debug)]
+pub enum Assigned {
+    Appended(AppendOutcome),
+    /// The id is not above the channel's last: the message is already here.
+    Stale,
+    /// The channel left the hub meanwhile (deleted or freed): append to the new one.
+    Removed,
 }
 
 /// Figures for the publish API and `/channels`.
@@ -142,8 +154,9 @@ impl Channel {
         &self.notify
     }
 
-    /// Appends one message and wakes every waiting subscriber. Returns None when the channel
-    /// was removed from the hub meanwhile (the caller retries on the new channel).
+    /// Appends one message, with the next id, and wakes every waiting subscriber. Returns None
+    /// when the channel was removed from the hub meanwhile (the caller retries on the new
+    /// channel).
     pub(super) fn append(
         &self,
         event: Option<Box<str>>,
@@ -161,21 +174,35 @@ impl Channel {
             let msg = Arc::new(Message::new(id, event, content_type, body, now));
             // Under the lock: observers see one channel's messages in id order.
             on_append(&msg);
-            st.messages.push_back(msg);
-            st.last_id = Some(id);
-            st.published += 1;
-            // Bound by count: the oldest message leaves; a subscriber still behind it lags.
-            while st.messages.len() > self.policy.buffer_messages.max(1) {
-                st.evict_front();
-            }
-            st.evict_expired(now, self.policy.buffer_ttl);
-            AppendOutcome {
-                id,
-                buffered: st.messages.len(),
-            }
+            st.push(msg, &self.policy, now)
         };
         self.notify.notify_waiters();
         Some(outcome)
+    }
+
+    /// Appends a message whose id a storage engine gave it (the file engine's reserved id,
+    /// the Redis stream's id) and wakes the subscribers. Ids only rise: a message whose id is
+    /// not above the channel's last is already here (a fan-out repeating what a catch-up read
+    /// put here) and is left out.
+    pub fn append_assigned(
+        &self,
+        msg: Arc<Message>,
+        now: Instant,
+        on_append: impl FnOnce(&Arc<Message>),
+    ) -> Assigned {
+        let outcome = {
+            let mut st = self.state.write();
+            if st.removed {
+                return Assigned::Removed;
+            }
+            if st.last_id.unwrap_or(st.floor) >= msg.id {
+                return Assigned::Stale;
+            }
+            on_append(&msg);
+            st.push(msg, &self.policy, now)
+        };
+        self.notify.notify_waiters();
+        Assigned::Appended(outcome)
     }
 
     /// Drops messages older than the TTL. Returns true when the channel is idle and empty
@@ -277,8 +304,12 @@ impl Channel {
             .sum()
     }
 
-    pub(super) fn add_subscriber(&self, t: Transport) {
+    /// Returns how many subscribers the channel had before (0: the first one; two joining at
+    /// once may both see 0, so what an engine does for the first must be idempotent).
+    pub(super) fn add_subscriber(&self, t: Transport) -> usize {
+        let before = self.subscriber_count();
         self.subscribers[t.index()].fetch_add(1, Ordering::Relaxed);
+        before
     }
 
     /// Returns the number of subscribers left.
@@ -307,6 +338,23 @@ impl Channel {
 }
 
 impl State {
+    /// Appends under the lock: the last id moves, then the buffer is bounded by count (the
+    /// oldest message leaves; a subscriber still behind it lags) and by age.
+    fn push(&mut self, msg: Arc<Message>, policy: &BufferPolicy, now: Instant) -> AppendOutcome {
+        let id = msg.id;
+        self.messages.push_back(msg);
+        self.last_id = Some(id);
+        self.published += 1;
+        while self.messages.len() > policy.buffer_messages.max(1) {
+            self.evict_front();
+        }
+        self.evict_expired(now, policy.buffer_ttl);
+        AppendOutcome {
+            id,
+            buffered: self.messages.len(),
+        }
+    }
+
     fn evict_front(&mut self) {
         if let Some(m) = self.messages.pop_front() {
             self.evicted_through = Some(m.id);

@@ -1,12 +1,15 @@
 //! The hub owns channels: publish appends once and wakes subscribers; each subscriber reads
 //! from its own position, so resume and live delivery are the same code.
 //!
-//! The hub knows no wire format and no outbound protocol: transports (and later webhooks and
-//! Web Push) all take messages the same way, through a [`Subscription`].
+//! The hub knows no wire format and no outbound protocol: transports, webhooks and Web Push
+//! all take messages the same way (a [`Subscription`] or a [`HubObserver`]). Where buffers live
+//! beyond this process is the storage engine's business ([`store`]): the hub keeps each
+//! channel's local tail, and every engine feeds it.
 
 mod channel;
 mod message;
 mod observer;
+pub mod store;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -17,14 +20,18 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 
-pub use channel::{Channel, ChannelStats, CloseReason, Read, Start, StartPosition};
+pub use channel::{
+    AppendOutcome, Assigned, Channel, ChannelStats, CloseReason, Read, Start, StartPosition,
+};
 pub use message::{BadMessageId, Message, MessageId, ENCODING_SLOTS};
 pub use observer::{HubObserver, Published, SubscriberEvent};
 
 use observer::Observers;
 
-use crate::config::{Config, Transport};
+use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::model::{ChannelName, Transport};
+use store::Engine;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum HubError {
@@ -34,6 +41,10 @@ pub enum HubError {
     NoSuchChannel,
     #[error("shutting down")]
     ShuttingDown,
+    /// The storage engine cannot take the request now (a disk error, Redis down): nothing
+    /// was accepted; the client may retry.
+    #[error("message store unavailable: {0}")]
+    Unavailable(String),
 }
 
 impl HubError {
@@ -42,7 +53,9 @@ impl HubError {
         match self {
             HubError::TooManyChannels(_) => http::StatusCode::TOO_MANY_REQUESTS,
             HubError::NoSuchChannel => http::StatusCode::NOT_FOUND,
-            HubError::ShuttingDown => http::StatusCode::SERVICE_UNAVAILABLE,
+            HubError::ShuttingDown | HubError::Unavailable(_) => {
+                http::StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 }
@@ -88,13 +101,20 @@ struct Inner {
     tombstones: Mutex<HashMap<Arc<str>, (MessageId, Instant)>>,
     /// Webhooks and Web Push; usually empty, and then publishing costs one read lock more.
     observers: RwLock<Observers>,
+    /// Where buffers live beyond this process ([`store`]).
+    engine: Arc<dyn Engine>,
 }
 
 /// How long a freed channel's last id is remembered for gap reporting.
 const TOMBSTONE_TTL: Duration = Duration::from_secs(24 * 3600);
 
 impl Hub {
+    /// A hub on the memory engine.
     pub fn new(config: Arc<Config>, metrics: Arc<Metrics>) -> Hub {
+        Hub::with_engine(config, metrics, Arc::new(store::Memory))
+    }
+
+    pub fn with_engine(config: Arc<Config>, metrics: Arc<Metrics>, engine: Arc<dyn Engine>) -> Hub {
         Hub {
             inner: Arc::new(Inner {
                 channels: RwLock::new(HashMap::new()),
@@ -104,6 +124,7 @@ impl Hub {
                 floor: process_floor(),
                 tombstones: Mutex::new(HashMap::new()),
                 observers: RwLock::new(Observers::default()),
+                engine,
             }),
         }
     }
@@ -128,27 +149,32 @@ impl Hub {
         (!obs.is_empty()).then(|| obs.clone())
     }
 
-    /// Finds a channel, creating it when absent (bounded by `channels.max_channels`).
-    fn get_or_create(&self, name: &str, join: Option<Transport>) -> Result<Arc<Channel>, HubError> {
+    /// Finds a local channel, creating it when absent (bounded by `channels.max_channels`).
+    /// With `join`, a subscriber of that transport is counted in under the map lock, so the
+    /// channel is not freed meanwhile; the bool says whether it is the channel's first local
+    /// subscriber (the engine may have to open it).
+    pub(crate) fn get_or_create(
+        &self,
+        name: &ChannelName,
+        join: Option<Transport>,
+    ) -> Result<(Arc<Channel>, bool), HubError> {
         if self.inner.closing.load(Ordering::Relaxed) {
             return Err(HubError::ShuttingDown);
         }
-        if let Some(c) = self.inner.channels.read().get(name) {
-            if let Some(t) = join {
-                c.add_subscriber(t);
-            }
-            return Ok(c.clone());
+        if let Some(c) = self.inner.channels.read().get(name.as_str()) {
+            let first = join.is_some_and(|t| c.add_subscriber(t) == 0);
+            return Ok((c.clone(), first));
         }
         let config = self.inner.config.read().clone();
         let mut map = self.inner.channels.write();
         let len = map.len();
-        let c = match map.get(name) {
+        let c = match map.get(name.as_str()) {
             Some(c) => c.clone(),
             None => {
                 if len >= config.channels.max_channels {
                     return Err(HubError::TooManyChannels(config.channels.max_channels));
                 }
-                let name: Arc<str> = name.into();
+                let name: Arc<str> = name.as_arc().clone();
                 let floor = self
                     .inner
                     .tombstones
@@ -165,23 +191,40 @@ impl Hub {
                 c
             }
         };
-        if let Some(t) = join {
-            c.add_subscriber(t);
-        }
-        Ok(c)
+        let first = join.is_some_and(|t| c.add_subscriber(t) == 0);
+        Ok((c, first))
     }
 
+    /// The local channel of that name, if there is one.
     pub fn get(&self, name: &str) -> Option<Arc<Channel>> {
         self.inner.channels.read().get(name).cloned()
     }
 
-    /// Appends a message to a channel (created when new) and wakes its subscribers. The body
-    /// is stored once; nothing here depends on the number of subscribers.
-    pub fn publish(&self, name: &str, msg: NewMessage) -> Result<PublishReceipt, HubError> {
+    /// Publishes a message through the storage engine: Ok once it is accepted (and, for the
+    /// memory engine, appended and its subscribers woken).
+    pub async fn publish(
+        &self,
+        name: &ChannelName,
+        msg: NewMessage,
+    ) -> Result<PublishReceipt, HubError> {
+        if self.inner.closing.load(Ordering::Relaxed) {
+            return Err(HubError::ShuttingDown);
+        }
+        self.inner.engine.publish(self, name, msg).await
+    }
+
+    /// Appends a message to the local tail of a channel (created when new), assigning its id,
+    /// and wakes its subscribers. The body is stored once; nothing here depends on the number
+    /// of subscribers. The memory engine's publish.
+    pub(crate) fn append_local(
+        &self,
+        name: &ChannelName,
+        msg: NewMessage,
+    ) -> Result<PublishReceipt, HubError> {
         let now = Instant::now();
         let observers = self.observers();
         loop {
-            let chan = self.get_or_create(name, None)?;
+            let (chan, _) = self.get_or_create(name, None)?;
             let Some(out) = chan.append(
                 msg.event.clone(),
                 msg.content_type.clone(),
@@ -190,7 +233,7 @@ impl Hub {
                 |m| {
                     let Some(obs) = &observers else { return };
                     let p = Published {
-                        channel: name,
+                        channel: name.as_str(),
                         message: m,
                         headers: &msg.headers,
                     };
@@ -202,7 +245,7 @@ impl Hub {
             self.inner.metrics.messages_published.inc();
             return Ok(PublishReceipt {
                 id: out.id.to_string(),
-                channel: name.to_string(),
+                channel: name.as_str().to_string(),
                 subscribers: chan.subscriber_count(),
                 buffered: out.buffered,
             });
@@ -212,14 +255,26 @@ impl Hub {
     /// Starts a subscription. `from` is where it starts; the returned position says whether
     /// messages after the requested id were already gone (`gap`). `remote` is the client's
     /// address, for observers.
-    pub fn subscribe(
+    pub async fn subscribe(
         &self,
-        name: &str,
+        name: &ChannelName,
         transport: Transport,
         from: Start,
         remote: Option<SocketAddr>,
     ) -> Result<Subscription, HubError> {
-        let chan = self.get_or_create(name, Some(transport))?;
+        let (chan, first) = self.get_or_create(name, Some(transport))?;
+        if first {
+            if let Some(open) = self.inner.engine.open(self, &chan) {
+                // Counted in: an engine error counts the subscriber out again.
+                let joined = Joined {
+                    hub: self,
+                    chan: &chan,
+                    transport,
+                };
+                open.await?;
+                std::mem::forget(joined);
+            }
+        }
         let start = chan.start(from);
         self.inner.metrics.subscriber_connected(transport);
         if let Some(obs) = self.observers() {
@@ -241,8 +296,13 @@ impl Hub {
         })
     }
 
-    /// Removes a channel: its subscribers see `Closed(Deleted)`.
-    pub fn delete(&self, name: &str) -> Result<(), HubError> {
+    /// Deletes a channel through the storage engine: its subscribers see `Closed(Deleted)`.
+    pub async fn delete(&self, name: &str) -> Result<(), HubError> {
+        self.inner.engine.delete(self, name).await
+    }
+
+    /// Removes a local channel: its subscribers see `Closed(Deleted)`.
+    pub(crate) fn delete_local(&self, name: &str) -> Result<(), HubError> {
         let chan = {
             let mut map = self.inner.channels.write();
             let c = map.remove(name).ok_or(HubError::NoSuchChannel)?;
@@ -258,16 +318,24 @@ impl Hub {
         Ok(())
     }
 
-    /// Tells every subscriber to go (drain). New subscriptions and publishes are refused.
+    /// Tells every subscriber to go (drain). New subscriptions and publishes are refused; the
+    /// storage engine finishes what it has in flight.
     pub fn close_all(&self) {
         self.inner.closing.store(true, Ordering::Relaxed);
         let chans: Vec<_> = self.inner.channels.read().values().cloned().collect();
         for c in chans {
             c.close(CloseReason::ShuttingDown);
         }
+        self.inner.engine.close();
     }
 
-    pub fn stats(&self, name: &str) -> Option<ChannelStats> {
+    /// A channel's figures, as the storage engine knows them (cluster-wide for Redis).
+    pub async fn stats(&self, name: &str) -> Result<Option<ChannelStats>, HubError> {
+        self.inner.engine.stats(self, name).await
+    }
+
+    /// A local channel's figures.
+    pub(crate) fn local_stats(&self, name: &str) -> Option<ChannelStats> {
         self.get(name).map(|c| c.stats())
     }
 
@@ -378,6 +446,25 @@ fn process_floor() -> MessageId {
     }
 }
 
+/// A subscriber counted into a channel that is not a [`Subscription`] yet: leaves again if
+/// dropped (an engine refused to open the channel).
+struct Joined<'a> {
+    hub: &'a Hub,
+    chan: &'a Arc<Channel>,
+    transport: Transport,
+}
+
+impl Drop for Joined<'_> {
+    fn drop(&mut self) {
+        let left = self.chan.remove_subscriber(self.transport);
+        if left == 0 {
+            let mut map = self.hub.inner.channels.write();
+            self.hub.remove_if_idle(&mut map, self.chan);
+            self.hub.inner.metrics.channels.set(map.len() as i64);
+        }
+    }
+}
+
 /// One subscriber's position in one channel. Dropping it leaves the channel.
 pub struct Subscription {
     hub: Hub,
@@ -453,202 +540,36 @@ impl Drop for Subscription {
 
 #[cfg(test)]
 mod tests {
+    use super::store::contract::{msg, name};
     use super::*;
 
-    fn hub(max_channels: usize) -> Hub {
-        let mut c = Config::default();
-        c.channels.max_channels = max_channels;
-        Hub::new(Arc::new(c), Arc::new(Metrics::new()))
+    fn hub() -> Hub {
+        Hub::new(Arc::new(Config::default()), Arc::new(Metrics::new()))
     }
 
-    fn msg(b: &'static str) -> NewMessage {
-        NewMessage {
-            event: None,
-            content_type: http::HeaderValue::from_static("text/plain"),
-            body: Bytes::from_static(b.as_bytes()),
-            headers: http::HeaderMap::new(),
-        }
-    }
-
-    #[test]
-    fn idle_channels_are_freed() {
-        let h = hub(10);
-        let s = h
-            .subscribe("a", Transport::Sse, Start::Newest, None)
-            .expect("test setup");
-        assert_eq!(h.channel_count(), 1);
-        drop(s);
-        assert_eq!(h.channel_count(), 0, "no subscriber and nothing buffered");
-        h.publish("b", msg("x")).expect("test setup");
-        assert_eq!(h.channel_count(), 1, "buffered messages keep it");
-    }
-
-    #[test]
-    fn max_channels() {
-        let h = hub(2);
-        h.publish("a", msg("x")).expect("test setup");
-        h.publish("b", msg("x")).expect("test setup");
-        assert_eq!(
-            h.publish("c", msg("x")).unwrap_err(),
-            HubError::TooManyChannels(2)
-        );
-        assert!(
-            h.publish("a", msg("y")).is_ok(),
-            "existing channels still take messages"
-        );
-    }
-
-    #[test]
-    fn publish_stores_one_body_for_all_subscribers() {
-        let h = hub(10);
-        let mut subs: Vec<_> = (0..100)
-            .map(|_| {
-                h.subscribe("a", Transport::WebSocket, Start::Newest, None)
-                    .expect("test setup")
-            })
-            .collect();
-        let r = h.publish("a", msg("hello")).expect("test setup");
-        assert_eq!(r.subscribers, 100);
-        let mut ptrs = Vec::new();
-        for s in &mut subs {
-            let mut out = Vec::new();
-            assert_eq!(s.try_read(&mut out, 10), Read::Messages(1));
-            ptrs.push(out[0].body.as_ptr());
-        }
-        assert!(ptrs.windows(2).all(|w| w[0] == w[1]), "one shared body");
-    }
-
-    #[test]
-    fn a_freed_channel_made_again_keeps_ids_increasing_and_reports_gaps() {
-        let h = hub(10);
-        let first: MessageId = h
-            .publish("a", msg("1"))
-            .expect("test setup")
-            .id
-            .parse()
-            .expect("test setup");
-        let last: MessageId = h
-            .publish("a", msg("2"))
-            .expect("test setup")
-            .id
-            .parse()
-            .expect("test setup");
-        h.delete("a").expect("test setup");
-        let again: MessageId = h
-            .publish("a", msg("3"))
-            .expect("test setup")
-            .id
-            .parse()
-            .expect("test setup");
-        assert!(again > last, "ids keep increasing across incarnations");
-        let from_first = h
-            .subscribe("a", Transport::Sse, Start::After(first), None)
-            .expect("test setup");
-        assert!(from_first.gap(), "message 2 is gone");
-        let from_last = h
-            .subscribe("a", Transport::Sse, Start::After(last), None)
-            .expect("test setup");
-        assert!(!from_last.gap(), "nothing after `last` was lost");
-    }
-
-    #[test]
-    fn ids_from_before_this_process_report_a_gap() {
-        let h = hub(10);
+    #[tokio::test]
+    async fn ids_from_before_this_process_report_a_gap() {
+        let h = hub();
         let old = MessageId { ms: 1_000, seq: 0 };
         let s = h
-            .subscribe("new", Transport::LongPoll, Start::After(old), None)
+            .subscribe(&name("new"), Transport::LongPoll, Start::After(old), None)
+            .await
             .expect("test setup");
         assert!(s.gap(), "what happened before the restart cannot be known");
         let head = s.channel().head_id();
         drop(s);
         let s = h
-            .subscribe("new", Transport::LongPoll, Start::After(head), None)
+            .subscribe(&name("new"), Transport::LongPoll, Start::After(head), None)
+            .await
             .expect("test setup");
         assert!(!s.gap(), "the idle channel's head is a clean position");
     }
 
-    #[test]
-    fn delete_then_recreate_is_a_new_channel() {
-        let h = hub(10);
-        let mut old = h
-            .subscribe("a", Transport::Sse, Start::Newest, None)
-            .expect("test setup");
-        h.delete("a").expect("test setup");
-        assert_eq!(h.delete("a").unwrap_err(), HubError::NoSuchChannel);
-        h.publish("a", msg("new")).expect("test setup");
-        assert_eq!(
-            old.try_read(&mut Vec::new(), 10),
-            Read::Closed(CloseReason::Deleted)
-        );
-        drop(old);
-        assert_eq!(
-            h.channel_count(),
-            1,
-            "dropping the old subscriber keeps the new channel"
-        );
-    }
-
-    #[derive(Default)]
-    struct Recorder(Mutex<Vec<String>>);
-
-    impl HubObserver for Recorder {
-        fn message(&self, m: &Published<'_>) {
-            let tag = m
-                .headers
-                .get("x-tag")
-                .map_or("", |v| v.to_str().unwrap_or(""));
-            self.0
-                .lock()
-                .push(format!("msg {} {} {}", m.channel, m.message.id.seq, tag));
-        }
-        fn subscribed(&self, e: &SubscriberEvent<'_>) {
-            self.0
-                .lock()
-                .push(format!("sub {} {}", e.channel, e.subscribers));
-        }
-        fn unsubscribed(&self, e: &SubscriberEvent<'_>) {
-            self.0
-                .lock()
-                .push(format!("unsub {} {}", e.channel, e.subscribers));
-        }
-        fn channel_deleted(&self, channel: &str) {
-            self.0.lock().push(format!("deleted {channel}"));
-        }
-    }
-
-    #[test]
-    fn observers_hear_every_event_once() {
-        let h = hub(10);
-        let rec = Arc::new(Recorder::default());
-        h.set_observer("test", Some(rec.clone()));
-        let a = h
-            .subscribe("a", Transport::Sse, Start::Newest, None)
-            .expect("test setup");
-        let b = h
-            .subscribe("a", Transport::WebSocket, Start::Newest, None)
-            .expect("test setup");
-        let mut m = msg("x");
-        m.headers
-            .insert("x-tag", http::HeaderValue::from_static("t1"));
-        h.publish("a", m).expect("test setup");
-        h.publish("a", msg("y")).expect("test setup");
-        drop(a);
-        h.delete("a").expect("test setup");
-        drop(b);
-        h.set_observer("test", None);
-        h.publish("a", msg("z")).expect("test setup");
-        let got = rec.0.lock().clone();
-        assert_eq!(
-            got,
-            [
-                "sub a 1",
-                "sub a 2",
-                "msg a 0 t1",
-                "msg a 1 ",
-                "unsub a 1",
-                "deleted a",
-                "unsub a 0",
-            ]
-        );
+    #[tokio::test]
+    async fn buffered_messages_keep_a_channel() {
+        let h = hub();
+        h.publish(&name("b"), msg("x")).await.expect("test setup");
+        h.sweep();
+        assert_eq!(h.channel_count(), 1, "buffered messages keep it");
     }
 }

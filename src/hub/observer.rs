@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::config::Transport;
+use crate::model::Transport;
 
 use super::Message;
 

@@ -6,9 +6,10 @@ use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 
 use super::{record_delivery, resume_header, Position, RESUME_HEADER};
-use crate::config::{PushLocation, Transport};
+use crate::config::PushLocation;
 use crate::hub::{CloseReason, MessageId, Read, Subscription};
 use crate::metrics::DropReason;
+use crate::model::Transport;
 use crate::response::{self, Body};
 
 pub async fn respond(mut sub: Subscription, loc: &PushLocation, pos: Position) -> Response<Body> {

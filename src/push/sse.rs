@@ -16,18 +16,19 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::stream;
-use http::header::{self, HeaderValue};
-use http::Response;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Response, StatusCode};
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 
 use super::{encoding, record_delivery, resume_header, RESUME_HEADER};
-use crate::config::{PushLocation, Transport};
+use crate::config::PushLocation;
 use crate::hub::{CloseReason, Message, Read, Subscription};
 use crate::metrics::DropReason;
-use crate::response::{Body, BoxError};
+use crate::model::Transport;
+use crate::response::{Body, BoxError, H1Framing};
 
 /// How many buffered messages one wake-up hands to the connection at most.
 const BATCH: usize = 64;
@@ -154,7 +155,8 @@ impl Feed {
 
 /// The SSE response through hyper: the body yields the feed's frames one by one.
 pub fn respond(sub: Subscription, loc: &PushLocation) -> Response<Body> {
-    let resume = resume_header(&sub);
+    let mut headers = HeaderMap::with_capacity(4);
+    stream_headers(&mut headers, &sub);
     let feed = Feed::new(sub, loc.keepalive);
     let frames = stream::unfold(
         (feed, Vec::new(), 0usize),
@@ -172,14 +174,7 @@ pub fn respond(sub: Subscription, loc: &PushLocation) -> Response<Body> {
         },
     );
     let mut r = Response::new(StreamBody::new(frames).boxed_unsync());
-    let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    h.insert(RESUME_HEADER, resume);
+    *r.headers_mut() = headers;
     r
 }
 
@@ -247,24 +242,27 @@ pub async fn serve_h1(
     }
 }
 
+/// The headers of an SSE response, on either path.
+fn stream_headers(h: &mut HeaderMap, sub: &Subscription) {
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    h.insert(RESUME_HEADER, resume_header(sub));
+}
+
+/// The fast path's response head: the same headers, written by crier's one raw HTTP/1 writer.
 fn response_head(sub: &Subscription, cors: Option<&HeaderValue>) -> Vec<u8> {
-    let mut h = Vec::with_capacity(384);
-    h.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\nx-accel-buffering: no\r\ntransfer-encoding: chunked\r\n");
-    h.extend_from_slice(b"crier-resume: ");
-    h.extend_from_slice(resume_header(sub).as_bytes());
-    h.extend_from_slice(b"\r\ndate: ");
-    h.extend_from_slice(httpdate::fmt_http_date(std::time::SystemTime::now()).as_bytes());
-    h.extend_from_slice(b"\r\n");
+    let mut h = HeaderMap::with_capacity(8);
+    stream_headers(&mut h, sub);
     if let Some(origin) = cors {
-        for (name, value) in super::cors_headers(origin) {
-            h.extend_from_slice(name.as_str().as_bytes());
-            h.extend_from_slice(b": ");
-            h.extend_from_slice(value.as_bytes());
-            h.extend_from_slice(b"\r\n");
-        }
+        crate::response::add_cors(&mut h, origin);
     }
-    h.extend_from_slice(b"\r\n");
-    h
+    let mut out = Vec::with_capacity(384);
+    crate::response::h1_head(&mut out, StatusCode::OK, &h, H1Framing::Chunked, false);
+    out
 }
 
 /// Frames per chunk (and per `writev`): the slices live on the stack, so no allocation

@@ -19,9 +19,10 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::task::TaskTracker;
 
 use super::{encoding, record_delivery, resume_header, RESUME_HEADER};
-use crate::config::{PushLocation, Transport};
+use crate::config::PushLocation;
 use crate::hub::{CloseReason, Message, Read, Subscription};
 use crate::metrics::DropReason;
+use crate::model::Transport;
 use crate::response::{self, Body};
 
 /// The subprotocol whose frames carry ids: `{"id","event","data"|"data_b64"}`.

@@ -1,39 +1,59 @@
-//! Listeners (public TCP, publish TCP + Unix socket, admin), connection limits, and the
-//! draining shutdown.
+//! The server: listeners, connections, routing, reload and the draining shutdown. A request
+//! takes this path through the files here:
+//!
+//! - `listen.rs`: which listeners a config asks for; binding them; their accept loops.
+//! - `accept.rs`: one accepted connection: counted (`max_connections`), TLS, then served.
+//! - `sniff.rs`: the first bytes of a plain-TCP connection pick h2, HTTP/1.1 through the proxy
+//!   fast path or hyper, or the SSE fast path (`fast_sse.rs`).
+//! - `http_conn.rs`: hyper's HTTP/1.1 and HTTP/2 connections, bounded and drained.
+//! - `route.rs`: which part of crier answers a request (ingress, Web Push API, push location,
+//!   proxy; the publish API and admin on their own listeners).
 //!
 //! Build is separate from run: [`Server::bind`] binds every socket (so a port in use is a
 //! clear startup error) and reports the real addresses; [`Server::run`] serves until the
 //! [`ServerHandle`] says stop, then drains.
 
-mod conn;
+mod accept;
+mod fast_sse;
+mod http_conn;
+mod listen;
 mod prefixed;
+mod route;
+mod sniff;
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::{Mutex, RwLock};
-use tokio::net::{TcpListener, TcpSocket, UnixListener};
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Gatekeeper;
-use crate::config::{Config, PublishConfig};
+use crate::config::{Config, ConfigError};
 use crate::hub::Hub;
+use crate::keys::{Keys, PublishToken};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
+use crate::push::locations::Locations;
 use crate::push::webrtc::WebRtc;
-use crate::router::Router;
 use crate::webpush::WebPush;
-use conn::HttpBuilders;
+use http_conn::HttpBuilders;
+use listen::{
+    addrs_of, bind_keys, listen_keys, listener_stop, set_socket_access, spawn_accept,
+    start_listener, Bound, ListenKey, Listening,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// A key file the config names cannot be read or is not a valid key.
+    #[error("{0}")]
+    Keys(#[from] ConfigError),
     #[error("cannot listen on {addr} ({key}): {source}")]
     Bind {
         key: &'static str,
@@ -68,19 +88,23 @@ pub enum StartError {
 /// after a reload use the new parts; open ones keep what they started with.
 struct Live {
     config: Arc<Config>,
-    router: Router,
+    /// The push locations: path → location and channel; channel → owner.
+    locations: Locations,
     proxy: Proxy,
     /// Subscriber checks (forward auth, JWT) of this config; its caches go with it on reload.
     gatekeeper: Gatekeeper,
     http: Arc<HttpBuilders>,
     tls: Option<TlsAcceptor>,
-    /// `[[ingress]]` paths, answered before the router.
+    /// `[[ingress]]` paths, answered before the push locations.
     ingress: crate::webhook::Ingress,
+    /// `[publish] token_file`: what TCP publishes must present.
+    publish_token: Option<PublishToken>,
 }
 
 impl Live {
     fn new(
         config: Arc<Config>,
+        keys: &Keys,
         state_metrics: &Arc<Metrics>,
         upgraded: &TaskTracker,
     ) -> Result<Live, StartError> {
@@ -89,64 +113,22 @@ impl Live {
             None => None,
         };
         Ok(Live {
-            router: Router::new(&config),
+            locations: Locations::new(&config),
             proxy: Proxy::new(&config.upstream, state_metrics.clone(), upgraded.clone()),
-            gatekeeper: Gatekeeper::new(&config, state_metrics.clone()),
+            gatekeeper: Gatekeeper::new(&config, keys, state_metrics.clone()),
             http: Arc::new(HttpBuilders::new(&config.server)),
             tls,
-            ingress: crate::webhook::Ingress::new(&config.ingress),
+            ingress: crate::webhook::Ingress::new(&config.ingress, keys),
+            publish_token: keys.publish_token.clone(),
             config,
         })
     }
 }
 
-/// What a listener serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Public,
-    PublicTls,
-    /// The publish API on TCP: a bearer token when `publish.token_file` is set.
-    Publish,
-    /// The publish API on the Unix socket: its file mode and group guard it.
-    PublishUnix,
-    Admin,
-}
-
-impl Kind {
-    fn key(self) -> &'static str {
-        match self {
-            Kind::Public => "server.listen",
-            Kind::PublicTls => "server.tls.listen",
-            Kind::Publish => "publish.listen",
-            Kind::PublishUnix => "publish.unix",
-            Kind::Admin => "admin.listen",
-        }
-    }
-}
-
-/// A listener as configured: reload compares these to decide what to open and close.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum ListenKey {
-    Tcp(Kind, SocketAddr),
-    Unix(PathBuf),
-}
-
-enum Bound {
-    Tcp(TcpListener),
-    Unix(UnixListener),
-}
-
-/// An open listener: its accept loop stops when `stop` is cancelled.
-struct Listening {
-    key: ListenKey,
-    local: Option<SocketAddr>,
-    stop: CancellationToken,
-}
-
 /// Shared by every connection.
 struct State {
-    /// Read once per request (an Arc clone); swapped on reload.
-    live: RwLock<Arc<Live>>,
+    /// Read once per request (a lock-free load); swapped as a whole on reload.
+    live: ArcSwap<Live>,
     hub: Hub,
     metrics: Arc<Metrics>,
     /// Outbound webhooks: replaced on reload, drained on shutdown.
@@ -213,18 +195,29 @@ impl ServerHandle {
     }
 
     /// Applies a new config: listeners opened and closed, push locations, upstream, channel
-    /// defaults, TLS certificates re-read. Connections the new config still serves stay open.
-    /// On any error nothing changes.
+    /// defaults, key files and TLS certificates re-read. Connections the new config still
+    /// serves stay open. On any error nothing changes.
     pub fn reload(&self, config: Config) -> Result<(), ReloadError> {
+        let keys = Keys::load(&config).map_err(StartError::from)?;
+        self.reload_with_keys(config, keys)
+    }
+
+    /// [`ServerHandle::reload`] with the keys already read (`crier` reads both to report
+    /// every problem at once).
+    pub fn reload_with_keys(&self, config: Config, keys: Keys) -> Result<(), ReloadError> {
         let st = &self.state;
         if st.stop.is_cancelled() {
             return Err(ReloadError::ShuttingDown);
         }
         let config = Arc::new(config);
-        let mut live = Live::new(config.clone(), &st.metrics, &st.upgraded)?;
-        live.ingress.keep_seen(&st.live.read().ingress);
-        let webhooks = st.webhooks.prepare(&config).map_err(StartError::from)?;
-        if config.webrtc != st.live.read().config.webrtc {
+        let mut live = Live::new(config.clone(), &keys, &st.metrics, &st.upgraded)?;
+        let old = st.live.load();
+        live.ingress.keep_seen(&old.ingress);
+        let webhooks = st
+            .webhooks
+            .prepare(&config, &keys)
+            .map_err(StartError::from)?;
+        if config.webrtc != old.config.webrtc {
             tracing::warn!("[webrtc] changed: it takes effect at the next start (the UDP socket and its sessions stay as they are)");
         }
         let wanted = listen_keys(&config);
@@ -240,14 +233,14 @@ impl ServerHandle {
             }
         }
         match &st.webpush {
-            Some(wp) => wp.reload(config.webpush.as_ref()),
+            Some(wp) => wp.reload(config.webpush.as_ref(), keys.vapid.as_ref()),
             None if config.webpush.is_some() => {
                 tracing::warn!("[webpush] was added; it takes effect when crier restarts")
             }
             None => {}
         }
         st.hub.set_config(config);
-        *st.live.write() = Arc::new(live);
+        st.live.store(Arc::new(live));
         st.webhooks.install(webhooks);
         listeners.retain(|l| {
             if wanted.contains(&l.key) {
@@ -285,7 +278,7 @@ impl ServerHandle {
     }
 
     pub fn config(&self) -> Arc<Config> {
-        self.state.live.read().config.clone()
+        self.state.live.load().config.clone()
     }
 
     pub fn hub(&self) -> &Hub {
@@ -305,120 +298,27 @@ impl ServerHandle {
     }
 }
 
-fn listen_keys(c: &Config) -> Vec<ListenKey> {
-    let mut keys: Vec<ListenKey> = c
-        .server
-        .listen
-        .iter()
-        .map(|a| ListenKey::Tcp(Kind::Public, *a))
-        .collect();
-    if let Some(t) = &c.server.tls {
-        keys.extend(t.listen.iter().map(|a| ListenKey::Tcp(Kind::PublicTls, *a)));
-    }
-    keys.extend(
-        c.publish
-            .listen
-            .iter()
-            .map(|a| ListenKey::Tcp(Kind::Publish, *a)),
-    );
-    if let Some(p) = &c.publish.unix {
-        keys.push(ListenKey::Unix(p.clone()));
-    }
-    if let Some(a) = c.admin.listen {
-        keys.push(ListenKey::Tcp(Kind::Admin, a));
-    }
-    keys
-}
-
-/// Binds every key; on the first error the ones already bound are dropped (closed).
-fn bind_keys<'a>(
-    keys: impl Iterator<Item = &'a ListenKey>,
-    publish: &PublishConfig,
-) -> Result<Vec<(ListenKey, Bound)>, StartError> {
-    keys.map(|k| {
-        let b = match k {
-            ListenKey::Tcp(kind, addr) => Bound::Tcp(bind_tcp(*addr, kind.key())?),
-            ListenKey::Unix(p) => Bound::Unix(bind_unix(p, publish)?),
-        };
-        Ok((k.clone(), b))
-    })
-    .collect()
-}
-
-fn addrs_of(listeners: &[Listening]) -> Addrs {
-    let mut a = Addrs::default();
-    for l in listeners {
-        match (&l.key, l.local) {
-            (ListenKey::Tcp(Kind::Public, _), Some(s)) => a.public.push(s),
-            (ListenKey::Tcp(Kind::PublicTls, _), Some(s)) => a.public_tls.push(s),
-            (ListenKey::Tcp(Kind::Publish, _), Some(s)) => a.publish.push(s),
-            (ListenKey::Tcp(Kind::Admin, _), Some(s)) => a.admin = Some(s),
-            (ListenKey::Unix(p), _) => a.publish_unix = Some(p.clone()),
-            _ => {}
-        }
-    }
-    a
-}
-
-/// The admin listener outlives the drain; every other one stops when it begins.
-fn listener_stop(
-    key: &ListenKey,
-    stop: &CancellationToken,
-    finished: &CancellationToken,
-) -> CancellationToken {
-    match key {
-        ListenKey::Tcp(Kind::Admin, _) => finished.child_token(),
-        _ => stop.child_token(),
-    }
-}
-
-/// Registers a bound listener and starts its accept loop.
-fn start_listener(st: &Arc<State>, key: ListenKey, bound: Bound) -> Listening {
-    let l = Listening {
-        local: match &bound {
-            Bound::Tcp(l) => l.local_addr().ok(),
-            Bound::Unix(_) => None,
-        },
-        stop: listener_stop(&key, &st.stop, &st.finished),
-        key,
-    };
-    spawn_accept(st, &l, bound);
-    l
-}
-
-fn spawn_accept(st: &Arc<State>, l: &Listening, bound: Bound) {
-    match (bound, &l.key) {
-        (Bound::Tcp(t), ListenKey::Tcp(Kind::Admin, _)) => {
-            // Not on the accept tracker: the admin listener stays up through the drain.
-            tokio::spawn(conn::accept_tcp(t, Kind::Admin, st.clone(), l.stop.clone()));
-        }
-        (Bound::Tcp(t), ListenKey::Tcp(kind, _)) => {
-            st.accept
-                .spawn(conn::accept_tcp(t, *kind, st.clone(), l.stop.clone()));
-        }
-        (Bound::Unix(u), _) => {
-            st.accept
-                .spawn(conn::accept_unix(u, st.clone(), l.stop.clone()));
-        }
-        (Bound::Tcp(_), ListenKey::Unix(_)) => {}
-    }
-}
-
 impl Server {
-    /// Binds every listener of `config` and loads its TLS certificate. Nothing is served
-    /// until [`Server::run`].
+    /// Reads the key files `config` names, binds every listener and loads the TLS
+    /// certificate. Nothing is served until [`Server::run`].
     pub async fn bind(config: Config) -> Result<Server, StartError> {
+        let keys = Keys::load(&config)?;
+        Server::bind_with_keys(config, keys).await
+    }
+
+    /// [`Server::bind`] with the keys already read.
+    pub async fn bind_with_keys(config: Config, keys: Keys) -> Result<Server, StartError> {
         let metrics = Arc::new(Metrics::new());
         let config = Arc::new(config);
         let upgraded = TaskTracker::new();
         let hub = Hub::new(config.clone(), metrics.clone());
-        let live = Live::new(config.clone(), &metrics, &upgraded)?;
+        let live = Live::new(config.clone(), &keys, &metrics, &upgraded)?;
         let webhooks = crate::webhook::Webhooks::new(hub.clone(), metrics.clone());
-        let endpoints = webhooks.prepare(&config)?;
+        let endpoints = webhooks.prepare(&config, &keys)?;
         let bound = bind_keys(listen_keys(&config).iter(), &config.publish)?;
-        let webpush = match &config.webpush {
-            Some(w) => Some(WebPush::start(w, &hub, &metrics.registry)?),
-            None => None,
+        let webpush = match (&config.webpush, &keys.vapid) {
+            (Some(w), Some(vapid)) => Some(WebPush::start(w, vapid, &hub, &metrics.registry)?),
+            _ => None,
         };
         // Delivery tasks start only once nothing else can fail.
         webhooks.install(endpoints);
@@ -446,7 +346,7 @@ impl Server {
         addrs.webrtc = webrtc.as_ref().and_then(WebRtc::local_addr);
         Ok(Server {
             state: Arc::new(State {
-                live: RwLock::new(Arc::new(live)),
+                live: ArcSwap::from_pointee(live),
                 hub,
                 metrics,
                 webhooks,
@@ -502,7 +402,7 @@ impl Server {
         state.drain.cancel(); // keep-alive connections close after their in-flight request
         state.conns.close();
         state.upgraded.close();
-        let deadline = state.live.read().config.server.shutdown_timeout;
+        let deadline = state.live.load().config.server.shutdown_timeout;
         let all = async {
             if let Some(w) = &state.webrtc {
                 w.shutdown(deadline).await; // sessions: SCTP shutdown, DTLS close_notify
@@ -531,66 +431,4 @@ impl Server {
         }
         tracing::info!("stopped");
     }
-}
-
-fn bind_tcp(addr: SocketAddr, key: &'static str) -> Result<TcpListener, StartError> {
-    let err = |source| StartError::Bind { key, addr, source };
-    let sock = if addr.is_ipv4() {
-        TcpSocket::new_v4()
-    } else {
-        TcpSocket::new_v6()
-    }
-    .map_err(err)?;
-    sock.set_reuseaddr(true).map_err(err)?;
-    sock.bind(addr).map_err(err)?;
-    sock.listen(4096).map_err(err)
-}
-
-/// Removes a stale socket file, binds, then sets the mode and group; each step its own error.
-fn bind_unix(path: &Path, publish: &PublishConfig) -> Result<UnixListener, StartError> {
-    let err = |what, source| StartError::Unix {
-        path: path.to_path_buf(),
-        what,
-        source,
-    };
-    if let Some(dir) = path.parent() {
-        if !dir.as_os_str().is_empty() && !dir.exists() {
-            std::fs::create_dir_all(dir).map_err(|e| err("cannot create its directory", e))?;
-            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750));
-        }
-    }
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        use std::os::unix::fs::FileTypeExt;
-        if !meta.file_type().is_socket() {
-            return Err(err(
-                "exists and is not a socket; refusing to remove it",
-                io::ErrorKind::AlreadyExists.into(),
-            ));
-        }
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(StartError::UnixInUse(path.to_path_buf()));
-        }
-        std::fs::remove_file(path).map_err(|e| err("cannot remove the stale socket file", e))?;
-    }
-    let l = UnixListener::bind(path).map_err(|e| err("cannot bind", e))?;
-    set_socket_access(path, publish)?;
-    Ok(l)
-}
-
-/// `chmod unix_mode` and, with `unix_group`, `chown :group` on the socket file.
-fn set_socket_access(path: &Path, publish: &PublishConfig) -> Result<(), StartError> {
-    let err = |what, source| StartError::Unix {
-        path: path.to_path_buf(),
-        what,
-        source,
-    };
-    if let Some(g) = &publish.unix_group {
-        std::os::unix::fs::chown(path, None, Some(g.gid)).map_err(|e| StartError::UnixGroup {
-            path: path.to_path_buf(),
-            group: g.name.clone(),
-            source: e,
-        })?;
-    }
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(publish.unix_mode))
-        .map_err(|e| err("cannot set its file mode", e))
 }

@@ -11,13 +11,14 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use parking_lot::Mutex;
 
 use super::sign::{self, VerifyError};
 use crate::config::{ChannelSource, ChannelTemplate, IngressConfig, Verify};
 use crate::hub::{Hub, NewMessage};
+use crate::keys::{Keys, Secret};
+use crate::model::ChannelName;
+use crate::publish::hub_error;
 use crate::response::{self, Body};
-use crate::router::validate_channel;
 
 /// How long a delivery id is remembered (senders retry within minutes).
 const DEDUP_TTL: Duration = Duration::from_secs(600);
@@ -32,9 +33,12 @@ pub struct Ingress {
 
 pub struct IngressPoint {
     cfg: IngressConfig,
+    /// None only with `verify = "none"`.
+    secret: Option<Secret>,
     /// Shared with the same path's point of the previous config, so a reload does not let a
-    /// retried delivery through twice.
-    seen: Arc<Mutex<Seen>>,
+    /// retried delivery through twice. A Tokio mutex: held across the publish, so that two
+    /// copies of one delivery arriving together are published once.
+    seen: Arc<tokio::sync::Mutex<Seen>>,
 }
 
 /// Delivery ids seen lately → the id of the message they were published as.
@@ -67,12 +71,13 @@ impl Seen {
 }
 
 impl Ingress {
-    pub fn new(configs: &[IngressConfig]) -> Ingress {
+    pub fn new(configs: &[IngressConfig], keys: &Keys) -> Ingress {
         Ingress {
             points: configs
                 .iter()
                 .map(|c| IngressPoint {
                     cfg: c.clone(),
+                    secret: keys.ingress.get(&c.path).cloned(),
                     seen: Arc::default(),
                 })
                 .collect(),
@@ -152,7 +157,7 @@ pub async fn serve(
         }
     };
     let headers = &parts.headers;
-    let secret = cfg.secret.as_ref().map_or(&[][..], |s| &s.0[..]);
+    let secret = point.secret.as_ref().map_or(&[][..], |s| &s.0[..]);
     // The delivery id used to recognise a sender's retry.
     let delivery_id = match &cfg.verify {
         Verify::Standard => {
@@ -188,24 +193,24 @@ pub async fn serve(
         headers: parts.headers.clone(),
     };
     let Some(id) = delivery_id.filter(|id| !id.is_empty() && id.len() <= 256) else {
-        return match hub.publish(&channel, msg) {
+        return match hub.publish(&channel, msg).await {
             Ok(r) => accepted(&r.id, &channel, false),
-            Err(e) => crate::publish::hub_error(e),
+            Err(e) => hub_error(e),
         };
     };
     // Checked and published under one lock, so two copies of a delivery arriving together
-    // are still published once. Publishing never waits, so the lock is held briefly.
-    let mut seen = point.seen.lock();
+    // are still published once.
+    let mut seen = point.seen.lock().await;
     seen.expire(Instant::now());
     if let Some(first) = seen.get(id) {
         return accepted(first, &channel, true);
     }
-    match hub.publish(&channel, msg) {
+    match hub.publish(&channel, msg).await {
         Ok(r) => {
             seen.insert(id, &r.id);
             accepted(&r.id, &channel, false)
         }
-        Err(e) => crate::publish::hub_error(e),
+        Err(e) => hub_error(e),
     }
 }
 
@@ -225,7 +230,7 @@ fn channel_for(
     t: &ChannelTemplate,
     headers: &http::HeaderMap,
     body: &[u8],
-) -> Result<String, String> {
+) -> Result<ChannelName, String> {
     let middle = match &t.source {
         ChannelSource::Fixed => String::new(),
         ChannelSource::Header(name) => headers
@@ -245,6 +250,5 @@ fn channel_for(
     };
     // A slash-separated value (`owner/repo`) becomes a dotted name (`owner.repo`).
     let channel = format!("{}{}{}", t.prefix, middle.replace('/', "."), t.suffix);
-    validate_channel(&channel).map_err(|e| format!("channel {channel:?}: {e}"))?;
-    Ok(channel)
+    ChannelName::new(&channel).map_err(|e| format!("channel {channel:?}: {e}"))
 }

@@ -22,9 +22,11 @@ use base64::Engine;
 use bytes::Bytes;
 use parking_lot::Mutex;
 
-use crate::config::{Config, Transport, WebhookEvent};
+use crate::config::{Config, WebhookEvent};
 use crate::hub::{Hub, HubObserver, Message, Published, SubscriberEvent};
+use crate::keys::Keys;
 use crate::metrics::Metrics;
+use crate::model::Transport;
 
 pub use ingress::Ingress;
 use outbound::{Endpoint, Running};
@@ -39,6 +41,9 @@ pub enum WebhookError {
         name: String,
         source: crate::https_client::ClientError,
     },
+    /// The keys were read from another config than this one (a bug).
+    #[error("webhook {0:?}: its secret was not read")]
+    NoSecret(String),
 }
 
 /// One event, shared by every endpoint it goes to. Its JSON body is built once, by the first
@@ -225,12 +230,20 @@ impl Webhooks {
         }
     }
 
-    /// Builds the endpoints of `config` (their HTTPS clients, metric handles).
-    pub fn prepare(&self, config: &Config) -> Result<Prepared, WebhookError> {
+    /// Builds the endpoints of `config` (their HTTPS clients, metric handles) with their
+    /// secrets from `keys`.
+    pub fn prepare(&self, config: &Config, keys: &Keys) -> Result<Prepared, WebhookError> {
         let endpoints = config
             .webhooks
             .iter()
-            .map(|w| Endpoint::new(w.clone(), &self.metrics).map(Arc::new))
+            .map(|w| {
+                let secret = keys
+                    .webhooks
+                    .get(&w.name)
+                    .cloned()
+                    .ok_or_else(|| WebhookError::NoSecret(w.name.clone()))?;
+                Endpoint::new(w.clone(), secret, &self.metrics).map(Arc::new)
+            })
             .collect::<Result<_, _>>()?;
         Ok(Prepared { endpoints })
     }

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::{sign, Event, WebhookError};
 use crate::config::WebhookConfig;
 use crate::https_client::{self, error_chain, parse_retry_after, ClientOptions, HttpsClient};
+use crate::keys::Secret;
 use crate::metrics::Metrics;
 
 /// The longest `Retry-After` honoured: a receiver cannot park an endpoint for longer.
@@ -38,6 +39,8 @@ struct EndpointMetrics {
 
 pub(super) struct Endpoint {
     pub(super) cfg: WebhookConfig,
+    /// The HMAC key every event is signed with (from `keys`).
+    secret: Secret,
     client: HttpsClient,
     /// parking_lot: push/pop only, never across `.await`. Bounded by `cfg.max_queue`: when
     /// full, the oldest event is dropped (and counted), so the hub never waits.
@@ -64,7 +67,11 @@ enum Attempt {
 }
 
 impl Endpoint {
-    pub(super) fn new(cfg: WebhookConfig, metrics: &Metrics) -> Result<Endpoint, WebhookError> {
+    pub(super) fn new(
+        cfg: WebhookConfig,
+        secret: Secret,
+        metrics: &Metrics,
+    ) -> Result<Endpoint, WebhookError> {
         let client = https_client::build(&ClientOptions {
             ca_file: cfg.ca_file.clone(),
             connect_timeout: Some(cfg.timeout),
@@ -94,6 +101,7 @@ impl Endpoint {
         };
         Ok(Endpoint {
             cfg,
+            secret,
             client,
             queue: Mutex::new(VecDeque::new()),
             wake: Notify::new(),
@@ -269,7 +277,7 @@ impl Endpoint {
         let timestamp = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let signature = sign::sign_standard(&self.cfg.secret.0, &event.id, timestamp, &body);
+        let signature = sign::sign_standard(&self.secret.0, &event.id, timestamp, &body);
         let req = Request::builder()
             .method(Method::POST)
             .uri(self.cfg.url.clone())

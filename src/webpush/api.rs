@@ -3,8 +3,8 @@
 //! - `POST {path}/{channel}` with `PushSubscription.toJSON()`: 201 new, 200 already there;
 //! - `DELETE {path}/{channel}` with the same JSON or `?endpoint=`: 204.
 //!
-//! A channel is authorised exactly as a subscriber of the push location serving it would be:
-//! the same Origin check, then the same forward auth and JWT (`push::check_subscriber`).
+//! A channel is authorised exactly as a subscriber of it would be: the Origin check, forward
+//! auth and JWT of the push location that owns it (`push::admission`).
 //! The endpoint is a URL crier will POST to, so it must be https on a `push_hosts` host
 //! (the guard against server-side request forgery); any bad input is a 400 and stores nothing.
 
@@ -18,73 +18,59 @@ use hyper::body::Incoming;
 use super::crypto::UaKeys;
 use super::store::WebPushSubscription;
 use super::WebPush;
-use crate::auth::Gatekeeper;
-use crate::config::{HostPattern, PushLocation};
-use crate::proxy::ConnInfo;
-use crate::push;
+use crate::config::HostPattern;
+use crate::model::ChannelName;
+use crate::push::admission::{self, Admission, RequestView};
+use crate::push::ensure_host;
 use crate::response::{self, Body};
-use crate::router::validate_channel;
 
 /// A `PushSubscription.toJSON()` is a few hundred bytes.
 const MAX_BODY: usize = 8 * 1024;
 /// Real endpoints are under 1 KiB.
 const MAX_ENDPOINT: usize = 2048;
 
-/// What a request to the API needs from the server.
-pub struct ApiContext<'a> {
-    pub webpush: &'a WebPush,
-    pub locations: &'a [PushLocation],
-    pub gatekeeper: &'a Gatekeeper,
-    pub conn: &'a ConnInfo,
-}
-
 /// Serves one request; `rest` is the path after `webpush.path` and its slash.
-pub async fn handle(ctx: ApiContext<'_>, mut req: Request<Incoming>, rest: &str) -> Response<Body> {
+pub async fn handle(
+    wp: &WebPush,
+    ctx: &Admission<'_>,
+    mut req: Request<Incoming>,
+    rest: &str,
+) -> Response<Body> {
     if rest == "key" && (req.method() == Method::GET || req.method() == Method::HEAD) {
-        return public_key(ctx.webpush);
+        return public_key(wp);
     }
-    if let Err(e) = validate_channel(rest) {
-        return response::json_error(
-            StatusCode::NOT_FOUND,
-            &format!("{e} (the Web Push API is {{path}}/key and {{path}}/{{channel}})"),
-        );
-    }
-    let channel = rest;
-    let Some(loc) = location_for(ctx.locations, channel) else {
+    let channel = match ChannelName::new(rest) {
+        Ok(c) => c,
+        Err(e) => {
+            return response::json_error(
+                StatusCode::NOT_FOUND,
+                &format!("{e} (the Web Push API is {{path}}/key and {{path}}/{{channel}})"),
+            )
+        }
+    };
+    let Some(loc) = ctx.locations.owner(&channel) else {
         return response::json_error(
             StatusCode::NOT_FOUND,
             "no push location serves this channel",
         );
     };
-    push::ensure_host(&mut req);
-    let Ok(cors) = push::check_origin(req.headers(), loc) else {
+    ensure_host(&mut req);
+    let Ok(cors) = admission::check_origin(req.headers(), loc) else {
         return response::json_error(StatusCode::FORBIDDEN, "origin not allowed");
     };
     let mut resp = match *req.method() {
         Method::OPTIONS => preflight(),
         Method::POST | Method::DELETE => {
-            let checked = push::check_subscriber(
-                ctx.gatekeeper,
-                ctx.conn,
-                (req.uri(), req.headers()),
-                loc,
-                channel,
-            )
-            .await;
-            match checked {
-                Err(denial) => return denial.into_response(cors.as_ref()),
-                Ok(()) if req.method() == Method::POST => {
-                    subscribe(ctx.webpush, channel, req).await
-                }
-                Ok(()) => unsubscribe(ctx.webpush, channel, req).await,
+            match ctx.authorize(loc, &channel, RequestView::of(&req)).await {
+                Err(refusal) => return refusal.into_response(cors.as_ref()),
+                Ok(()) if req.method() == Method::POST => subscribe(wp, &channel, req).await,
+                Ok(()) => unsubscribe(wp, &channel, req).await,
             }
         }
         _ => response::method_not_allowed("POST, DELETE, OPTIONS", true),
     };
     if let Some(origin) = cors {
-        for (name, value) in push::cors_headers(&origin) {
-            resp.headers_mut().append(name, value);
-        }
+        response::add_cors(resp.headers_mut(), &origin);
     }
     resp
 }
@@ -123,21 +109,6 @@ fn preflight() -> Response<Body> {
         HeaderValue::from_static("600"),
     );
     r
-}
-
-/// The location a subscriber of `channel` would use: the longest `channel_prefix` that
-/// `channel` extends, the first in config order among equals (the router's order).
-pub fn location_for<'l>(locations: &'l [PushLocation], channel: &str) -> Option<&'l PushLocation> {
-    let mut best: Option<&PushLocation> = None;
-    for loc in locations {
-        let fits = channel
-            .strip_prefix(loc.channel_prefix.as_str())
-            .is_some_and(|rest| !rest.is_empty());
-        if fits && best.is_none_or(|b| loc.channel_prefix.len() > b.channel_prefix.len()) {
-            best = Some(loc);
-        }
-    }
-    best
 }
 
 /// The `PushSubscription.toJSON()` fields crier reads (others, like `expirationTime`, are
@@ -244,12 +215,10 @@ async fn subscribe(wp: &WebPush, channel: &str, req: Request<Incoming>) -> Respo
 }
 
 async fn unsubscribe(wp: &WebPush, channel: &str, req: Request<Incoming>) -> Response<Body> {
-    let from_query = req.uri().query().and_then(|q| {
-        q.split('&')
-            .filter_map(|p| p.split_once('='))
-            .find(|(k, _)| *k == "endpoint")
-            .map(|(_, v)| percent_decode(v))
-    });
+    // Decoded by the one query parser; bytes that are not UTF-8 become U+FFFD, which no
+    // endpoint URL holds.
+    let from_query = crate::query::param(req.uri().query(), "endpoint")
+        .map(|e| (!e.contains('\u{FFFD}')).then(|| e.into_owned()));
     let endpoint = match from_query {
         Some(Some(e)) => e,
         Some(None) => {
@@ -345,30 +314,6 @@ pub fn origin_of(endpoint: &str) -> Option<String> {
     ))
 }
 
-fn percent_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' => {
-                let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            c => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -407,15 +352,5 @@ mod tests {
         }
         let long = format!("https://fcm.googleapis.com/{}", "a".repeat(MAX_ENDPOINT));
         assert!(check_endpoint(&long, &hosts).is_err());
-    }
-
-    #[test]
-    fn percent_decoding() {
-        assert_eq!(
-            percent_decode("https%3A%2F%2Fa.example%2Fx").as_deref(),
-            Some("https://a.example/x")
-        );
-        assert_eq!(percent_decode("%zz"), None);
-        assert_eq!(percent_decode("%2"), None);
     }
 }

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{HostPattern, WebPushConfig};
 use crate::https_client::{self, ClientOptions, HttpsClient};
 use crate::hub::Hub;
+use crate::keys::VapidKey;
 use store::{Store, StoreError};
 use vapid::VapidCache;
 
@@ -52,10 +53,10 @@ struct Settings {
 }
 
 impl Settings {
-    fn new(c: &WebPushConfig) -> Settings {
+    fn new(c: &WebPushConfig, key: &VapidKey) -> Settings {
         Settings {
             path: c.path.clone(),
-            vapid: VapidCache::new(c.vapid_key.clone(), c.subject.clone()),
+            vapid: VapidCache::new(key.clone(), c.subject.clone()),
             ttl: c.ttl,
             push_hosts: c.push_hosts.clone(),
             max_subscriptions: c.max_subscriptions,
@@ -216,6 +217,7 @@ impl WebPush {
     /// Opens the store, starts the delivery tasks and installs the hub observer.
     pub fn start(
         cfg: &WebPushConfig,
+        key: &VapidKey,
         hub: &Hub,
         registry: &Registry,
     ) -> Result<WebPush, WebPushError> {
@@ -229,7 +231,7 @@ impl WebPush {
         metrics.subscriptions.set(store.total() as i64);
         let (tx, rx) = mpsc::channel(JOB_QUEUE);
         let inner = Arc::new(Inner {
-            settings: RwLock::new(Arc::new(Settings::new(cfg))),
+            settings: RwLock::new(Arc::new(Settings::new(cfg, key))),
             store,
             metrics,
             client,
@@ -253,8 +255,8 @@ impl WebPush {
     /// Applies a reloaded `[webpush]`: key, subject, ttl, push_hosts, path, limit. The store
     /// file and the client's `ca_file` stay those of the start (changing them needs a restart;
     /// said in the log).
-    pub fn reload(&self, cfg: Option<&WebPushConfig>) {
-        let Some(cfg) = cfg else {
+    pub fn reload(&self, cfg: Option<&WebPushConfig>, key: Option<&VapidKey>) {
+        let (Some(cfg), Some(key)) = (cfg, key) else {
             tracing::warn!("[webpush] was removed; Web Push stays on until crier restarts");
             return;
         };
@@ -267,7 +269,7 @@ impl WebPush {
         if cfg.ca_file != self.inner.ca_file {
             tracing::warn!("webpush.ca_file changed; it takes effect when crier restarts");
         }
-        *self.inner.settings.write() = Arc::new(Settings::new(cfg));
+        *self.inner.settings.write() = Arc::new(Settings::new(cfg, key));
     }
 
     /// The part of `path` after the Web Push base path, when the API owns it.

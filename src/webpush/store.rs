@@ -333,18 +333,14 @@ fn parse_row(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use p256::elliptic_curve::sec1::ToEncodedPoint;
 
     fn sub(channel: &str, endpoint: &str) -> WebPushSubscription {
-        let pk = super::super::crypto::random_secret()
-            .expect("key")
-            .public_key()
-            .to_encoded_point(false);
+        let pk = super::super::crypto::fresh_point();
         WebPushSubscription {
             channel: channel.into(),
             endpoint: endpoint.into(),
             origin: "https://push.example".into(),
-            keys: UaKeys::parse(pk.as_bytes(), &[1; 16]).expect("valid"),
+            keys: UaKeys::parse(&pk, &[1; 16]).expect("valid"),
         }
     }
 

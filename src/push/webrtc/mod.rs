@@ -35,10 +35,12 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{hub_error, resume_header, RESUME_HEADER};
-use crate::config::{Transport, WebRtcConfig};
+use super::admission::hub_error;
+use super::{resume_header, RESUME_HEADER};
+use crate::config::WebRtcConfig;
 use crate::hub::{Hub, Start};
 use crate::metrics::{Metrics, WebRtcState};
+use crate::model::{ChannelName, Transport};
 use crate::response::{self, Body};
 
 /// The query parameter of a session's URL (the `Location` of the answer).
@@ -168,11 +170,6 @@ impl WebRtc {
         udp::run(self.shared).await
     }
 
-    /// Sessions open now.
-    pub fn sessions(&self) -> usize {
-        self.shared.count.load(Ordering::Relaxed)
-    }
-
     /// Closes every session (SCTP shutdown, DTLS close_notify) and waits, up to `deadline`,
     /// for them to end.
     pub async fn shutdown(&self, deadline: Duration) {
@@ -189,7 +186,7 @@ pub async fn offer(
     w: &WebRtc,
     hub: &Hub,
     req: Request<Incoming>,
-    channel: &str,
+    channel: &ChannelName,
     start: Start,
     remote: SocketAddr,
 ) -> Response<Body> {
@@ -242,7 +239,10 @@ pub async fn offer(
             )
         }
     };
-    let sub = match hub.subscribe(channel, Transport::WebRtc, start, Some(remote)) {
+    let sub = match hub
+        .subscribe(channel, Transport::WebRtc, start, Some(remote))
+        .await
+    {
         Ok(s) => s,
         Err(e) => return hub_error(e),
     };
@@ -298,12 +298,7 @@ pub async fn offer(
 
 /// `DELETE` on a session's URL: 204 when it existed (it ends now), 404 otherwise.
 pub fn delete(w: &WebRtc, query: Option<&str>, channel: &str) -> Response<Body> {
-    let id = query.and_then(|q| {
-        q.split('&')
-            .filter_map(|p| p.split_once('='))
-            .find(|(k, _)| *k == SESSION_PARAM)
-            .map(|(_, v)| v)
-    });
+    let id = crate::query::param(query, SESSION_PARAM);
     let Some(id) = id else {
         return response::text(
             StatusCode::BAD_REQUEST,
@@ -311,7 +306,7 @@ pub fn delete(w: &WebRtc, query: Option<&str>, channel: &str) -> Response<Body> 
         );
     };
     let reg = w.shared.registry.lock();
-    match reg.by_id.get(id) {
+    match reg.by_id.get(id.as_ref()) {
         // A session belongs to its channel's URL: the id alone does not end another's.
         Some(e) if e.channel == channel => {
             e.stop.cancel();

@@ -14,9 +14,9 @@ use tokio::time::sleep_until;
 use tokio_util::sync::CancellationToken;
 
 use super::{Datagram, Registered, Shared, Slot};
-use crate::config::Transport;
 use crate::hub::{CloseReason, Message, Read, Subscription};
 use crate::metrics::DropReason;
+use crate::model::Transport;
 use crate::push::{encoding, record_delivery, ws::encode_json_envelope};
 
 /// Messages taken from the hub per wake-up.

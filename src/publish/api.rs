@@ -1,23 +1,19 @@
-//! The publish API (`POST/GET/DELETE /pub/{channel}`), served on the Unix socket and on
-//! loopback TCP, never on the public listeners; and the client that `crier publish` uses.
+//! The publish API (`POST/PUT/GET/DELETE /pub/{channel}`), served on the Unix socket and on
+//! loopback TCP, never on the public listeners.
 
-use std::path::PathBuf;
 use std::time::Instant;
 
-use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 
-use crate::auth::PublishToken;
+use super::EVENT_HEADER;
 use crate::hub::{Hub, HubError, NewMessage};
+use crate::keys::PublishToken;
 use crate::metrics::{AuthMethod, AuthResult};
+use crate::model::ChannelName;
 use crate::response::{self, Body};
-use crate::router::validate_channel;
-
-pub const EVENT_HEADER: &str = "crier-event";
 
 /// Serves one publish API request. `token`: the bearer token this listener requires (TCP with
 /// `publish.token_file`); None for the Unix socket, whose file permissions guard it.
@@ -52,10 +48,10 @@ pub async fn handle(
             "not found; the publish API is /pub/{channel}",
         );
     };
-    let channel = channel.to_string();
-    if let Err(e) = validate_channel(&channel) {
-        return response::json_error(StatusCode::BAD_REQUEST, e);
-    }
+    let channel = match ChannelName::new(channel) {
+        Ok(c) => c,
+        Err(e) => return response::json_error(StatusCode::BAD_REQUEST, &e.to_string()),
+    };
     match *req.method() {
         Method::POST | Method::PUT => {
             let r = publish(hub, &channel, max_message_size, req).await;
@@ -64,9 +60,9 @@ pub async fn handle(
                 .observe(started.elapsed().as_secs_f64());
             r
         }
-        Method::GET | Method::HEAD => match hub.get(&channel) {
-            Some(c) => {
-                let s = c.stats();
+        Method::GET | Method::HEAD => match hub.stats(&channel).await {
+            Err(e) => hub_error(e),
+            Ok(Some(s)) => {
                 let mut v = serde_json::json!({
                     "channel": s.channel,
                     "subscribers": s.subscribers,
@@ -79,9 +75,9 @@ pub async fn handle(
                 }
                 response::json(StatusCode::OK, &v)
             }
-            None => response::json_error(StatusCode::NOT_FOUND, "no such channel"),
+            Ok(None) => response::json_error(StatusCode::NOT_FOUND, "no such channel"),
         },
-        Method::DELETE => match hub.delete(&channel) {
+        Method::DELETE => match hub.delete(&channel).await {
             Ok(()) => response::json(
                 StatusCode::OK,
                 &serde_json::json!({ "channel": channel, "deleted": true }),
@@ -92,7 +88,12 @@ pub async fn handle(
     }
 }
 
-async fn publish(hub: &Hub, channel: &str, max: usize, req: Request<Incoming>) -> Response<Body> {
+async fn publish(
+    hub: &Hub,
+    channel: &ChannelName,
+    max: usize,
+    req: Request<Incoming>,
+) -> Response<Body> {
     let too_big = || {
         let mut r = response::json_error(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -138,7 +139,7 @@ async fn publish(hub: &Hub, channel: &str, max: usize, req: Request<Incoming>) -
         body,
         headers: parts.headers,
     };
-    match hub.publish(channel, msg) {
+    match hub.publish(channel, msg).await {
         Ok(receipt) => response::json(StatusCode::CREATED, &receipt),
         Err(e) => hub_error(e),
     }
@@ -146,15 +147,10 @@ async fn publish(hub: &Hub, channel: &str, max: usize, req: Request<Incoming>) -
 
 /// `Crier-Event` header or `?event=`: 1 to 64 characters of `A-Z a-z 0-9 . _ - :`.
 fn event_name(req: &Request<Incoming>) -> Result<Option<Box<str>>, &'static str> {
-    let from_query = req.uri().query().and_then(|q| {
-        q.split('&')
-            .filter_map(|p| p.split_once('='))
-            .find(|(k, _)| *k == "event")
-            .map(|(_, v)| v)
-    });
-    let name = match (req.headers().get(EVENT_HEADER), from_query) {
+    let from_query = crate::query::param(req.uri().query(), "event");
+    let name = match (req.headers().get(EVENT_HEADER), &from_query) {
         (Some(h), _) => h.to_str().map_err(|_| "bad Crier-Event header")?,
-        (None, Some(q)) => q,
+        (None, Some(q)) => q.as_ref(),
         (None, None) => return Ok(None),
     };
     let ok = !name.is_empty()
@@ -168,79 +164,13 @@ fn event_name(req: &Request<Incoming>) -> Result<Option<Box<str>>, &'static str>
     Ok(Some(name.into()))
 }
 
-/// A hub refusal as the JSON APIs answer it (publish API, webhook ingress).
-pub(crate) fn hub_error(e: HubError) -> Response<Body> {
-    response::json_error(e.status(), &e.to_string())
-}
-
-// ---------------------------------------------------------------------------------------
-// The `crier publish` client.
-
-/// Where `crier publish` sends to.
-pub enum Target {
-    Socket(PathBuf),
-    /// `http://127.0.0.1:8081`
-    Url(String),
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    #[error("cannot connect to {0}: {1}")]
-    Connect(String, std::io::Error),
-    #[error("{0} is not an http:// URL with host:port")]
-    BadUrl(String),
-    #[error("request failed: {0}")]
-    Http(#[from] hyper::Error),
-    #[error("bad request: {0}")]
-    Request(#[from] http::Error),
-}
-
-/// Sends one request to the publish API; returns the status and the body text. `token` goes
-/// in `Authorization: Bearer` (TCP with `publish.token_file`).
-pub async fn client_request(
-    target: &Target,
-    method: Method,
-    channel: &str,
-    event: Option<&str>,
-    token: Option<&str>,
-    body: Bytes,
-) -> Result<(StatusCode, String), ClientError> {
-    let (io, host): (Box<dyn IoStream>, String) = match target {
-        Target::Socket(p) => {
-            let s = tokio::net::UnixStream::connect(p)
-                .await
-                .map_err(|e| ClientError::Connect(p.display().to_string(), e))?;
-            (Box::new(s), "localhost".into())
-        }
-        Target::Url(u) => {
-            let authority = u
-                .strip_prefix("http://")
-                .map(|a| a.trim_end_matches('/'))
-                .filter(|a| !a.is_empty() && !a.contains('/'))
-                .ok_or_else(|| ClientError::BadUrl(u.clone()))?;
-            let s = tokio::net::TcpStream::connect(authority)
-                .await
-                .map_err(|e| ClientError::Connect(authority.to_string(), e))?;
-            (Box::new(s), authority.to_string())
-        }
-    };
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
-    tokio::spawn(conn);
-    let mut req = Request::builder()
-        .method(method)
-        .uri(format!("/pub/{channel}"))
-        .header(header::HOST, host);
-    if let Some(e) = event {
-        req = req.header(EVENT_HEADER, e);
+/// A hub refusal as the JSON APIs answer it (publish API, webhook ingress); a 503 says
+/// when to try again.
+pub fn hub_error(e: HubError) -> Response<Body> {
+    let mut r = response::json_error(e.status(), &e.to_string());
+    if e.status() == StatusCode::SERVICE_UNAVAILABLE {
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
-    if let Some(t) = token {
-        req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
-    }
-    let resp = sender.send_request(req.body(Full::new(body))?).await?;
-    let status = resp.status();
-    let text = resp.into_body().collect().await?.to_bytes();
-    Ok((status, String::from_utf8_lossy(&text).into_owned()))
+    r
 }
-
-trait IoStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> IoStream for T {}

@@ -14,6 +14,7 @@
 //! [`UPSTREAM_CHECK_EVERY`]; with no viewer it costs nothing.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -24,10 +25,11 @@ use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
 use serde::Serialize;
 
-use crate::config::{Transport, UpstreamAddr};
+use super::ServerView;
+use crate::config::UpstreamAddr;
 use crate::hub::ChannelStats;
+use crate::model::Transport;
 use crate::response::{self, Body, BoxError};
-use crate::server::ServerHandle;
 
 /// The page: HTML, CSS and script in one file, compiled into the binary.
 pub const PAGE: &str = include_str!("status.html");
@@ -65,7 +67,7 @@ pub fn page() -> Response<Body> {
 
 /// `GET /stats/stream`: SSE, one `data:` line of JSON (a [`Snapshot`]) per second, until the
 /// viewer goes or the server has stopped.
-pub fn stream(server: ServerHandle) -> Response<Body> {
+pub fn stream(server: Arc<dyn ServerView>) -> Response<Body> {
     let mut tick = tokio::time::interval(INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let sampler = Sampler {
@@ -78,7 +80,7 @@ pub fn stream(server: ServerHandle) -> Response<Body> {
     };
     let frames = stream::unfold(sampler, |mut s| async move {
         s.tick.tick().await; // the first tick is immediate
-        if s.server.is_stopped() {
+        if s.server.stopped() {
             return None;
         }
         let snap = s.sample().await;
@@ -212,7 +214,7 @@ struct Previous {
 }
 
 struct Sampler {
-    server: ServerHandle,
+    server: Arc<dyn ServerView>,
     tick: tokio::time::Interval,
     prev: Option<Previous>,
     upstream: UpstreamCheck,
@@ -308,26 +310,14 @@ impl Sampler {
         check.age_s = self
             .checked_at
             .map(|t| now.saturating_duration_since(t).as_secs_f64());
-        let a = server.addrs();
         let snap = Snapshot {
             version: env!("CARGO_PKG_VERSION"),
             time_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
             interval_s: dt,
-            ready: !server.is_draining(),
-            listeners: Listeners {
-                public: a.public.iter().map(|s| format!("http://{s}")).collect(),
-                public_tls: a
-                    .public_tls
-                    .iter()
-                    .map(|s| format!("https://{s}"))
-                    .collect(),
-                publish: a.publish.iter().map(|s| format!("http://{s}")).collect(),
-                publish_unix: a.publish_unix.map(|p| p.display().to_string()),
-                admin: a.admin.map(|s| format!("http://{s}")),
-                push: cfg.push.iter().map(|p| p.path.clone()).collect(),
-            },
+            ready: !server.draining(),
+            listeners: server.listeners(),
             upstream: Upstream {
                 url: match &cfg.upstream.url {
                     UpstreamAddr::Http { authority } => format!("http://{authority}"),

@@ -1,0 +1,11 @@
+//! Publishing: the publish API that the app (or a script, or `crier publish`) calls to put
+//! a message on a channel (`api`), and the client `crier publish` uses (`client`).
+
+pub mod api;
+pub mod client;
+
+pub use api::{handle, hub_error};
+pub use client::{client_request, ClientError, Target};
+
+/// The request header (or `?event=`) that names a message's SSE event.
+pub const EVENT_HEADER: &str = "crier-event";

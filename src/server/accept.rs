@@ -1,0 +1,211 @@
+//! One accepted connection: counted against `max_connections` (public listeners), wrapped in
+//! TLS where the listener has it, and served: h2 or HTTP/1.1 through hyper, the proxy fast
+//! path, or the SSE fast path, as the first bytes say (`sniff`).
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::StatusCode;
+use tokio::net::{TcpListener, TcpStream, UnixListener};
+use tokio_util::sync::CancellationToken;
+
+use super::http_conn::{serve_h1, serve_h2, service};
+use super::listen::Kind;
+use super::prefixed::Prefixed;
+use super::route::PublicSite;
+use super::sniff::{first_bytes, FirstBytes};
+use super::State;
+use crate::model::ConnInfo;
+use crate::proxy::fast as h1;
+
+pub(super) async fn accept_tcp(
+    listener: TcpListener,
+    kind: Kind,
+    state: Arc<State>,
+    stop: CancellationToken,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning; the listener stays.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let conn = ConnInfo {
+            peer,
+            tls: kind == Kind::PublicTls,
+        };
+        match kind {
+            Kind::Public | Kind::PublicTls => {
+                let Some(guard) = ConnectionGuard::acquire(&state) else {
+                    refuse(stream, &state);
+                    continue;
+                };
+                if kind == Kind::Public {
+                    state
+                        .conns
+                        .spawn(serve_public(stream, state.clone(), conn, guard));
+                } else {
+                    state
+                        .conns
+                        .spawn(serve_tls(stream, state.clone(), conn, guard));
+                }
+            }
+            Kind::Publish | Kind::PublishUnix => {
+                let live = state.live.load_full();
+                let svc = service(&state, kind, conn);
+                state
+                    .conns
+                    .spawn(serve_h1(stream, svc, live, state.drain.clone()));
+            }
+            Kind::Admin => {
+                // Not drained and not tracked: /readyz must answer 503 during the drain.
+                let live = state.live.load_full();
+                let svc = service(&state, kind, conn);
+                tokio::spawn(serve_h1(stream, svc, live, CancellationToken::new()));
+            }
+        }
+    }
+}
+
+pub(super) async fn accept_unix(
+    listener: UnixListener,
+    state: Arc<State>,
+    stop: CancellationToken,
+) {
+    loop {
+        let stream = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!("accept on the publish socket failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let conn = ConnInfo {
+            peer: SocketAddr::from(([127, 0, 0, 1], 0)),
+            tls: false,
+        };
+        let live = state.live.load_full();
+        let svc = service(&state, Kind::PublishUnix, conn);
+        state
+            .conns
+            .spawn(serve_h1(stream, svc, live, state.drain.clone()));
+    }
+}
+
+async fn serve_public(
+    mut stream: TcpStream,
+    state: Arc<State>,
+    conn: ConnInfo,
+    guard: ConnectionGuard,
+) {
+    let live = state.live.load_full();
+    let first = first_bytes(&mut stream, &state, &live, &conn).await;
+    match first {
+        FirstBytes::Nothing | FirstBytes::Answered => {}
+        FirstBytes::Sse(fast) => {
+            crate::push::sse::serve_h1(stream, fast.sub, fast.cors, fast.keepalive).await
+        }
+        FirstBytes::H2 => {
+            let svc = service(&state, Kind::Public, conn);
+            Box::pin(serve_h2(stream, svc, live, state.drain.clone())).await
+        }
+        FirstBytes::H1 => {
+            // Boxed, like the other branches: an idle SSE connection's task must not carry
+            // the proxy's state in its size.
+            let st = state.clone();
+            let site = move || PublicSite {
+                live: st.live.load_full(),
+                state: st.clone(),
+            };
+            let served = Box::pin(h1::serve(&mut stream, site, &conn, &state.drain)).await;
+            if let h1::Served::Handoff(read) = served {
+                let svc = service(&state, Kind::Public, conn);
+                let io = Prefixed::new(read, stream);
+                Box::pin(serve_h1(io, svc, live, state.drain.clone())).await
+            }
+        }
+    }
+    drop(guard);
+}
+
+/// TLS: handshake (bounded by the header timeout), then h2 or HTTP/1.1 as ALPN chose.
+async fn serve_tls(stream: TcpStream, state: Arc<State>, conn: ConnInfo, guard: ConnectionGuard) {
+    let live = state.live.load_full();
+    let Some(acceptor) = live.tls.clone() else {
+        return;
+    };
+    let timeout = live.http.header_timeout;
+    let tls = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::debug!("TLS handshake with {} failed: {e}", conn.peer);
+            return;
+        }
+        Err(_) => {
+            tracing::debug!("TLS handshake with {} timed out", conn.peer);
+            return;
+        }
+    };
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let svc = service(&state, Kind::PublicTls, conn);
+    if h2 {
+        serve_h2(tls, svc, live, state.drain.clone()).await;
+    } else {
+        serve_h1(tls, svc, live, state.drain.clone()).await;
+    }
+    drop(guard);
+}
+
+/// Counts an open public connection; dropping it uncounts.
+pub(super) struct ConnectionGuard(Arc<State>);
+
+impl ConnectionGuard {
+    fn acquire(state: &Arc<State>) -> Option<ConnectionGuard> {
+        let max = state.live.load().config.server.max_connections;
+        let prev = state.open_connections.fetch_add(1, Ordering::AcqRel);
+        if prev >= max {
+            state.open_connections.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        state.metrics.client_connections.inc();
+        Some(ConnectionGuard(state.clone()))
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.open_connections.fetch_sub(1, Ordering::AcqRel);
+        self.0.metrics.client_connections.dec();
+    }
+}
+
+/// Over `max_connections`: a best-effort 503 written without waiting, then close.
+fn refuse(stream: TcpStream, state: &State) {
+    state.metrics.connections_refused.inc();
+    let mut h = http::HeaderMap::new();
+    h.insert(
+        http::header::RETRY_AFTER,
+        http::HeaderValue::from_static("1"),
+    );
+    let busy = crate::response::h1_text(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "too many connections",
+        &h,
+        true,
+    );
+    let _ = stream.try_write(&busy);
+}
