@@ -127,7 +127,13 @@ fi
 need_pkgs=()
 [[ -x /usr/sbin/nginx ]] || need_pkgs+=(nginx-light)
 [[ -f /usr/lib/nginx/modules/ngx_nchan_module.so ]] || need_pkgs+=(libnginx-mod-nchan)
-if [[ " $SERVERS " == *" pushpin"* ]]; then command -v pushpin >/dev/null || need_pkgs+=(pushpin); fi
+uses_pushpin=0
+for w in $WORKLOADS; do
+    case $w in fanout-* | channels | capacity-* | pubrate-tcp) uses_pushpin=1 ;; esac
+done
+if [[ " $SERVERS " == *" pushpin"* && $uses_pushpin == 1 ]]; then
+    command -v pushpin >/dev/null || need_pkgs+=(pushpin)
+fi
 if [[ " $WORKLOADS " =~ \ (proxy|publish-on) ]]; then command -v wrk >/dev/null || need_pkgs+=(wrk); fi
 if [[ " $WORKLOADS " == *" cluster-"* ]]; then command -v redis-server >/dev/null || need_pkgs+=(redis-server); fi
 if ((${#need_pkgs[@]})); then
@@ -242,12 +248,16 @@ start_crier() { # variant workload node → appends to SERVER_PIDS; fails with S
     if [[ $variant == crier-file ]]; then
         sed -i "/^\[channels\]/a store = \"$dir/channels.redb\"" "$dir/crier.toml"
     fi
+    local logged
+    logged=$(stat -c %s "$dir/crier.log" 2>/dev/null || echo 0)
     "$bin" --config "$dir/crier.toml" >>"$dir/crier.log" 2>&1 &
     pid=$!
     SERVER_PIDS+=("$pid")
     if [[ $node == 1 ]]; then CRIER_CMD=("$bin" --config "$dir/crier.toml"); fi
     if ! wait_port $public 10 "$pid" || ! wait_port $publish 10 "$pid"; then
-        START_ERROR="$variant node $node did not start: $(grep -v '^\s*$' "$dir/crier.log" | tail -1 | cut -c1-300)"
+        # The line that says why (crier names the file, line and key), from this start's output.
+        START_ERROR="$variant node $node did not start: $(tail -c +$((logged + 1)) "$dir/crier.log" |
+            sed 's/\x1b\[[0-9;]*m//g' | grep -v -e '^\s*$' -e 'not starting' | tail -1 | sed "s|$dir/||" | cut -c1-300)"
         return 1
     fi
 }
@@ -526,16 +536,15 @@ run_restart() { # server rep: fill the buffers, restart, time the listener and a
     stop_server
 }
 
-wrk_once() { # target port rep round workload [path] [script]: one measured wrk run
-    local target=$1 port=$2 rep=$3 round=$4 w=$5 path=${6:-/} script=${7:-} sargs=()
+wrk_once() { # target port rep round workload app [path] [script]: one measured wrk run
+    local target=$1 port=$2 rep=$3 round=$4 w=$5 app=$6 path=${7:-/} script=${8:-} sargs=()
     if [[ -n "$script" ]]; then sargs=(--script "$script"); fi
-    log "$w / $target / rep $rep round $round"
     # A short warm-up so pools and workers are up, then the measured run.
     wrk -t1 -c"$WRK_CONNS" -d1s ${script:+-s "$script"} "http://127.0.0.1:$port$path" >/dev/null 2>&1 || true
     # shellcheck disable=SC2046
     if ! "$LOADGEN_BIN" proxy --url "http://127.0.0.1:$port$path" --threads "$WRK_THREADS" \
         --conns "$WRK_CONNS" --duration "$WRK_DURATION" "${sargs[@]}" $(pid_args) \
-        --tag server="$target" --tag workload="$w" --tag rep="$rep" --tag round="$round" \
+        --tag server="$target" --tag workload="$w" --tag rep="$rep" --tag round="$round" --tag app="$app" \
         --out "$RESULTS" >"$RUN_DIR/last.json" 2>>"$RUN_DIR/loadgen.log"; then
         log "  wrk failed (see $RUN_DIR/loadgen.log)"
     else
@@ -556,18 +565,19 @@ run_wrk_workload() { # workload rep: proxies in alternating rounds in front of o
     start_app "$app"
     for ((r = 1; r <= rounds; r++)); do
         for t in $targets; do
+            if [[ $t != direct || $r == 1 ]]; then log "$w / $t / rep $rep round $r"; fi
             case $t in
             direct)
                 ((r == 1)) || continue # the app alone, once per repetition
                 SERVER_PIDS=("$UPSTREAM_PID")
-                wrk_once direct 18090 "$rep" "$r" "$w" "$path" "$script"
+                wrk_once direct 18090 "$rep" "$r" "$w" "$app" "$path" "$script"
                 SERVER_PIDS=()
                 continue
                 ;;
             nginx) start_server nginx-proxy "$w" || { skipped nginx "$w" "$rep"; stop_server; continue; }; port=18380 ;;
             *) start_server "$t" "$w" || { skipped "$t" "$w" "$rep"; stop_server; continue; }; port=18080 ;;
             esac
-            wrk_once "$t" "$port" "$rep" "$r" "$w" "$path" "$script"
+            wrk_once "$t" "$port" "$rep" "$r" "$w" "$app" "$path" "$script"
             stop_server
         done
     done

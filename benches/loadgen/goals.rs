@@ -400,6 +400,16 @@ pub fn evaluate(order: &[String], t: &impl Lookup) -> Vec<Value> {
             let Some(s) = t.median(w, goal.subject, goal.metric) else {
                 continue;
             };
+            // A run where no subscriber connected measured nothing (e.g. a crier without
+            // multiplexing answers 400): say so instead of judging its zeros.
+            if t.median(w, goal.subject, "connected") == Some(0.0) {
+                out.push(json!({
+                    "issue": goal.issue, "target": format!("{w}: {}", goal.metric),
+                    "subject": goal.subject, "goal": goal.goal, "met": null,
+                    "note": "no subscriber connected",
+                }));
+                continue;
+            }
             let pw = goal.peer_workload.unwrap_or(w);
             let (value, peer, met) = match goal.test {
                 Zero => {

@@ -193,10 +193,17 @@ pub fn run(a: ReportArgs) -> Result<(), String> {
 
     let targets = goals::evaluate(&order, &table);
     let _ = writeln!(md, "## Goals of the issues, medians\n");
-    let _ = writeln!(
-        md,
-        "| issue | target | subject | value | peer | peer value | ratio | goal | met |\n|---|---|---|---|---|---|---|---|---|"
-    );
+    if targets.is_empty() {
+        let _ = writeln!(
+            md,
+            "None of the comparisons the goals need ran (see Not run below)."
+        );
+    } else {
+        let _ = writeln!(
+            md,
+            "| issue | target | subject | value | peer | peer value | ratio | goal | met |\n|---|---|---|---|---|---|---|---|---|"
+        );
+    }
     for t in &targets {
         let f = |v: &Value| v.as_f64().map_or("–".to_string(), fmt_num);
         let s = |v: &Value| v.as_str().unwrap_or("").to_string();
@@ -213,10 +220,11 @@ pub fn run(a: ReportArgs) -> Result<(), String> {
                 .as_f64()
                 .map_or("–".to_string(), |r| format!("{}×", fmt_ratio(r))),
             s(&t["goal"]),
-            match t["met"].as_bool() {
-                Some(true) => "yes",
-                Some(false) => "**no**",
-                None => "–",
+            match (t["met"].as_bool(), t["note"].as_str()) {
+                (Some(true), _) => "yes".to_string(),
+                (Some(false), _) => "**no**".to_string(),
+                (None, Some(n)) => format!("– ({n})"),
+                (None, None) => "–".to_string(),
             }
         );
     }
@@ -256,7 +264,12 @@ pub fn run(a: ReportArgs) -> Result<(), String> {
         let has_subject = servers.contains_key(subj);
         let peers: Vec<&String> = cols.iter().copied().filter(|s| *s != subj).collect();
         let reps = cols.iter().map(|s| groups[w][*s].len()).max().unwrap_or(0);
-        let example = groups[w].values().next().and_then(|v| v.first()).copied();
+        // Describe the workload from the run with the most nodes (a cluster's, not its baseline's).
+        let example = groups[w]
+            .values()
+            .flatten()
+            .copied()
+            .max_by_key(|r| r["nodes"].as_u64().unwrap_or(1));
         let _ = writeln!(md, "### {w}\n");
         if let Some(e) = example {
             let _ = writeln!(md, "{} — {} run(s) per server\n", describe(e), reps);

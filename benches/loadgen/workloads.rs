@@ -217,16 +217,26 @@ pub fn server_rank(s: &str) -> (usize, String) {
 pub fn describe(r: &Value) -> String {
     match r["kind"].as_str() {
         Some("proxy") => {
+            let url = r["url"].as_str().unwrap_or("/");
+            let path = url
+                .strip_prefix("http://")
+                .and_then(|u| u.find('/').map(|i| &u[i..]))
+                .unwrap_or("/");
+            let app = match r["tags"]["app"].as_str() {
+                Some("nginx") => "nginx (return 200, 1 worker)",
+                _ => "crier-loadgen upstream (1 thread)",
+            };
             return format!(
-                "wrk -t{} -c{} -d{}s --latency{}, {} through the server to the app",
+                "wrk -t{} -c{} -d{}s --latency{}, {} {path} through the server to a 13-byte response from {app}",
                 r["threads"],
                 r["conns"],
                 r["duration_s"],
-                r["script"]
-                    .as_str()
-                    .map_or(String::new(), |s| format!(" -s {s}")),
-                r["url"].as_str().unwrap_or("/"),
-            )
+                r["script"].as_str().map_or(String::new(), |s| format!(
+                    " -s {}",
+                    s.rsplit('/').next().unwrap_or(s)
+                )),
+                if r["script"].is_string() { "POST" } else { "GET" },
+            );
         }
         Some("slowreader") => {
             let pace = r["read_bytes_per_sec"].as_u64().unwrap_or(0);
