@@ -135,7 +135,10 @@ if [[ " $SERVERS " == *" pushpin"* && $uses_pushpin == 1 ]]; then
     command -v pushpin >/dev/null || need_pkgs+=(pushpin)
 fi
 if [[ " $WORKLOADS " =~ \ (proxy|publish-on) ]]; then command -v wrk >/dev/null || need_pkgs+=(wrk); fi
-if [[ " $WORKLOADS " == *" cluster-"* ]]; then command -v redis-server >/dev/null || need_pkgs+=(redis-server); fi
+if [[ " $WORKLOADS " == *" cluster-"* ]]; then
+    command -v redis-server >/dev/null || need_pkgs+=(redis-server)
+    command -v curl >/dev/null || need_pkgs+=(curl)
+fi
 if ((${#need_pkgs[@]})); then
     if [[ "$INSTALL" == 1 ]]; then
         log "installing ${need_pkgs[*]}"
@@ -270,6 +273,16 @@ start_redis() { # dir
     wait_port $REDIS_PORT 10 "$!" || { START_ERROR="redis-server did not start (see $1/redis.log)"; return 1; }
 }
 
+wait_ready() { # url seconds [accept]: until the URL answers 2xx 10 times in a row (a cluster node
+    # takes subscribers only once its Redis connections are up; Nchan answers 503 until then)
+    local url=$1 i ok=0 code
+    for ((i = 0; i < $2 * 20; i++)); do
+        code=$(curl -s -o /dev/null -m 0.3 -w '%{http_code}' ${3:+-H "Accept: $3"} "$url" || true)
+        if [[ $code == 2* ]]; then ((++ok >= 10)) && return 0; else ok=0; sleep 0.05; fi
+    done
+    log "  $url did not answer 2xx (last: $code); going on"
+}
+
 start_nchan_redis_node() { # dir node public publish
     local dir=$1/node$2
     mkdir -p "$dir"
@@ -293,6 +306,8 @@ start_server() { # name [workload]: fails (START_ERROR says why) when the server
         start_redis "$dir" || return 1
         start_crier crier-cluster "$w" 1 || return 1
         start_crier crier-cluster "$w" 2 || return 1
+        wait_ready http://127.0.0.1:18082/readyz 10
+        wait_ready http://127.0.0.1:18482/readyz 10
         ;;
     nchan)
         sed -e "s|@RUN@|$dir|g; s|@BUFFER@|$BUFFER|g; s|@WORKERS@|$WORKERS|g" \
@@ -305,6 +320,8 @@ start_server() { # name [workload]: fails (START_ERROR says why) when the server
         start_redis "$dir" || return 1
         start_nchan_redis_node "$dir" 1 18180 18181 || return 1
         start_nchan_redis_node "$dir" 2 18580 18581 || return 1
+        wait_ready http://127.0.0.1:18180/live/bench-ready 10 text/event-stream
+        wait_ready http://127.0.0.1:18580/live/bench-ready 10 text/event-stream
         ;;
     pushpin | pushpin-tuned)
         local rate=2500 hwm=25000

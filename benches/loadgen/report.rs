@@ -107,6 +107,10 @@ fn ratio(subject: f64, peer: f64) -> Option<f64> {
     (peer != 0.0 && subject.is_finite() && peer.is_finite()).then(|| subject / peer)
 }
 
+fn nothing_connected(r: &Value) -> bool {
+    r["subscribers"].as_u64().unwrap_or(0) > 0 && r["subs"]["connected"].as_u64() == Some(0)
+}
+
 type Table = BTreeMap<String, BTreeMap<String, BTreeMap<&'static str, Agg>>>;
 
 impl Lookup for Table {
@@ -152,7 +156,13 @@ pub fn run(a: ReportArgs) -> Result<(), String> {
     for (w, servers) in &groups {
         for (s, rs) in servers {
             for met in metrics_for(w) {
-                let vals: Vec<f64> = rs.iter().filter_map(|r| met.value(r)).collect();
+                // A run where no subscriber connected (e.g. a URL form this build refuses)
+                // measured nothing but that: its zeros are not figures.
+                let vals: Vec<f64> = rs
+                    .iter()
+                    .filter(|r| met.label == "connected" || !nothing_connected(r))
+                    .filter_map(|r| met.value(r))
+                    .collect();
                 if let Some(agg) = aggregate(vals) {
                     table
                         .entry(w.clone())
