@@ -1,22 +1,38 @@
 //! crier-loadgen: the benchmark harness's load generator (see benches/README.md).
 //!
-//! - `push`: N subscribers (SSE, WebSocket or long-poll) on one or many channels, M published
-//!   messages, and a JSON report of delivery rate, latency, loss and server memory/CPU;
+//! - `push`: N subscribers (SSE, WebSocket or long-poll) on one or many channels each, spread
+//!   over one or more nodes, M published messages (POSTs, or WebSocket frames), and a JSON report
+//!   of delivery rate, latency, loss and server memory/CPU;
+//! - `slow-reader`: one SSE reader under a publish flood, with exact told/silent loss accounting;
+//! - `browsers`: clients polling a URL through the proxy (the baseline for `[[poll]]`);
+//! - `startup`: time from starting a server to its listener and a resume answering;
 //! - `proxy`: `wrk` against a URL, as JSON;
-//! - `upstream`: a fast upstream for the proxy workload;
+//! - `upstream`: a fast upstream for the proxy workload (it counts requests);
 //! - `grip`: the GRIP backend that makes Pushpin hold subscribers;
 //! - `report`: results.jsonl → RESULTS.md and results.json.
 //!
 //! Every run is bounded in count and time and targets loopback addresses only.
 
+mod browsers;
+mod gaps;
+mod goals;
 mod hist;
+mod payload;
 mod procstat;
 mod publisher;
 mod push;
+mod rawhttp;
 mod report;
 mod servers;
+mod slowreader;
+mod sse;
+mod startup;
 mod subscriber;
+mod tracker;
+mod upcount;
+mod workloads;
 mod wrk;
+mod wspub;
 
 use std::process::ExitCode;
 
@@ -43,6 +59,20 @@ enum Cmd {
         #[arg(long, default_value_t = 2)]
         threads: usize,
     },
+    /// One SSE reader under a publish flood: told vs silent loss.
+    SlowReader {
+        #[command(flatten)]
+        args: slowreader::SlowArgs,
+    },
+    /// Clients polling a URL every few seconds through the proxy.
+    Browsers {
+        #[command(flatten)]
+        args: browsers::BrowsersArgs,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
+    /// Start a server; time to its listener and to a resume answering.
+    Startup(startup::StartupArgs),
     /// wrk against a URL, as JSON.
     Proxy(wrk::ProxyArgs),
     /// A fast upstream: 200 "hello, world" to everything.
@@ -68,16 +98,27 @@ fn raise_nofile() {
     }
 }
 
+fn block_on<F: std::future::Future<Output = Result<(), String>>>(
+    threads: usize,
+    f: F,
+) -> Result<(), String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.max(1))
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+        .and_then(|rt| rt.block_on(f))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     raise_nofile();
     let res: Result<(), String> = match cli.cmd {
-        Cmd::Push { args, threads } => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads.max(1))
-            .enable_all()
-            .build()
-            .map_err(|e| e.to_string())
-            .and_then(|rt| rt.block_on(push::run(args))),
+        Cmd::Push { args, threads } => block_on(threads, push::run(args)),
+        // One reader and its publishers: two threads, as the servers get.
+        Cmd::SlowReader { args } => block_on(2, slowreader::run(args)),
+        Cmd::Browsers { args, threads } => block_on(threads, browsers::run(args)),
+        Cmd::Startup(a) => block_on(1, startup::run(a)),
         Cmd::Proxy(a) => wrk::run(a),
         Cmd::Upstream(a) => servers::upstream(a).map_err(|e| e.to_string()),
         Cmd::Grip(a) => servers::grip(a).map_err(|e| e.to_string()),

@@ -1,7 +1,7 @@
 //! The publisher: M messages of S bytes, round-robin over the channels, at a set rate or as
 //! fast as the server answers, over keep-alive HTTP/1.1 (TCP or a Unix socket), from one or more
-//! connections. Each body starts with `<seq-in-channel> <send-unix-nanos> ` and is padded with
-//! `x` to S bytes.
+//! connections; with several targets (cluster nodes), message k goes to target k % targets.
+//! Bodies are [`payload::body`]s. WebSocket publishing is in `wspub.rs`.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -14,6 +14,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 
 use crate::hist::Histogram;
+use crate::payload;
 use crate::subscriber::{now_ns, Transport};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -30,11 +31,20 @@ pub enum Endpoint {
     Unix(PathBuf),
 }
 
-pub struct PubSpec {
+/// Where publishes go: one per node.
+#[derive(Clone)]
+pub struct Target {
     pub endpoint: Endpoint,
     pub host: String,
     /// Request path with `{channel}`.
     pub path: String,
+}
+
+pub struct PubSpec {
+    pub targets: Vec<Target>,
+    /// Publish by sending WebSocket frames to the targets (the path is a push location
+    /// whose client messages are published), not by POSTs to the publish API.
+    pub ws: bool,
     pub format: PubFormat,
     pub transport: Transport,
     pub channels: Arc<Vec<String>>,
@@ -44,6 +54,8 @@ pub struct PubSpec {
     pub rate: f64,
     pub conns: usize,
     pub deadline: tokio::time::Instant,
+    /// Record every message's send and acknowledgement time (the slow reader's causal order).
+    pub times: bool,
 }
 
 pub struct PubStats {
@@ -55,24 +67,42 @@ pub struct PubStats {
     pub first_send_ns: AtomicU64,
     pub last_done_ns: AtomicU64,
     pub error_kinds: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+    /// Per message index k (with `times`): the send time stamped in its body, and when its 2xx
+    /// arrived (0: not acknowledged).
+    pub sent_ns: Box<[AtomicU64]>,
+    pub ack_ns: Box<[AtomicU64]>,
 }
 
 impl PubStats {
-    fn error(&self, e: String) {
+    pub fn new(channels: usize, times: u64) -> Self {
+        let slots = || (0..times).map(|_| AtomicU64::new(0)).collect();
+        PubStats {
+            sent_ns: slots(),
+            ack_ns: slots(),
+            ok_per_channel: (0..channels).map(|_| AtomicU64::new(0)).collect(),
+            ok: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            latency: Histogram::default(),
+            first_send_ns: AtomicU64::new(u64::MAX),
+            last_done_ns: AtomicU64::new(0),
+            error_kinds: Default::default(),
+        }
+    }
+
+    /// One message accepted by the server (or, over a WebSocket, written to it).
+    pub fn ok(&self, channel: usize) {
+        self.ok.fetch_add(1, Relaxed);
+        self.ok_per_channel[channel].fetch_add(1, Relaxed);
+        self.last_done_ns.fetch_max(now_ns(), Relaxed);
+    }
+
+    pub fn error(&self, e: String) {
         self.errors.fetch_add(1, Relaxed);
         let mut k = self.error_kinds.lock().unwrap_or_else(|p| p.into_inner());
         if k.len() < 20 {
             *k.entry(e).or_default() += 1;
         }
     }
-}
-
-pub fn body(seq: u64, size: usize) -> String {
-    let mut b = format!("{seq} {} ", now_ns());
-    if b.len() < size {
-        b.extend(std::iter::repeat_n('x', size - b.len()));
-    }
-    b
 }
 
 fn encode(spec: &PubSpec, channel: &str, msg: String) -> Bytes {
@@ -121,17 +151,11 @@ async fn open(ep: &Endpoint) -> Result<SendRequest<Full<Bytes>>, String> {
 
 /// Publishes every message; returns when all are sent or the deadline passed.
 pub async fn run(spec: Arc<PubSpec>) -> Arc<PubStats> {
-    let stats = Arc::new(PubStats {
-        ok_per_channel: (0..spec.channels.len())
-            .map(|_| AtomicU64::new(0))
-            .collect(),
-        ok: AtomicU64::new(0),
-        errors: AtomicU64::new(0),
-        latency: Histogram::default(),
-        first_send_ns: AtomicU64::new(u64::MAX),
-        last_done_ns: AtomicU64::new(0),
-        error_kinds: Default::default(),
-    });
+    if spec.ws {
+        return crate::wspub::run(spec).await;
+    }
+    let times = if spec.times { spec.messages } else { 0 };
+    let stats = Arc::new(PubStats::new(spec.channels.len(), times));
     let next = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -139,7 +163,9 @@ pub async fn run(spec: Arc<PubSpec>) -> Arc<PubStats> {
         let (spec, stats, next) = (spec.clone(), stats.clone(), next.clone());
         tasks.push(tokio::spawn(async move {
             let work = async {
-                let mut sender: Option<SendRequest<Full<Bytes>>> = None;
+                // One keep-alive connection per target, opened when first needed.
+                let mut senders: Vec<Option<SendRequest<Full<Bytes>>>> =
+                    spec.targets.iter().map(|_| None).collect();
                 loop {
                     let k = next.fetch_add(1, Relaxed);
                     if k >= spec.messages {
@@ -152,11 +178,13 @@ pub async fn run(spec: Arc<PubSpec>) -> Arc<PubStats> {
                     let nch = spec.channels.len() as u64;
                     let (c, seq) = ((k % nch) as usize, k / nch);
                     let channel = &spec.channels[c];
+                    let ti = (k % spec.targets.len() as u64) as usize;
+                    let (target, sender) = (&spec.targets[ti], &mut senders[ti]);
                     // Up to 3 tries on a broken connection; each try carries a fresh send time.
                     for _attempt in 0..3 {
                         let s = match sender.as_mut() {
                             Some(s) if !s.is_closed() => s,
-                            _ => match open(&spec.endpoint).await {
+                            _ => match open(&target.endpoint).await {
                                 Ok(s) => sender.insert(s),
                                 Err(e) => {
                                     stats.error(e);
@@ -167,9 +195,13 @@ pub async fn run(spec: Arc<PubSpec>) -> Arc<PubStats> {
                         };
                         let t0 = Instant::now();
                         stats.first_send_ns.fetch_min(now_ns(), Relaxed);
-                        let b = encode(&spec, channel, body(seq, spec.size));
-                        let req = http::Request::post(spec.path.replace("{channel}", channel))
-                            .header(http::header::HOST, &spec.host)
+                        let sent = now_ns();
+                        if let Some(t) = stats.sent_ns.get(k as usize) {
+                            t.store(sent, Relaxed);
+                        }
+                        let b = encode(&spec, channel, payload::body_at(seq, c, spec.size, sent));
+                        let req = http::Request::post(target.path.replace("{channel}", channel))
+                            .header(http::header::HOST, &target.host)
                             .header(http::header::CONTENT_TYPE, "text/plain")
                             .body(Full::new(b))
                             .expect("valid request"); // ok: fixed method, validated path
@@ -183,9 +215,10 @@ pub async fn run(spec: Arc<PubSpec>) -> Arc<PubStats> {
                         match r.await {
                             Ok(st) if st.is_success() => {
                                 stats.latency.record(t0.elapsed().as_micros() as u64);
-                                stats.ok.fetch_add(1, Relaxed);
-                                stats.ok_per_channel[c].fetch_add(1, Relaxed);
-                                stats.last_done_ns.fetch_max(now_ns(), Relaxed);
+                                if let Some(t) = stats.ack_ns.get(k as usize) {
+                                    t.store(now_ns(), Relaxed);
+                                }
+                                stats.ok(c);
                                 break;
                             }
                             Ok(st) => {
@@ -195,7 +228,7 @@ pub async fn run(spec: Arc<PubSpec>) -> Arc<PubStats> {
                             }
                             Err(e) => {
                                 stats.error(format!("request: {e}"));
-                                sender = None;
+                                *sender = None;
                             }
                         }
                     }

@@ -1,6 +1,7 @@
-//! One push run: connect N subscribers (ramped, spread over loopback source addresses),
-//! settle, publish M messages, wait until every subscriber has every message (or progress stops),
-//! then stop everything and report one JSON object. Every phase is bounded in time.
+//! One push run: connect N subscribers (ramped, spread over loopback source addresses and, for
+//! a cluster, over the nodes), settle, publish M messages, wait until every subscriber has every
+//! message of each of its channels (or progress stops), then stop everything and report one JSON
+//! object. Every phase is bounded in time.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -13,22 +14,29 @@ use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 
 use crate::procstat::{self, Sample};
-use crate::publisher::{self, Endpoint, PubFormat, PubSpec};
+use crate::publisher::{self, Endpoint, PubFormat, PubSpec, Target};
 use crate::subscriber::{self, now_ns, Shared, SubResult, SubSpec, Transport};
+use crate::upcount::UpstreamCount;
 
 #[derive(clap::Args, Debug)]
 pub struct PushArgs {
     /// Subscriber transport.
     #[arg(long, value_enum, default_value = "sse")]
     pub transport: Transport,
-    /// Subscriber URL template, e.g. http://127.0.0.1:18080/live/{channel}
-    #[arg(long)]
-    pub sub_url: String,
+    /// Subscriber URL template, e.g. http://127.0.0.1:18080/live/{channel}; given several
+    /// times (cluster nodes), subscriber i uses the (i % n)-th.
+    #[arg(long, required = true)]
+    pub sub_url: Vec<String>,
     #[arg(long, default_value_t = 100)]
     pub subscribers: usize,
     /// Subscriber i listens on channel i % channels.
     #[arg(long, default_value_t = 1)]
     pub channels: usize,
+    /// Channels per subscriber (a multiplexed subscription: `{channel}` becomes `a,b,c,d`):
+    /// subscriber i listens on (i + k·channels/K) % channels for k < K, so every channel has
+    /// the same number of subscribers.
+    #[arg(long, default_value_t = 1)]
+    pub channels_per_sub: usize,
     /// New connections per second during the ramp.
     #[arg(long, default_value_t = 2000.0)]
     pub ramp_rate: f64,
@@ -40,9 +48,13 @@ pub struct PushArgs {
     #[arg(long, default_value_t = 0)]
     pub source_addrs: usize,
     /// Publish URL template, e.g. http://127.0.0.1:18081/pub/{channel}; with --pub-unix only
-    /// its path is used.
+    /// its path is used. Given several times (cluster nodes), message k goes to the (k % n)-th.
     #[arg(long)]
-    pub pub_url: Option<String>,
+    pub pub_url: Vec<String>,
+    /// Publish by WebSocket frames to --pub-url (a push location that publishes client
+    /// messages), not by POSTs.
+    #[arg(long)]
+    pub pub_ws: bool,
     /// Publish over this Unix socket (crier's publish socket).
     #[arg(long)]
     pub pub_unix: Option<PathBuf>,
@@ -81,6 +93,10 @@ pub struct PushArgs {
     /// Channel name prefix (default: unique per run).
     #[arg(long)]
     pub channel_prefix: Option<String>,
+    /// The app's request counter (`crier-loadgen upstream`'s /__count): requests the app saw
+    /// during the settle period after the ramp are reported as upstream requests/s.
+    #[arg(long)]
+    pub upstream_count: Option<String>,
     /// key=value pairs copied into the output (server, workload, rep).
     #[arg(long)]
     pub tag: Vec<String>,
@@ -143,8 +159,13 @@ pub fn emit(v: &serde_json::Value, out: Option<&PathBuf>) {
 pub async fn run(a: PushArgs) -> Result<(), String> {
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(a.max_seconds);
-    let (addr, host, path_t) = split_url(&a.sub_url)?;
+    let subs_at = a
+        .sub_url
+        .iter()
+        .map(|u| split_url(u))
+        .collect::<Result<Vec<_>, _>>()?;
     let channels = a.channels.max(1);
+    let kps = a.channels_per_sub.clamp(1, channels);
     let prefix = a
         .channel_prefix
         .clone()
@@ -179,7 +200,7 @@ pub async fn run(a: PushArgs) -> Result<(), String> {
     };
 
     // Ramp.
-    let shared = Arc::new(Shared::new(channels));
+    let shared = Arc::new(Shared::new(names.clone()));
     let (stop_tx, stop_rx) = watch::channel(false);
     let sem = Arc::new(Semaphore::new(a.ramp_inflight.max(1)));
     let mut handles = Vec::with_capacity(a.subscribers);
@@ -193,13 +214,18 @@ pub async fn run(a: PushArgs) -> Result<(), String> {
             p = sem.clone().acquire_owned() => p.map_err(|e| e.to_string())?,
             _ = tokio::time::sleep_until(deadline) => break,
         };
-        let c = i % channels;
+        let (addr, host, path_t) = &subs_at[i % subs_at.len()];
+        let step = channels / kps;
+        let mine: Vec<u32> = (0..kps)
+            .map(|k| ((i + k * step) % channels) as u32)
+            .collect();
+        let list: Vec<&str> = mine.iter().map(|&c| names[c as usize].as_str()).collect();
         let spec = SubSpec {
             transport: a.transport,
-            addr,
+            addr: *addr,
             host: host.clone(),
-            path: path_t.replace("{channel}", &names[c]),
-            channel: c as u32,
+            path: path_t.replace("{channel}", &list.join(",")),
+            channels: mine,
             src: (nsrc > 0).then(|| Ipv4Addr::new(127, 0, 0, 2 + (i % nsrc) as u8)),
             seq_cap,
             connect_timeout: Duration::from_secs_f64(a.connect_timeout),
@@ -220,11 +246,19 @@ pub async fn run(a: PushArgs) -> Result<(), String> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let ramp_s = ramp_t0.elapsed().as_secs_f64();
+    let up_count = match &a.upstream_count {
+        Some(u) => Some(UpstreamCount::start(u).await?),
+        None => None,
+    };
     tokio::time::sleep_until((Instant::now() + Duration::from_secs_f64(a.settle)).min(deadline))
         .await;
     let connected_sample = procstat::sample(&pids);
     let gen_connected = procstat::self_cpu_s();
     let connected = shared.connected.load(Relaxed);
+    let upstream_json = match &up_count {
+        Some(u) => u.finish().await,
+        None => serde_json::Value::Null,
+    };
 
     // Publish and drain.
     let mut publish_json = serde_json::Value::Null;
@@ -232,23 +266,28 @@ pub async fn run(a: PushArgs) -> Result<(), String> {
     let mut publish_s = 0.0;
     let mut drain_s = 0.0;
     if a.messages > 0 {
-        let url = a
-            .pub_url
-            .as_deref()
-            .ok_or("--messages needs --pub-url (and optionally --pub-unix)")?;
-        let (paddr, phost, ppath) = split_url(url)?;
-        let endpoint = match &a.pub_unix {
-            Some(p) => Endpoint::Unix(p.clone()),
-            None => Endpoint::Tcp(paddr),
-        };
+        if a.pub_url.is_empty() {
+            return Err("--messages needs --pub-url (and optionally --pub-unix)".into());
+        }
+        let mut targets = Vec::new();
+        for url in &a.pub_url {
+            let (paddr, phost, ppath) = split_url(url)?;
+            targets.push(match &a.pub_unix {
+                Some(p) => Target {
+                    endpoint: Endpoint::Unix(p.clone()),
+                    host: "localhost".into(),
+                    path: ppath,
+                },
+                None => Target {
+                    endpoint: Endpoint::Tcp(paddr),
+                    host: phost,
+                    path: ppath,
+                },
+            });
+        }
         let spec = Arc::new(PubSpec {
-            endpoint,
-            host: if a.pub_unix.is_some() {
-                "localhost".into()
-            } else {
-                phost
-            },
-            path: ppath,
+            targets,
+            ws: a.pub_ws,
             format: a.pub_format,
             transport: a.transport,
             channels: names.clone(),
@@ -257,6 +296,7 @@ pub async fn run(a: PushArgs) -> Result<(), String> {
             rate: a.rate,
             conns: a.pub_conns,
             deadline,
+            times: false,
         });
         let t = Instant::now();
         let st = publisher::run(spec).await;
@@ -324,11 +364,15 @@ pub async fn run(a: PushArgs) -> Result<(), String> {
     let mut complete = 0u64;
     let mut expected_total = 0u64;
     for r in results.iter().filter(|r| r.connected) {
-        let expected = pub_stats
-            .as_ref()
-            .map_or(0, |s| s.ok_per_channel[r.channel as usize].load(Relaxed));
-        expected_total += expected;
-        let lost = expected.saturating_sub(u64::from(r.distinct));
+        // Per (subscriber, channel): what was published there minus what arrived.
+        let mut lost = 0;
+        for (slot, &c) in r.channels.iter().enumerate() {
+            let expected = pub_stats
+                .as_ref()
+                .map_or(0, |s| s.ok_per_channel[c as usize].load(Relaxed));
+            expected_total += expected;
+            lost += expected.saturating_sub(u64::from(r.distinct[slot]));
+        }
         lost_total += lost;
         lost_max = lost_max.max(lost);
         subs_with_loss += u64::from(lost > 0);
@@ -360,9 +404,12 @@ pub async fn run(a: PushArgs) -> Result<(), String> {
         "tags": tags(&a.tag),
         "transport": format!("{:?}", a.transport).to_lowercase(),
         "sub_url": a.sub_url,
-        "pub": a.pub_unix.as_ref().map_or_else(|| a.pub_url.clone().unwrap_or_default(), |p| format!("unix:{}", p.display())),
+        "pub": a.pub_unix.as_ref().map_or_else(|| a.pub_url.join(" "), |p| format!("unix:{}", p.display())),
+        "pub_ws": a.pub_ws,
         "subscribers": a.subscribers,
         "channels": channels,
+        "channels_per_sub": kps,
+        "nodes": subs_at.len(),
         "messages": a.messages,
         "size": a.size,
         "rate": a.rate,
@@ -403,6 +450,7 @@ pub async fn run(a: PushArgs) -> Result<(), String> {
             "cpu_connect_s": round3(connected_sample.cpu_s - before.cpu_s),
             "cpu_publish_s": round3(end_sample.cpu_s - connected_sample.cpu_s),
         },
+        "upstream": upstream_json,
         "generator": {
             "cpu_connect_s": round3(gen_connected - gen0),
             "cpu_publish_s": round3(gen_end - gen_connected),

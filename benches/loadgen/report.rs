@@ -1,6 +1,7 @@
 //! results.jsonl (one JSON object per run, tagged server/workload/rep) → RESULTS.md (tables of
-//! medians with min–max, crier/peer ratios, the issue's targets) and results.json (the same
-//! aggregates plus every raw run).
+//! medians with min–max, subject/peer ratios, the issues' goals) and results.json (the same
+//! aggregates plus every raw run). What each workload shows is in `workloads.rs`, the goals in
+//! `goals.rs`.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -8,9 +9,12 @@ use std::path::PathBuf;
 
 use serde_json::{json, Value};
 
+use crate::goals::{self, Lookup};
+use crate::workloads::{describe, metrics_for, server_rank, subject, Better::Neither};
+
 #[derive(clap::Args, Debug)]
 pub struct ReportArgs {
-    /// One JSON object per line, as `push`/`proxy` print them.
+    /// One JSON object per line, as the generator's subcommands print them.
     #[arg(long)]
     pub input: PathBuf,
     /// run.sh's description of the run (date, machine, load, command, sizes).
@@ -20,109 +24,6 @@ pub struct ReportArgs {
     pub md: PathBuf,
     #[arg(long)]
     pub json: PathBuf,
-}
-
-#[derive(Clone, Copy, PartialEq)]
-enum Better {
-    Higher,
-    Lower,
-    Neither,
-}
-
-struct Metric {
-    label: &'static str,
-    ptr: &'static str,
-    scale: f64,
-    better: Better,
-}
-
-const fn m(label: &'static str, ptr: &'static str, better: Better) -> Metric {
-    Metric {
-        label,
-        ptr,
-        scale: 1.0,
-        better,
-    }
-}
-
-const fn mib(label: &'static str, ptr: &'static str, better: Better) -> Metric {
-    Metric {
-        label,
-        ptr,
-        scale: 1.0 / 1024.0,
-        better,
-    }
-}
-
-use Better::{Higher, Lower, Neither};
-
-fn metrics_for(workload: &str) -> Vec<Metric> {
-    if workload.starts_with("proxy") {
-        vec![
-            m("requests/s", "/wrk/rps", Higher),
-            m("latency p50 ms", "/wrk/p50_ms", Lower),
-            m("latency p99 ms", "/wrk/p99_ms", Lower),
-            m("errors", "/wrk/errors", Lower),
-            m("server CPU s", "/server/cpu_s", Lower),
-        ]
-    } else if workload.starts_with("capacity") {
-        vec![
-            m("connected", "/subs/connected", Higher),
-            m("failed", "/subs/failed", Lower),
-            m("RSS per subscriber KiB", "/server/rss_per_sub_kib", Lower),
-            m("PSS per subscriber KiB", "/server/pss_per_sub_kib", Lower),
-            mib("RSS connected MiB", "/server/connected/rss_kib", Lower),
-            m("server CPU s (connect)", "/server/cpu_connect_s", Lower),
-            m("ramp s", "/ramp_s", Lower),
-        ]
-    } else if workload.starts_with("pubrate") {
-        vec![
-            m("publishes/s", "/publish/rate_per_s", Higher),
-            m("publish p50 ms", "/publish/latency_ms/p50", Lower),
-            m("publish p99 ms", "/publish/latency_ms/p99", Lower),
-            m("publish errors", "/publish/errors", Lower),
-            m("lost (1 subscriber)", "/delivery/lost_total", Lower),
-            m("server CPU s", "/server/cpu_publish_s", Lower),
-            m("generator CPU s", "/generator/cpu_publish_s", Neither),
-        ]
-    } else {
-        vec![
-            m("connected", "/subs/connected", Higher),
-            m("deliveries/s", "/delivery/per_s", Higher),
-            m("latency p50 ms", "/delivery/latency_ms/p50", Lower),
-            m("latency p99 ms", "/delivery/latency_ms/p99", Lower),
-            m("latency max ms", "/delivery/latency_ms/max", Lower),
-            m("lost", "/delivery/lost_total", Lower),
-            m("subscribers with loss", "/delivery/subs_with_loss", Lower),
-            m("duplicates", "/delivery/dup_total", Lower),
-            m("ended early", "/subs/ended_early", Lower),
-            m("publishes/s", "/publish/rate_per_s", Higher),
-            m("server CPU s (publish)", "/server/cpu_publish_s", Lower),
-            m(
-                "generator CPU s (publish)",
-                "/generator/cpu_publish_s",
-                Neither,
-            ),
-            mib("server RSS peak MiB", "/server/peak_rss_kib", Lower),
-        ]
-    }
-}
-
-/// Column order: crier first, then the peers.
-fn server_rank(s: &str) -> (usize, String) {
-    let order = [
-        "crier",
-        "crier-unix",
-        "nchan",
-        "nginx",
-        "pushpin",
-        "pushpin-tuned",
-        "direct",
-    ];
-    (
-        order.iter().position(|o| *o == s).unwrap_or(order.len()),
-        s.to_string(),
-    )
 }
 
 #[derive(Clone, Copy, Default)]
@@ -202,20 +103,36 @@ fn fmt_ratio(r: f64) -> String {
     }
 }
 
-fn ratio(crier: f64, peer: f64) -> Option<f64> {
-    (peer != 0.0 && crier.is_finite() && peer.is_finite()).then(|| crier / peer)
+fn ratio(subject: f64, peer: f64) -> Option<f64> {
+    (peer != 0.0 && subject.is_finite() && peer.is_finite()).then(|| subject / peer)
+}
+
+fn nothing_connected(r: &Value) -> bool {
+    r["subscribers"].as_u64().unwrap_or(0) > 0 && r["subs"]["connected"].as_u64() == Some(0)
 }
 
 type Table = BTreeMap<String, BTreeMap<String, BTreeMap<&'static str, Agg>>>;
 
+impl Lookup for Table {
+    fn median(&self, w: &str, s: &str, metric: &str) -> Option<f64> {
+        self.get(w)?.get(s)?.get(metric).map(|a| a.median)
+    }
+    fn max(&self, w: &str, s: &str, metric: &str) -> Option<f64> {
+        self.get(w)?.get(s)?.get(metric).map(|a| a.max)
+    }
+}
+
 pub fn run(a: ReportArgs) -> Result<(), String> {
     let text =
         std::fs::read_to_string(&a.input).map_err(|e| format!("{}: {e}", a.input.display()))?;
-    let runs: Vec<Value> = text
+    let all: Vec<Value> = text
         .lines()
         .filter(|l| !l.trim().is_empty())
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
+    // run.sh records a server that did not start (e.g. a config for a feature not built yet).
+    let (skipped, runs): (Vec<Value>, Vec<Value>) =
+        all.into_iter().partition(|r| r["kind"] == "skipped");
     let meta: Value = match &a.meta {
         Some(p) => std::fs::read_to_string(p)
             .ok()
@@ -239,10 +156,12 @@ pub fn run(a: ReportArgs) -> Result<(), String> {
     for (w, servers) in &groups {
         for (s, rs) in servers {
             for met in metrics_for(w) {
+                // A run where no subscriber connected (e.g. a URL form this build refuses)
+                // measured nothing but that: its zeros are not figures.
                 let vals: Vec<f64> = rs
                     .iter()
-                    .filter_map(|r| r.pointer(met.ptr)?.as_f64())
-                    .map(|v| v * met.scale)
+                    .filter(|r| met.label == "connected" || !nothing_connected(r))
+                    .filter_map(|r| met.value(r))
                     .collect();
                 if let Some(agg) = aggregate(vals) {
                     table
@@ -282,152 +201,68 @@ pub fn run(a: ReportArgs) -> Result<(), String> {
         )
     );
 
-    // Targets from issue 5.
-    let med = |w: &str, s: &str, label: &str| -> Option<f64> {
-        table.get(w)?.get(s)?.get(label).map(|a| a.median)
-    };
-    let mut targets = Vec::new();
-    let mut target =
-        |what: String, c: Option<f64>, p: Option<f64>, peer: &str, ok: Option<bool>, goal: &str| {
-            targets.push(json!({
-                "target": what, "crier": c, "peer": peer, "peer_value": p,
-                "ratio": c.zip(p).and_then(|(c, p)| ratio(c, p)), "goal": goal, "met": ok,
-            }));
-        };
-    for w in order
-        .iter()
-        .filter(|w| w.starts_with("fanout") && w.ends_with("max"))
-    {
-        let (c, p) = (
-            med(w, "crier", "deliveries/s"),
-            med(w, "nchan", "deliveries/s"),
-        );
-        let ok = c.zip(p).map(|(c, p)| c >= 1.5 * p);
-        target(
-            format!("{w}: deliveries/s"),
-            c,
-            p,
-            "nchan",
-            ok,
-            "≥ 1.5× Nchan",
-        );
-        let (c, p) = (
-            med(w, "crier", "latency p99 ms"),
-            med(w, "nchan", "latency p99 ms"),
-        );
-        target(
-            format!("{w}: p99 latency ms"),
-            c,
-            p,
-            "nchan",
-            c.zip(p).map(|(c, p)| c <= p),
-            "≤ Nchan",
-        );
-    }
-    for w in order
-        .iter()
-        .filter(|w| w.starts_with("fanout") || w.starts_with("channels"))
-    {
-        if let Some(c) = med(w, "crier", "lost") {
-            let max_lost = table[w]["crier"]["lost"].max;
-            target(
-                format!("{w}: lost (max over reps)"),
-                Some(max_lost),
-                None,
-                "",
-                Some(max_lost == 0.0 && c == 0.0),
-                "0",
-            );
-        }
-    }
-    for w in order.iter().filter(|w| w.starts_with("capacity")) {
-        let (c, p) = (
-            med(w, "crier", "RSS per subscriber KiB"),
-            med(w, "nchan", "RSS per subscriber KiB"),
-        );
-        let goal = if w.contains("sse") {
-            "≤ 0.5× Nchan"
-        } else {
-            "(no target; for reference)"
-        };
-        let ok = w
-            .contains("sse")
-            .then(|| c.zip(p).map(|(c, p)| c <= 0.5 * p))
-            .flatten();
-        target(
-            format!("{w}: RSS per subscriber KiB"),
-            c,
-            p,
-            "nchan",
-            ok,
-            goal,
-        );
-    }
-    for w in order.iter().filter(|w| w.starts_with("pubrate")) {
-        let c = med(w, "crier", "publishes/s");
-        let p = med("pubrate-tcp", "nchan", "publishes/s");
-        target(
-            format!("{w}: publishes/s (vs Nchan over TCP)"),
-            c,
-            p,
-            "nchan",
-            c.zip(p).map(|(c, p)| c >= p),
-            "≥ Nchan",
-        );
-    }
-    for w in order.iter().filter(|w| w.starts_with("proxy")) {
-        let (c, p) = (med(w, "crier", "requests/s"), med(w, "nginx", "requests/s"));
-        target(
-            format!("{w}: requests/s"),
-            c,
-            p,
-            "nginx",
-            c.zip(p).map(|(c, p)| c >= p),
-            "≥ nginx",
-        );
-        let (c, p) = (
-            med(w, "crier", "latency p99 ms"),
-            med(w, "nginx", "latency p99 ms"),
-        );
-        target(
-            format!("{w}: p99 ms"),
-            c,
-            p,
-            "nginx",
-            c.zip(p).map(|(c, p)| c <= p),
-            "≤ nginx",
-        );
-    }
-    let _ = writeln!(md, "## Targets (issue 5), medians\n");
-    let _ = writeln!(
-        md,
-        "| target | crier | peer | crier/peer | goal | met |\n|---|---|---|---|---|---|"
-    );
-    for t in &targets {
-        let f = |v: &Value| v.as_f64().map_or("–".to_string(), fmt_num);
+    let targets = goals::evaluate(&order, &table);
+    let _ = writeln!(md, "## Goals of the issues, medians\n");
+    if targets.is_empty() {
         let _ = writeln!(
             md,
-            "| {} | {} | {} {} | {} | {} | {} |",
-            t["target"].as_str().unwrap_or(""),
-            f(&t["crier"]),
-            t["peer"].as_str().unwrap_or(""),
+            "None of the comparisons the goals need ran (see Not run below)."
+        );
+    } else {
+        let _ = writeln!(
+            md,
+            "| issue | target | subject | value | peer | peer value | ratio | goal | met |\n|---|---|---|---|---|---|---|---|---|"
+        );
+    }
+    for t in &targets {
+        let f = |v: &Value| v.as_f64().map_or("–".to_string(), fmt_num);
+        let s = |v: &Value| v.as_str().unwrap_or("").to_string();
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            t["issue"],
+            s(&t["target"]),
+            s(&t["subject"]),
+            f(&t["value"]),
+            s(&t["peer"]),
             f(&t["peer_value"]),
             t["ratio"]
                 .as_f64()
-                .map_or("–".to_string(), |r| format!("{r:.2}×")),
-            t["goal"].as_str().unwrap_or(""),
-            match t["met"].as_bool() {
-                Some(true) => "yes",
-                Some(false) => "**no**",
-                None => "–",
+                .map_or("–".to_string(), |r| format!("{}×", fmt_ratio(r))),
+            s(&t["goal"]),
+            match (t["met"].as_bool(), t["note"].as_str()) {
+                (Some(true), _) => "yes".to_string(),
+                (Some(false), _) => "**no**".to_string(),
+                (None, Some(n)) => format!("– ({n})"),
+                (None, None) => "–".to_string(),
             }
         );
+    }
+    if !skipped.is_empty() {
+        let _ = writeln!(
+            md,
+            "\n## Not run\n\nServers that did not start (a crier config for a feature this build does not have yet is refused at start-up):\n"
+        );
+        let mut seen = BTreeMap::new();
+        for r in &skipped {
+            let key = format!(
+                "{} / {}",
+                r["tags"]["workload"].as_str().unwrap_or("?"),
+                r["tags"]["server"].as_str().unwrap_or("?")
+            );
+            seen.entry(key)
+                .or_insert_with(|| r["reason"].as_str().unwrap_or("").to_string());
+        }
+        for (k, why) in seen {
+            let _ = writeln!(md, "- {k}: {why}");
+        }
     }
 
     let _ = writeln!(
         md,
-        "\n## Every workload\n\nMedian over the repetitions, (min–max) when they differ. \
-         crier/peer is the ratio of medians (higher is better for rates, lower for latency, memory and CPU).\n"
+        "\n## Every workload\n\nMedian over the repetitions (and rounds), (min–max) when they differ. \
+         subject/peer is the ratio of medians, the subject being the server the workload is about \
+         (higher is better for rates, lower for latency, memory and CPU).\n"
     );
     for w in &order {
         let Some(servers) = table.get(w) else {
@@ -435,17 +270,19 @@ pub fn run(a: ReportArgs) -> Result<(), String> {
         };
         let mut cols: Vec<&String> = servers.keys().collect();
         cols.sort_by_key(|s| server_rank(s));
-        let peers: Vec<&String> = cols
-            .iter()
-            .copied()
-            .filter(|s| !s.starts_with("crier"))
-            .collect();
-        let has_crier = servers.contains_key("crier");
+        let subj = subject(w);
+        let has_subject = servers.contains_key(subj);
+        let peers: Vec<&String> = cols.iter().copied().filter(|s| *s != subj).collect();
         let reps = cols.iter().map(|s| groups[w][*s].len()).max().unwrap_or(0);
-        let example = groups[w].values().next().and_then(|v| v.first()).copied();
+        // Describe the workload from the run with the most nodes (a cluster's, not its baseline's).
+        let example = groups[w]
+            .values()
+            .flatten()
+            .copied()
+            .max_by_key(|r| r["nodes"].as_u64().unwrap_or(1));
         let _ = writeln!(md, "### {w}\n");
         if let Some(e) = example {
-            let _ = writeln!(md, "{} — {} repetition(s)\n", describe(e), reps);
+            let _ = writeln!(md, "{} — {} run(s) per server\n", describe(e), reps);
         }
         let mut head = String::from("| metric |");
         let mut sep = String::from("|---|");
@@ -453,9 +290,9 @@ pub fn run(a: ReportArgs) -> Result<(), String> {
             let _ = write!(head, " {c} |");
             sep.push_str("---|");
         }
-        if has_crier {
+        if has_subject {
             for p in &peers {
-                let _ = write!(head, " crier/{p} |");
+                let _ = write!(head, " {subj}/{p} |");
                 sep.push_str("---|");
             }
         }
@@ -469,9 +306,9 @@ pub fn run(a: ReportArgs) -> Result<(), String> {
                 let cell = servers[*c].get(met.label).map_or("–".into(), fmt_agg);
                 let _ = write!(row, " {cell} |");
             }
-            if has_crier {
+            if has_subject {
                 for p in &peers {
-                    let r = servers["crier"]
+                    let r = servers[subj]
                         .get(met.label)
                         .zip(servers[*p].get(met.label))
                         .and_then(|(c, p)| ratio(c.median, p.median));
@@ -534,7 +371,7 @@ pub fn run(a: ReportArgs) -> Result<(), String> {
             )
         })
         .collect();
-    let out = json!({"meta": meta, "targets": targets, "aggregates": aggregates, "runs": runs});
+    let out = json!({"meta": meta, "targets": targets, "aggregates": aggregates, "skipped": skipped, "runs": runs});
     std::fs::write(&a.md, md).map_err(|e| format!("{}: {e}", a.md.display()))?;
     std::fs::write(
         &a.json,
@@ -542,47 +379,13 @@ pub fn run(a: ReportArgs) -> Result<(), String> {
     )
     .map_err(|e| format!("{}: {e}", a.json.display()))?;
     eprintln!(
-        "crier-loadgen: wrote {} and {} ({} runs)",
+        "crier-loadgen: wrote {} and {} ({} runs, {} not run)",
         a.md.display(),
         a.json.display(),
-        runs.len()
+        runs.len(),
+        skipped.len()
     );
     Ok(())
-}
-
-/// One line that says what a workload did.
-fn describe(r: &Value) -> String {
-    if r["kind"] == "proxy" {
-        return format!(
-            "wrk -t{} -c{} -d{}s --latency, GET / through the server to a 13-byte upstream response",
-            r["threads"], r["conns"], r["duration_s"]
-        );
-    }
-    let rate = r["rate"].as_f64().unwrap_or(0.0);
-    let rate = if rate > 0.0 {
-        format!("{rate}/s")
-    } else {
-        "as fast as possible".into()
-    };
-    if r["messages"].as_u64() == Some(0) {
-        return format!(
-            "{} idle {} subscribers on {} channel(s); memory measured after the ramp",
-            r["subscribers"],
-            r["transport"].as_str().unwrap_or(""),
-            r["channels"]
-        );
-    }
-    format!(
-        "{} {} subscribers on {} channel(s); {} messages of {} B, {}, {} publish connection(s) via {}",
-        r["subscribers"],
-        r["transport"].as_str().unwrap_or(""),
-        r["channels"],
-        r["messages"],
-        r["size"],
-        rate,
-        r["pub_conns"].as_u64().unwrap_or(1),
-        if r["pub"].as_str().unwrap_or("").starts_with("unix:") { "Unix socket" } else { "TCP" },
-    )
 }
 
 #[cfg(test)]

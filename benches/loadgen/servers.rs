@@ -1,8 +1,10 @@
 //! Two tiny servers the benchmark needs: a fast upstream for the proxy workload (200, 13-byte
-//! body, keep-alive) and the GRIP backend that makes Pushpin hold subscribers on a channel.
+//! body, keep-alive; it counts the requests it answers, `/__count` tells the count) and the
+//! GRIP backend that makes Pushpin hold subscribers on a channel.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -68,9 +70,18 @@ where
     }
 }
 
-/// The proxy workload's upstream: every request gets `200 hello, world\n`.
+/// Requests the upstream answered, `/__count` excluded.
+static REQUESTS: AtomicU64 = AtomicU64::new(0);
+
+/// The proxy workload's upstream: every request gets `200 hello, world\n`, except
+/// `GET /__count`, which gets the number of the others so far.
 pub fn upstream(a: ServeArgs) -> std::io::Result<()> {
-    runtime(a.threads)?.block_on(serve(a.listen, |_req| async {
+    runtime(a.threads)?.block_on(serve(a.listen, |req| async move {
+        if req.uri().path() == "/__count" {
+            let n = REQUESTS.load(Relaxed).to_string();
+            return Response::new(Full::new(Bytes::from(n)));
+        }
+        REQUESTS.fetch_add(1, Relaxed);
         let mut r = Response::new(Full::new(Bytes::from_static(b"hello, world\n")));
         r.headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));

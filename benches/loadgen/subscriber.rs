@@ -1,29 +1,27 @@
 //! Subscriber clients: SSE and WebSocket over a raw HTTP/1.1 connection (one task, one socket,
 //! one small buffer each, so 19,000 of them stay cheap for the generator), long-poll over
-//! hyper's client connection. Every message body starts with `<seq> <send-unix-nanos> `;
-//! a subscriber records latency, and which sequence numbers it saw, once or more.
+//! hyper's client connection. One subscriber may listen on several channels at once (a
+//! multiplexed subscription: `{channel}` in the URL becomes `a,b,c,d`); [`Tracker`] keeps
+//! exact per-channel accounting of what it saw.
 
 use std::collections::BTreeMap;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use base64::Engine;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http_body_util::{BodyExt, Empty};
-use hyper_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use hyper_tungstenite::tungstenite::Message as WsMessage;
-use hyper_tungstenite::WebSocketStream;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit};
 
 use crate::hist::Histogram;
+use crate::rawhttp::{self, connect, Dechunk, Lines, Raw};
+pub use crate::tracker::SubResult;
+use crate::tracker::Tracker;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Transport {
@@ -34,6 +32,8 @@ pub enum Transport {
 
 /// Counters every subscriber task adds to.
 pub struct Shared {
+    /// The run's channel names (a body's channel index points here).
+    pub names: Arc<Vec<String>>,
     /// Connected subscribers per channel (what a publish to the channel must reach).
     pub channel_connected: Box<[AtomicU64]>,
     /// publish → delivery, microseconds.
@@ -50,9 +50,11 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(channels: usize) -> Self {
+    pub fn new(names: impl Into<Arc<Vec<String>>>) -> Self {
+        let names = names.into();
         Shared {
-            channel_connected: (0..channels).map(|_| AtomicU64::new(0)).collect(),
+            channel_connected: (0..names.len()).map(|_| AtomicU64::new(0)).collect(),
+            names,
             latency: Histogram::default(),
             connected: AtomicU64::new(0),
             failed: AtomicU64::new(0),
@@ -87,284 +89,17 @@ pub fn now_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
-/// What one subscriber saw, returned when the run stops it.
-#[derive(Debug, Default, Clone)]
-pub struct SubResult {
-    pub channel: u32,
-    pub connected: bool,
-    pub ended: bool,
-    pub distinct: u32,
-    pub dups: u32,
-    /// Sequence numbers outside the published range, or bodies that did not parse.
-    pub unexpected: u32,
-}
-
 pub struct SubSpec {
     pub transport: Transport,
     pub addr: SocketAddr,
     pub host: String,
     pub path: String,
-    pub channel: u32,
+    /// Indices into the run's channel list; more than one = a multiplexed subscription.
+    pub channels: Vec<u32>,
     pub src: Option<Ipv4Addr>,
     /// Sequence numbers per channel go 0..seq_cap.
     pub seq_cap: usize,
     pub connect_timeout: Duration,
-}
-
-struct Tracker {
-    seen: Vec<u64>,
-    seq_cap: usize,
-    res: SubResult,
-    shared: Arc<Shared>,
-}
-
-fn parse_u64(b: &[u8]) -> Option<u64> {
-    if b.is_empty() || b.len() > 20 {
-        return None;
-    }
-    b.iter().try_fold(0u64, |n, &c| {
-        c.is_ascii_digit()
-            .then(|| n.wrapping_mul(10).wrapping_add(u64::from(c - b'0')))
-    })
-}
-
-/// `<seq> <send-unix-nanos> ...` → (seq, nanos)
-pub fn parse_payload(p: &[u8]) -> Option<(u64, u64)> {
-    let mut it = p.splitn(3, |&b| b == b' ');
-    let seq = parse_u64(it.next()?)?;
-    let ns = parse_u64(it.next()?)?;
-    Some((seq, ns))
-}
-
-impl Tracker {
-    fn new(spec: &SubSpec, shared: Arc<Shared>) -> Self {
-        Tracker {
-            seen: vec![0; spec.seq_cap.div_ceil(64).max(1)],
-            seq_cap: spec.seq_cap,
-            res: SubResult {
-                channel: spec.channel,
-                ..SubResult::default()
-            },
-            shared,
-        }
-    }
-
-    fn on_payload(&mut self, p: &[u8]) {
-        let now = now_ns();
-        let Some((seq, sent)) = parse_payload(p) else {
-            self.res.unexpected += 1;
-            return;
-        };
-        self.shared.deliveries.fetch_add(1, Relaxed);
-        self.shared.last_delivery_ns.fetch_max(now, Relaxed);
-        self.shared.latency.record(now.saturating_sub(sent) / 1000);
-        let seq = seq as usize;
-        if seq >= self.seq_cap {
-            self.res.unexpected += 1;
-            return;
-        }
-        let (w, bit) = (seq / 64, 1u64 << (seq % 64));
-        if self.seen[w] & bit != 0 {
-            self.res.dups += 1;
-        } else {
-            self.seen[w] |= bit;
-            self.res.distinct += 1;
-            self.shared.distinct.fetch_add(1, Relaxed);
-        }
-    }
-
-    fn on_sse_line(&mut self, line: &[u8]) {
-        if let Some(rest) = line.strip_prefix(b"data:") {
-            let rest = rest.strip_prefix(b" ").unwrap_or(rest);
-            self.on_payload(rest);
-        }
-    }
-}
-
-/// Opens a TCP connection, from `src` when given (bind before connect, the port picked at
-/// connect time so each source address offers the whole ephemeral range), with SO_LINGER 0 so
-/// closing at the end of a run resets instead of leaving tens of thousands of TIME_WAITs.
-pub async fn connect(addr: SocketAddr, src: Option<Ipv4Addr>) -> io::Result<TcpStream> {
-    let sock = TcpSocket::new_v4()?;
-    let fd = sock.as_raw_fd();
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: fd is a valid socket owned by `sock`; the option values are plain C structs.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        );
-    }
-    if let Some(ip) = src {
-        let one: libc::c_int = 1;
-        // SAFETY: as above.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                libc::IPPROTO_IP,
-                libc::IP_BIND_ADDRESS_NO_PORT,
-                (&one as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
-        }
-        sock.bind(SocketAddr::from((ip, 0)))?;
-    }
-    let s = sock.connect(addr).await?;
-    s.set_nodelay(true)?;
-    Ok(s)
-}
-
-/// A raw HTTP/1.1 connection with one read buffer.
-struct Raw {
-    s: TcpStream,
-    buf: Vec<u8>,
-    len: usize,
-}
-
-struct Head {
-    status: u16,
-    chunked: bool,
-    /// Where the body starts in `buf`.
-    body_at: usize,
-}
-
-impl Raw {
-    async fn read_head(&mut self) -> io::Result<Head> {
-        loop {
-            if let Some(i) = self.buf[..self.len]
-                .windows(4)
-                .position(|w| w == b"\r\n\r\n")
-            {
-                let head = String::from_utf8_lossy(&self.buf[..i]).to_ascii_lowercase();
-                let status = head
-                    .split_whitespace()
-                    .nth(1)
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or(0);
-                let chunked = head.lines().any(|l| {
-                    l.strip_prefix("transfer-encoding:")
-                        .is_some_and(|v| v.contains("chunked"))
-                });
-                return Ok(Head {
-                    status,
-                    chunked,
-                    body_at: i + 4,
-                });
-            }
-            if self.len == self.buf.len() {
-                if self.buf.len() >= 64 * 1024 {
-                    return Err(io::Error::other("response head too large"));
-                }
-                self.buf.resize(self.buf.len() * 2, 0);
-            }
-            let n = self.s.read(&mut self.buf[self.len..]).await?;
-            if n == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "closed before the response head",
-                ));
-            }
-            self.len += n;
-        }
-    }
-}
-
-/// Chunked transfer-coding decoder state.
-enum Dechunk {
-    Identity,
-    Size { n: u64, ext: bool },
-    SizeLf { n: u64 },
-    Data(u64),
-    DataCr,
-    DataLf,
-    Done,
-}
-
-impl Dechunk {
-    /// Feeds raw body bytes; calls `out` with decoded data. False once the body has ended.
-    fn feed(&mut self, mut d: &[u8], out: &mut impl FnMut(&[u8])) -> bool {
-        while !d.is_empty() {
-            match self {
-                Dechunk::Identity => {
-                    out(d);
-                    return true;
-                }
-                Dechunk::Data(n) => {
-                    let take = (*n).min(d.len() as u64) as usize;
-                    out(&d[..take]);
-                    d = &d[take..];
-                    *n -= take as u64;
-                    if *n == 0 {
-                        *self = Dechunk::DataCr;
-                    }
-                }
-                Dechunk::Done => return false,
-                _ => {
-                    let b = d[0];
-                    d = &d[1..];
-                    *self = match std::mem::replace(self, Dechunk::Done) {
-                        Dechunk::Size { n, ext } => match b {
-                            b'\r' => Dechunk::SizeLf { n },
-                            b'\n' if n == 0 => Dechunk::Done,
-                            b'\n' => Dechunk::Data(n),
-                            b';' => Dechunk::Size { n, ext: true },
-                            _ if ext => Dechunk::Size { n, ext },
-                            _ => match (b as char).to_digit(16) {
-                                Some(v) => Dechunk::Size {
-                                    n: n * 16 + u64::from(v),
-                                    ext,
-                                },
-                                None => Dechunk::Size { n, ext: true },
-                            },
-                        },
-                        Dechunk::SizeLf { n: 0 } => Dechunk::Done,
-                        Dechunk::SizeLf { n } => Dechunk::Data(n),
-                        Dechunk::DataCr if b == b'\n' => Dechunk::Size { n: 0, ext: false },
-                        Dechunk::DataCr => Dechunk::DataLf,
-                        Dechunk::DataLf => Dechunk::Size { n: 0, ext: false },
-                        other => other,
-                    };
-                }
-            }
-        }
-        !matches!(self, Dechunk::Done)
-    }
-}
-
-/// Splits a byte stream into lines (LF, with an optional CR before it).
-#[derive(Default)]
-struct Lines {
-    partial: Vec<u8>,
-}
-
-impl Lines {
-    fn feed(&mut self, d: &[u8], on_line: &mut impl FnMut(&[u8])) {
-        let mut start = 0;
-        while let Some(i) = d[start..].iter().position(|&b| b == b'\n') {
-            let end = start + i;
-            if self.partial.is_empty() {
-                on_line(strip_cr(&d[start..end]));
-            } else {
-                self.partial.extend_from_slice(&d[start..end]);
-                let line = std::mem::take(&mut self.partial);
-                on_line(strip_cr(&line));
-                self.partial = line;
-                self.partial.clear();
-            }
-            start = end + 1;
-        }
-        self.partial.extend_from_slice(&d[start..]);
-    }
-}
-
-fn strip_cr(l: &[u8]) -> &[u8] {
-    l.strip_suffix(b"\r").unwrap_or(l)
 }
 
 /// Runs one subscriber until `stop` fires. `permit` is held until the subscriber is connected
@@ -375,7 +110,7 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
     permit: OwnedSemaphorePermit,
 ) -> SubResult {
-    let mut t = Tracker::new(&spec, shared.clone());
+    let mut t = Tracker::new(spec.channels.clone(), spec.seq_cap, shared.clone());
     let stopped = async {
         let _ = stop.wait_for(|s| *s).await;
     };
@@ -414,7 +149,9 @@ pub async fn run(
 fn mark_connected(t: &mut Tracker, permit: OwnedSemaphorePermit) {
     t.res.connected = true;
     t.shared.connected.fetch_add(1, Relaxed);
-    t.shared.channel_connected[t.res.channel as usize].fetch_add(1, Relaxed);
+    for &c in &t.res.channels {
+        t.shared.channel_connected[c as usize].fetch_add(1, Relaxed);
+    }
     drop(permit);
 }
 
@@ -427,26 +164,13 @@ async fn stream_sub(
     let head_deadline = tokio::time::Instant::now() + spec.connect_timeout;
     let setup = async {
         let s = connect(spec.addr, spec.src).await?;
-        let mut raw = Raw {
-            s,
-            buf: vec![0; 4096],
-            len: 0,
-        };
+        let mut raw = Raw::new(s, 4096);
         let req = if ws {
-            let key = base64::engine::general_purpose::STANDARD.encode(rand_key());
-            format!(
-                "GET {} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-                 Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n\r\n",
-                spec.path, spec.host
-            )
+            rawhttp::ws_request(&spec.path, &spec.host)
         } else {
-            format!(
-                "GET {} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n",
-                spec.path, spec.host
-            )
+            rawhttp::sse_request(&spec.path, &spec.host, "")
         };
-        raw.s.write_all(req.as_bytes()).await?;
-        let head = raw.read_head().await?;
+        let head = rawhttp::request(&mut raw, &req).await?;
         io::Result::Ok((raw, head))
     };
     let (mut raw, head) = tokio::time::timeout_at(head_deadline, setup)
@@ -458,16 +182,11 @@ async fn stream_sub(
     }
     mark_connected(t, permit);
     if ws {
-        let rest = raw.buf[head.body_at..raw.len].to_vec();
-        let cfg = WebSocketConfig::default()
-            .read_buffer_size(4096)
-            .write_buffer_size(0);
-        let mut wss =
-            WebSocketStream::from_partially_read(raw.s, rest, Role::Client, Some(cfg)).await;
+        let mut wss = rawhttp::into_ws(raw, &head).await;
         while let Some(m) = wss.next().await {
             match m {
-                Ok(WsMessage::Text(s)) => t.on_payload(s.as_bytes()),
-                Ok(WsMessage::Binary(b)) => t.on_payload(&b),
+                Ok(WsMessage::Text(s)) => t.on_message(s.as_bytes()),
+                Ok(WsMessage::Binary(b)) => t.on_message(&b),
                 Ok(WsMessage::Close(c)) => {
                     return Err(io::Error::other(format!(
                         "websocket close {}",
@@ -480,11 +199,7 @@ async fn stream_sub(
         }
         return Ok(());
     }
-    let mut dec = if head.chunked {
-        Dechunk::Size { n: 0, ext: false }
-    } else {
-        Dechunk::Identity
-    };
+    let mut dec = Dechunk::for_head(&head);
     let mut lines = Lines::default();
     let mut on_line = |l: &[u8]| t.on_sse_line(l);
     let mut on_data = |d: &[u8]| lines.feed(d, &mut on_line);
@@ -493,7 +208,7 @@ async fn stream_sub(
         return Ok(());
     }
     loop {
-        let n = raw.s.read(&mut raw.buf).await?;
+        let n = rawhttp::read_some(&mut raw).await?;
         if n == 0 {
             return Ok(());
         }
@@ -501,14 +216,6 @@ async fn stream_sub(
             return Ok(());
         }
     }
-}
-
-fn rand_key() -> [u8; 16] {
-    let n = now_ns().to_le_bytes();
-    let mut k = [0u8; 16];
-    k[..8].copy_from_slice(&n);
-    k[8..].copy_from_slice(&(std::process::id() as u64).to_le_bytes());
-    k
 }
 
 /// Long-poll: one request at a time on a keep-alive connection, resuming from the previous
@@ -557,7 +264,7 @@ async fn longpoll_sub(
         match status.as_u16() {
             // Pushpin's held response times out as an empty 200.
             200 if body.is_empty() => {}
-            200 => t.on_payload(&body),
+            200 => t.on_message(&body),
             304 | 408 => {}
             other => {
                 t.shared.error(format!("longpoll status {other}"));
@@ -570,19 +277,6 @@ async fn longpoll_sub(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn dechunk_across_splits() {
-        let wire = b"5\r\nhello\r\n7;x=y\r\n, world\r\n0\r\n\r\n";
-        for split in 0..wire.len() {
-            let mut d = Dechunk::Size { n: 0, ext: false };
-            let mut got = Vec::new();
-            d.feed(&wire[..split], &mut |b: &[u8]| got.extend_from_slice(b));
-            let more = d.feed(&wire[split..], &mut |b: &[u8]| got.extend_from_slice(b));
-            assert_eq!(got, b"hello, world", "split at {split}");
-            assert!(!more);
-        }
-    }
 
     #[test]
     fn lines_and_payload() {
@@ -600,7 +294,5 @@ mod tests {
                 b"".to_vec()
             ]
         );
-        assert_eq!(parse_payload(b"7 123 xx"), Some((7, 123)));
-        assert_eq!(parse_payload(b"7"), None);
     }
 }

@@ -24,6 +24,9 @@ pub struct ProxyArgs {
     /// The wrk binary.
     #[arg(long, default_value = "wrk")]
     pub wrk: String,
+    /// A wrk Lua script (e.g. one that makes every request a POST).
+    #[arg(long)]
+    pub script: Option<PathBuf>,
     /// Server process ids (their descendants included): the proxy and/or the upstream.
     #[arg(long)]
     pub server_pid: Vec<u32>,
@@ -100,14 +103,18 @@ pub fn run(a: ProxyArgs) -> Result<(), String> {
     crate::push::split_url(&a.url)?;
     let before = procstat::sample(&a.server_pid);
     let load_start = procstat::loadavg();
-    let out = Command::new(&a.wrk)
-        .args([
-            format!("-t{}", a.threads),
-            format!("-c{}", a.conns),
-            format!("-d{}s", a.duration),
-            "--latency".into(),
-            a.url.clone(),
-        ])
+    let mut cmd = Command::new(&a.wrk);
+    cmd.args([
+        format!("-t{}", a.threads),
+        format!("-c{}", a.conns),
+        format!("-d{}s", a.duration),
+        "--latency".into(),
+    ]);
+    if let Some(s) = &a.script {
+        cmd.arg("-s").arg(s);
+    }
+    let out = cmd
+        .arg(&a.url)
         .output()
         .map_err(|e| format!("cannot run {}: {e}", a.wrk))?;
     let after = procstat::sample(&a.server_pid);
@@ -126,6 +133,7 @@ pub fn run(a: ProxyArgs) -> Result<(), String> {
         "threads": a.threads,
         "conns": a.conns,
         "duration_s": a.duration,
+        "script": a.script.as_ref().map(|s| s.display().to_string()),
         "wrk": parse(&text),
         "server": {
             "pids": a.server_pid,
