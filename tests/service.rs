@@ -3,7 +3,8 @@
 //! dynamic range in the unit's group, the runtime directory with the unit's mode, its umask and
 //! environment, NOTIFY_SOCKET), then a second uid (`nobody`) publishing on the Unix socket with
 //! and without membership in that group; ExecReload run the way systemd runs it, against a
-//! broken and a valid config; and TimeoutStopSec against a measured drain plus webhook flush.
+//! broken and a valid config; TimeoutStopSec against a measured drain plus webhook flush; and
+//! the README's drop-ins and credential paths (systemd-analyze verify, crier check).
 //!
 //! The second-uid test needs root (CI runs as root); elsewhere it fails unless
 //! CRIER_SKIP_ROOT=1 says to skip it.
@@ -649,4 +650,137 @@ fn the_stop_timeout_covers_the_drain_and_the_webhook_flush() {
     );
     let watchdog = timespan(&service_one("WatchdogSec"));
     assert!(watchdog > Duration::ZERO);
+}
+
+const README: &str = include_str!("../README.md");
+
+/// The fenced ```lang blocks of the README section `heading`, in order.
+fn readme_blocks(heading: &str, lang: &str) -> Vec<String> {
+    let start = README
+        .find(&format!("\n{heading}\n"))
+        .unwrap_or_else(|| panic!("README has no {heading:?}"));
+    let rest = &README[start + heading.len() + 2..];
+    let end = [rest.find("\n## "), rest.find("\n### ")]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(rest.len());
+    let section = &rest[..end];
+    let mut out = Vec::new();
+    let mut lines = section.lines();
+    while let Some(l) = lines.next() {
+        if l.trim() == format!("```{lang}") {
+            let block: Vec<&str> = lines.by_ref().take_while(|l| l.trim() != "```").collect();
+            out.push(block.join("\n") + "\n");
+        }
+    }
+    out
+}
+
+/// `systemd-analyze verify` of the unit (with the test binary) plus `dropin` as
+/// crier.service.d/readme.conf next to it.
+fn verify_with_drop_in(dropin: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let unit = dir.path().join("crier.service");
+    std::fs::write(&unit, UNIT.replace(UNIT_BIN, env!("CARGO_BIN_EXE_crier"))).unwrap();
+    let d = dir.path().join("crier.service.d");
+    std::fs::create_dir(&d).unwrap();
+    std::fs::write(d.join("readme.conf"), dropin).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&unit)
+        .output()
+        .expect("systemd-analyze (apt-get install systemd)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let complaints: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("crier.service"))
+        .collect();
+    assert!(
+        out.status.success() && complaints.is_empty(),
+        "drop-in:\n{dropin}\n{err}"
+    );
+}
+
+#[test]
+fn the_readmes_drop_ins_are_valid_for_the_unit() {
+    // The credentials drop-in, as the README gives it.
+    let ini = readme_blocks(
+        "### TLS keys and other secrets under the dynamic user",
+        "ini",
+    );
+    assert_eq!(ini.len(), 1, "{ini:?}");
+    assert!(ini[0].contains("LoadCredential=tls.key:"));
+    verify_with_drop_in(&ini[0]);
+    // The log level drop-in (shown as comments of `systemctl edit`).
+    let sh = readme_blocks("### Logs: journalctl and the log level", "sh");
+    let dropin: String = sh
+        .iter()
+        .flat_map(|b| b.lines())
+        .filter_map(|l| l.strip_prefix("#   "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(dropin.contains("Environment=CRIER_LOG=debug"), "{dropin}");
+    verify_with_drop_in(&dropin);
+    // And verify does read the drop-in: a bad one fails.
+    let dir = tempfile::tempdir().unwrap();
+    let unit = dir.path().join("crier.service");
+    std::fs::write(&unit, UNIT.replace(UNIT_BIN, env!("CARGO_BIN_EXE_crier"))).unwrap();
+    std::fs::create_dir(dir.path().join("crier.service.d")).unwrap();
+    std::fs::write(
+        dir.path().join("crier.service.d/bad.conf"),
+        "[Service]\nLoadCredential=\nTimeoutStopSec=soon\n",
+    )
+    .unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&unit)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("crier.service.d/bad.conf:3"),
+        "systemd-analyze verify ignored the drop-in: {out:?}"
+    );
+}
+
+#[test]
+fn the_readmes_credential_paths_make_a_valid_config() {
+    let toml = readme_blocks(
+        "### TLS keys and other secrets under the dynamic user",
+        "toml",
+    );
+    assert_eq!(toml.len(), 1, "{toml:?}");
+    // The credentials directory of a system service, here a temp dir with the same files.
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("credentials");
+    std::fs::create_dir(&creds).unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    std::fs::write(creds.join("tls.crt"), ck.cert.pem()).unwrap();
+    std::fs::write(creds.join("tls.key"), ck.signing_key.serialize_pem()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_crier"))
+        .args(["vapid", "generate"])
+        .arg(creds.join("vapid.pem"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = toml[0]
+        .replace(
+            "/run/credentials/crier.service/",
+            &format!("{}/", creds.display()),
+        )
+        .replace("/var/lib/crier/", &format!("{}/", dir.path().display()));
+    assert!(!text.contains("/run/credentials"), "{text}");
+    let conf = dir.path().join("crier.toml");
+    std::fs::write(&conf, text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_crier"))
+        .arg("check")
+        .arg(&conf)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the README's config: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
