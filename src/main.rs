@@ -1,5 +1,7 @@
 //! The `crier` command: `run` (default), `check`, `publish`, `demo`.
 
+mod logging;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -23,6 +25,8 @@ struct Cli {
     #[arg(long, short, global = true)]
     config: Option<PathBuf>,
     /// Log line format on stderr. The level comes from CRIER_LOG (e.g. CRIER_LOG=debug).
+    /// Text has colour only on a terminal without NO_COLOR; on the journal each line carries
+    /// its syslog priority.
     #[arg(long, value_enum, default_value = "text", global = true)]
     log_format: LogFormat,
     #[command(subcommand)]
@@ -40,7 +44,11 @@ enum Command {
     /// Run the server (the default).
     Run,
     /// Validate a config file: exit 0, or print every error and exit 1.
-    Check,
+    Check {
+        /// The file to check (the same as --config FILE; default: as for run).
+        #[arg(conflicts_with = "config", value_name = "FILE")]
+        file: Option<PathBuf>,
+    },
     /// Publish a message to a channel through the publish API and print the JSON answer.
     Publish {
         /// Unix socket of the publish API (default: the config's publish.unix).
@@ -78,8 +86,14 @@ enum VapidAction {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let mut cli = Cli::parse();
+    logging::init(match cli.log_format {
+        LogFormat::Text => logging::Format::Text,
+        LogFormat::Json => logging::Format::Json,
+    });
+    if let Some(Command::Check { file: Some(f) }) = &mut cli.command {
+        cli.config = Some(std::mem::take(f));
+    }
     let path = cli.config.clone().or_else(Config::default_path);
     // The config alone (`crier publish` needs no keys, and may not be allowed to read them).
     let load = || match &path {
@@ -95,7 +109,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command.unwrap_or(Command::Run) {
-        Command::Check => match load_all() {
+        Command::Check { .. } => match load_all() {
             Ok((config, _)) => {
                 let name = path.map_or("built-in defaults".into(), |p| p.display().to_string());
                 println!("{name}: ok");
@@ -178,18 +192,6 @@ fn main() -> ExitCode {
             };
             publish(target, event, token, channel, message)
         }
-    }
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CRIER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => b.init(),
-        LogFormat::Json => b.json().init(),
     }
 }
 
