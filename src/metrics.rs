@@ -49,6 +49,8 @@ pub struct Metrics {
     pub messages_published: IntCounter,
     messages_delivered: [IntCounter; Transport::COUNT],
     delivered_bytes: [IntCounter; Transport::COUNT],
+    messages_skipped: [IntCounter; Transport::COUNT],
+    lag_skips: [IntCounter; Transport::COUNT],
     pub channels: IntGauge,
     dropped: [IntCounter; 3],
     pub publish_duration: Histogram,
@@ -145,12 +147,22 @@ impl Metrics {
         ));
         let messages_delivered = per_transport(&counter_vec(
             "messages_delivered_total",
-            "Messages handed to subscriber connections.",
+            "Messages handed to subscriber connections: counted at publish for each subscriber connected then, and when a resume reads older ones.",
             "transport",
         ));
         let delivered_bytes = per_transport(&counter_vec(
             "delivered_bytes_total",
             "Message body bytes handed to subscriber connections.",
+            "transport",
+        ));
+        let messages_skipped = per_transport(&counter_vec(
+            "messages_skipped_total",
+            "Messages a subscriber that fell behind the buffer jumped over (on_lag = \"skip\"); it was told of the gap.",
+            "transport",
+        ));
+        let lag_skips = per_transport(&counter_vec(
+            "lag_skips_total",
+            "Times a subscriber fell behind the buffer, was moved to its oldest message and told of the gap.",
             "transport",
         ));
         let dropped_vec = counter_vec(
@@ -236,6 +248,8 @@ impl Metrics {
             ),
             messages_delivered,
             delivered_bytes,
+            messages_skipped,
+            lag_skips,
             channels: gauge("channels", "Channels in the hub."),
             dropped,
             publish_duration: histogram(
@@ -303,6 +317,12 @@ impl Metrics {
 
     pub fn subscriber_disconnected(&self, t: Transport) {
         self.connections[t.index()].dec();
+    }
+
+    /// A subscriber fell behind and jumped over `messages`.
+    pub fn skipped(&self, t: Transport, messages: u64) {
+        self.lag_skips[t.index()].inc();
+        self.messages_skipped[t.index()].inc_by(messages);
     }
 
     pub fn delivered(&self, t: Transport, messages: u64, bytes: u64) {

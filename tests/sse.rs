@@ -202,6 +202,12 @@ async fn sse_resume_reports_gap_and_earliest() {
     // ids[0..3] left the buffer: resuming after ids[0] misses ids[1] and ids[2].
     let mut sse = SseClient::connect(&url, Some(&ids[0])).await;
     assert_eq!(sse.header("crier-resume").as_deref(), Some("gap"));
+    // Told in band too (EventSource cannot read headers): the first id it gets now.
+    let notice = take(&mut sse, 1).await.remove(0);
+    assert_eq!(notice.event.as_deref(), Some("crier.gap"));
+    let v: serde_json::Value = serde_json::from_str(&notice.data).unwrap();
+    assert_eq!(v, serde_json::json!({"channel": "g", "next": ids[3]}));
+    assert_eq!(notice.id, None, "a notice does not move Last-Event-ID");
     let got: Vec<_> = take(&mut sse, 3)
         .await
         .into_iter()
@@ -452,14 +458,16 @@ async fn sse_same_origin_over_http2() {
     c.shutdown().await;
 }
 
-/// A subscriber that stops reading falls behind the (small) buffer while another keeps up:
-/// the slow one is cut off and counted, the fast one gets every message.
+/// With `on_lag = "disconnect"`, a subscriber that stops reading falls behind the (small)
+/// buffer while another keeps up: the slow one is cut off and counted, the fast one gets
+/// every message.
 #[tokio::test]
 async fn sse_slow_subscriber_is_dropped_and_fast_one_gets_everything() {
     let up = Upstream::start().await;
     let c = Crier::start(
         &up.url(),
-        "[channels]\nbuffer_messages = 4\nmax_message_size = \"64KiB\"\n",
+        "[channels]\nbuffer_messages = 4\nmax_message_size = \"64KiB\"\n\
+         [[push]]\npath = \"/live/{channel}\"\non_lag = \"disconnect\"\n",
     )
     .await;
     // The slow subscriber: a raw socket with a small receive buffer that stops reading.

@@ -678,7 +678,10 @@ async fn channel_delete_and_shutdown_close_sessions() {
 
 #[tokio::test]
 async fn a_client_that_stops_reading_is_dropped_when_it_falls_behind() {
-    let (_up, c) = start("[channels]\nbuffer_messages = 4\n").await;
+    let (_up, c) = start(
+        "[channels]\nbuffer_messages = 4\n[[push]]\npath = \"/live/{channel}\"\non_lag = \"disconnect\"\n",
+    )
+    .await;
     let (mut p, _) = Peer::connect(&c.url("/live/slow")).await;
     p.open().await;
     // The client stops driving its side (no acks), but its ICE consent is not the point

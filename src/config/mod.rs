@@ -140,6 +140,16 @@ pub struct WebRtcConfig {
     pub ice_timeout: Duration,
 }
 
+/// `on_lag`: a subscriber whose next message already left the buffer (it read slower than
+/// the channel was published to).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnLag {
+    /// Move it to the oldest buffered message and tell it of the gap in band (the default).
+    Skip,
+    /// End its stream (it reconnects with its last id and learns of the gap then).
+    Disconnect,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FirstMessage {
     /// A subscriber without a position gets only what is published after it connects.
@@ -161,6 +171,10 @@ pub struct PushLocation {
     /// Buffer policy for the channels this location serves, when it overrides the defaults.
     pub buffer_override: Option<BufferPolicy>,
     pub first_message: FirstMessage,
+    /// What happens to a subscriber that falls behind the buffer.
+    pub on_lag: OnLag,
+    /// Most channels one request may name (`/live/a,b,c`).
+    pub max_channels_per_subscription: usize,
     pub keepalive: Duration,
     pub longpoll_timeout: Duration,
     /// Empty: same origin only. `*` allows any origin.
@@ -717,6 +731,27 @@ mod tests {
             "{e}"
         );
         assert!(lines[4].contains("webrtc.turn: unknown key"), "{e}");
+    }
+
+    #[test]
+    fn on_lag_and_channel_lists() {
+        let c = Config::default();
+        assert_eq!(c.push[0].on_lag, OnLag::Skip);
+        assert_eq!(c.push[0].max_channels_per_subscription, 16);
+        let shipped =
+            Config::from_toml(include_str!("../../conf/crier.toml"), None).expect("valid");
+        assert_eq!(shipped.push[0].on_lag, OnLag::Skip);
+        let e = errs("[[push]]\npath = \"/a/{channel}\"\non_lag = \"drop\"\nmax_channels_per_subscription = 0\n");
+        let lines: Vec<_> = e.lines().collect();
+        assert_eq!(lines.len(), 2, "{e}");
+        assert!(
+            lines[0].starts_with("c.toml:3:10: push.on_lag: \"drop\" is neither"),
+            "{e}"
+        );
+        assert!(
+            lines[1].contains("push.max_channels_per_subscription: 0 is out of range"),
+            "{e}"
+        );
     }
 
     #[test]

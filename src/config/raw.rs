@@ -90,6 +90,8 @@ pub(super) struct RawPush {
     pub(super) buffer_messages: Option<S<i64>>,
     pub(super) buffer_ttl: Option<S<String>>,
     pub(super) first_message: Option<S<String>>,
+    pub(super) on_lag: Option<S<String>>,
+    pub(super) max_channels_per_subscription: Option<S<i64>>,
     pub(super) keepalive: Option<S<String>>,
     pub(super) longpoll_timeout: Option<S<String>>,
     pub(super) allow_origins: Option<S<Vec<S<String>>>>,

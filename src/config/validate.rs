@@ -555,6 +555,27 @@ impl Validator<'_> {
                 }
             },
         };
+        let on_lag = match raw.on_lag {
+            None => OnLag::Skip,
+            Some(v) => match v.get_ref().as_str() {
+                "skip" => OnLag::Skip,
+                "disconnect" => OnLag::Disconnect,
+                other => {
+                    self.err(
+                        "push.on_lag",
+                        &v,
+                        format!("{other:?} is neither \"skip\" nor \"disconnect\""),
+                    );
+                    OnLag::Skip
+                }
+            },
+        };
+        let max_channels_per_subscription = self.count(
+            "push.max_channels_per_subscription",
+            raw.max_channels_per_subscription,
+            (1, 256),
+            16,
+        );
         let keepalive = self.duration("push.keepalive", raw.keepalive, Duration::from_secs(15));
         let longpoll_timeout = self.duration(
             "push.longpoll_timeout",
@@ -586,6 +607,8 @@ impl Validator<'_> {
             transports,
             buffer_override,
             first_message,
+            on_lag,
+            max_channels_per_subscription,
             keepalive,
             longpoll_timeout,
             allow_origins,
@@ -746,6 +769,8 @@ pub(super) fn default_push_location(channels: &ChannelDefaults, webrtc: bool) ->
         transports: [true, true, true, webrtc],
         buffer_override: None,
         first_message: FirstMessage::Newest,
+        on_lag: OnLag::Skip,
+        max_channels_per_subscription: 16,
         keepalive: Duration::from_secs(15),
         longpoll_timeout: Duration::from_secs(30),
         allow_origins: Vec::new(),

@@ -9,6 +9,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use parking_lot::RwLock;
 use tokio::sync::Notify;
 
+use super::expiry::Expiries;
 use super::message::{Message, MessageId};
 use crate::config::BufferPolicy;
 use crate::model::Transport;
@@ -43,10 +44,17 @@ pub struct Channel {
     state: RwLock<State>,
     /// Woken (all waiters at once) after every append and on close. Notified *after* the
     /// state lock is released, so woken subscribers do not find it still held.
-    notify: Notify,
+    notify: Arc<Notify>,
     /// Live subscribers per transport. Changed under the hub's map lock (see `Hub`), so a
     /// channel is never freed while a subscriber is joining it.
     subscribers: [AtomicUsize; Transport::COUNT],
+    /// Taken while observers are told of an append, after the state lock: observers hear one
+    /// channel's messages in id order without holding readers up (a later append takes this
+    /// before it lets the state lock go, so it cannot overtake).
+    observing: parking_lot::Mutex<()>,
+    /// Where this channel asks to be swept when its oldest message will expire.
+    expiries: std::sync::Arc<Expiries>,
+    me: std::sync::Weak<Channel>,
 }
 
 struct State {
@@ -70,6 +78,11 @@ struct State {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StartPosition {
     pub next_seq: u64,
+    /// The buffer's end at that moment (what a subscriber joining now is counted from).
+    pub end_seq: u64,
+    /// The id this position is just after: the last id before the next message it reads
+    /// (a resume from it continues here).
+    pub after: MessageId,
     /// Some message after the requested id had already left the buffer.
     pub gap: bool,
 }
@@ -120,6 +133,10 @@ pub struct SubscriberCounts {
     pub webrtc: usize,
 }
 
+/// The order of appends across every channel of this process (see [`Message::order`]): taken
+/// under the channel's lock, so it agrees with each channel's own order.
+static APPEND_ORDER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 fn unix_millis() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -131,8 +148,13 @@ impl Channel {
     /// `floor`: every id up to it is gone (a previous incarnation's last id, or the moment
     /// this process started): a resume from at or before it cannot be proven complete, so it
     /// reports a gap; new ids are all greater.
-    pub(super) fn new(name: Arc<str>, policy: BufferPolicy, floor: MessageId) -> Channel {
-        Channel {
+    pub(super) fn new(
+        name: Arc<str>,
+        policy: BufferPolicy,
+        floor: MessageId,
+        expiries: Arc<Expiries>,
+    ) -> Arc<Channel> {
+        Arc::new_cyclic(|me| Channel {
             name,
             policy,
             state: RwLock::new(State {
@@ -145,12 +167,15 @@ impl Channel {
                 closed: None,
                 removed: false,
             }),
-            notify: Notify::new(),
+            notify: Arc::new(Notify::new()),
             subscribers: Default::default(),
-        }
+            observing: parking_lot::Mutex::new(()),
+            expiries,
+            me: me.clone(),
+        })
     }
 
-    pub fn notify(&self) -> &Notify {
+    pub fn notify(&self) -> &Arc<Notify> {
         &self.notify
     }
 
@@ -163,21 +188,47 @@ impl Channel {
         content_type: http::HeaderValue,
         body: bytes::Bytes,
         now: Instant,
-        on_append: impl FnOnce(&Arc<Message>),
+        on_append: Option<impl FnOnce(&Arc<Message>)>,
     ) -> Option<AppendOutcome> {
-        let outcome = {
-            let mut st = self.state.write();
-            if st.removed {
-                return None;
-            }
-            let id = MessageId::next_after(Some(st.last_id.unwrap_or(st.floor)), unix_millis());
-            let msg = Arc::new(Message::new(id, event, content_type, body, now));
-            // Under the lock: observers see one channel's messages in id order.
-            on_append(&msg);
-            st.push(msg, &self.policy, now)
-        };
+        let st = self.state.write();
+        if st.removed {
+            return None;
+        }
+        let id = MessageId::next_after(Some(st.last_id.unwrap_or(st.floor)), unix_millis());
+        let msg = Arc::new(Message::new(id, event, content_type, body, now));
+        Some(self.push_and_tell(st, msg, now, on_append))
+    }
+
+    /// Appends under the state lock, lets it go, wakes the subscribers, then tells the
+    /// observers (in id order, see `observing`).
+    fn push_and_tell(
+        &self,
+        mut st: parking_lot::RwLockWriteGuard<'_, State>,
+        msg: Arc<Message>,
+        now: Instant,
+        on_append: Option<impl FnOnce(&Arc<Message>)>,
+    ) -> AppendOutcome {
+        let was_empty = st.messages.is_empty();
+        let told = on_append.map(|f| (f, msg.clone()));
+        let outcome = st.push(msg, &self.policy, now);
+        let expiry = was_empty
+            .then(|| {
+                st.messages
+                    .front()
+                    .map(|m| m.published_at + self.policy.buffer_ttl)
+            })
+            .flatten();
+        let turn = told.as_ref().map(|_| self.observing.lock());
+        drop(st);
         self.notify.notify_waiters();
-        Some(outcome)
+        if let Some((f, msg)) = told {
+            f(&msg);
+        }
+        drop(turn);
+        if let Some(at) = expiry {
+            self.expiries.schedule(at, self.me.clone());
+        }
+        outcome
     }
 
     /// Appends a message whose id a storage engine gave it (the file engine's reserved id,
@@ -188,29 +239,30 @@ impl Channel {
         &self,
         msg: Arc<Message>,
         now: Instant,
-        on_append: impl FnOnce(&Arc<Message>),
+        on_append: Option<impl FnOnce(&Arc<Message>)>,
     ) -> Assigned {
-        let outcome = {
-            let mut st = self.state.write();
-            if st.removed {
-                return Assigned::Removed;
-            }
-            if st.last_id.unwrap_or(st.floor) >= msg.id {
-                return Assigned::Stale;
-            }
-            on_append(&msg);
-            st.push(msg, &self.policy, now)
-        };
-        self.notify.notify_waiters();
-        Assigned::Appended(outcome)
+        let st = self.state.write();
+        if st.removed {
+            return Assigned::Removed;
+        }
+        if st.last_id.unwrap_or(st.floor) >= msg.id {
+            return Assigned::Stale;
+        }
+        Assigned::Appended(self.push_and_tell(st, msg, now, on_append))
     }
 
     /// Drops messages older than the TTL. Returns true when the channel is idle and empty
-    /// (a candidate to free).
+    /// (a candidate to free); otherwise, with messages left, it is put back on the sweep's
+    /// schedule for when its (new) oldest expires.
     pub(super) fn trim(&self, now: Instant) -> bool {
         let mut st = self.state.write();
         st.evict_expired(now, self.policy.buffer_ttl);
-        st.messages.is_empty() && self.subscriber_count() == 0
+        if let Some(m) = st.messages.front() {
+            self.expiries
+                .schedule(m.published_at + self.policy.buffer_ttl, self.me.clone());
+            return false;
+        }
+        self.subscriber_count() == 0
     }
 
     pub(super) fn close(&self, reason: CloseReason) {
@@ -245,16 +297,22 @@ impl Channel {
         match from {
             Start::Newest => StartPosition {
                 next_seq: end,
+                end_seq: end,
+                after: st.last_id.unwrap_or(st.floor),
                 gap: false,
             },
             Start::Oldest => StartPosition {
                 next_seq: st.first_seq,
+                end_seq: end,
+                after: st.evicted_through.unwrap_or(st.floor),
                 gap: false,
             },
             Start::After(last) => {
                 let idx = st.messages.partition_point(|m| m.id <= last);
                 StartPosition {
                     next_seq: st.first_seq + idx as u64,
+                    end_seq: end,
+                    after: last,
                     gap: st.evicted_through.is_some_and(|e| last < e),
                 }
             }
@@ -295,6 +353,17 @@ impl Channel {
     pub fn head_id(&self) -> MessageId {
         let st = self.state.read();
         st.last_id.unwrap_or(st.floor)
+    }
+
+    /// Counts one message handed to every subscriber connected now, once per transport
+    /// (`crier_messages_delivered_total`): the publish pays, not every subscriber's read.
+    pub fn count_fanout(&self, metrics: &crate::metrics::Metrics, body_len: usize) {
+        for t in Transport::ALL {
+            let n = self.subscribers[t.index()].load(Ordering::Relaxed) as u64;
+            if n > 0 {
+                metrics.delivered(t, n, n * body_len as u64);
+            }
+        }
     }
 
     pub fn subscriber_count(&self) -> usize {
@@ -342,6 +411,7 @@ impl State {
     /// oldest message leaves; a subscriber still behind it lags) and by age.
     fn push(&mut self, msg: Arc<Message>, policy: &BufferPolicy, now: Instant) -> AppendOutcome {
         let id = msg.id;
+        msg.set_order(APPEND_ORDER.fetch_add(1, Ordering::Relaxed));
         self.messages.push_back(msg);
         self.last_id = Some(id);
         self.published += 1;
@@ -379,7 +449,7 @@ mod tests {
     use bytes::Bytes;
     use std::time::Duration;
 
-    fn chan(n: usize, ttl: Duration) -> Channel {
+    fn chan(n: usize, ttl: Duration) -> Arc<Channel> {
         Channel::new(
             "c".into(),
             BufferPolicy {
@@ -387,6 +457,7 @@ mod tests {
                 buffer_ttl: ttl,
             },
             MessageId::ZERO,
+            Arc::default(),
         )
     }
 
@@ -396,7 +467,7 @@ mod tests {
             http::HeaderValue::from_static("text/plain"),
             Bytes::from_static(body.as_bytes()),
             Instant::now(),
-            |_| {},
+            None::<fn(&Arc<Message>)>,
         )
         .expect("test setup")
         .id
@@ -433,7 +504,26 @@ mod tests {
     fn ttl_evicts() {
         let c = chan(10, Duration::from_millis(1));
         put(&c, "x");
-        assert!(!c.trim(Instant::now()));
+        put(&c, "y");
+        assert_eq!(
+            c.expiries.len(),
+            1,
+            "scheduled once, when the buffer stopped being empty"
+        );
+        assert!(
+            c.expiries.take_due(Instant::now()).is_empty(),
+            "not due yet"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(c.expiries.take_due(Instant::now()).len(), 1);
+        put(&c, "z");
+        assert_eq!(
+            c.expiries.len(),
+            0,
+            "the buffer was not empty: no new entry"
+        );
+        assert!(!c.trim(Instant::now()), "z is still young");
+        assert_eq!(c.expiries.len(), 1, "back on the schedule for z");
         std::thread::sleep(Duration::from_millis(5));
         assert!(c.trim(Instant::now()), "expired and unsubscribed: free it");
         assert_eq!(c.stats().buffered, 0);

@@ -76,9 +76,15 @@ pub struct Message {
     pub is_text: bool,
     /// When the hub accepted it: for the buffer TTL and the delivery-lag histogram.
     pub published_at: Instant,
+    /// Where it stands in this process's order of appends across all channels (set when it
+    /// is appended): a subscriber of several channels gets their messages in this order.
+    order: std::sync::atomic::AtomicU64,
     /// Wire encodings, built lazily by the first subscriber that needs one and then shared.
     /// The hub knows no wire format: the slot numbers belong to `push::Encoding`.
     encodings: [OnceLock<Bytes>; ENCODING_SLOTS],
+    /// Encodings that depend on a key (how a location names the channel: the length of its
+    /// prefix), for the first key asked; boxed, as most messages never need them.
+    keyed: OnceLock<Box<(usize, [Bytes; 2])>>,
 }
 
 impl Message {
@@ -97,8 +103,31 @@ impl Message {
             body,
             is_text,
             published_at,
+            order: Default::default(),
             encodings: Default::default(),
+            keyed: OnceLock::new(),
         }
+    }
+
+    /// The pair of encodings for `key`, built by `encode` the first time a key is asked for
+    /// and then shared; None for any other key (the caller builds its own).
+    pub fn keyed_encoding(
+        &self,
+        key: usize,
+        encode: impl FnOnce(&Message) -> [Bytes; 2],
+    ) -> Option<&[Bytes; 2]> {
+        let (k, e) = &**self.keyed.get_or_init(|| Box::new((key, encode(self))));
+        (*k == key).then_some(e)
+    }
+
+    /// Its place among this process's appends (0 until appended).
+    pub fn order(&self) -> u64 {
+        self.order.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(super) fn set_order(&self, order: u64) {
+        self.order
+            .store(order, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The encoding in `slot`, built by `encode` the first time it is asked for.

@@ -7,6 +7,7 @@
 //! channel's local tail, and every engine feeds it.
 
 mod channel;
+mod expiry;
 mod message;
 mod observer;
 pub mod store;
@@ -26,6 +27,7 @@ pub use channel::{
 pub use message::{BadMessageId, Message, MessageId, ENCODING_SLOTS};
 pub use observer::{HubObserver, Published, SubscriberEvent};
 
+use expiry::Expiries;
 use observer::Observers;
 
 use crate::config::Config;
@@ -103,6 +105,8 @@ struct Inner {
     observers: RwLock<Observers>,
     /// Where buffers live beyond this process ([`store`]).
     engine: Arc<dyn Engine>,
+    /// The channels the sweep visits, by when their oldest message expires.
+    expiries: Arc<Expiries>,
 }
 
 /// How long a freed channel's last id is remembered for gap reporting.
@@ -125,6 +129,7 @@ impl Hub {
                 tombstones: Mutex::new(HashMap::new()),
                 observers: RwLock::new(Observers::default()),
                 engine,
+                expiries: Arc::default(),
             }),
         }
     }
@@ -181,11 +186,12 @@ impl Hub {
                     .lock()
                     .remove(&name)
                     .map_or(self.inner.floor, |t| t.0);
-                let c = Arc::new(Channel::new(
+                let c = Channel::new(
                     name.clone(),
                     config.buffer_policy_for(&name),
                     floor,
-                ));
+                    self.inner.expiries.clone(),
+                );
                 map.insert(name, c.clone());
                 self.inner.metrics.channels.set(map.len() as i64);
                 c
@@ -230,19 +236,21 @@ impl Hub {
                 msg.content_type.clone(),
                 msg.body.clone(),
                 now,
-                |m| {
-                    let Some(obs) = &observers else { return };
-                    let p = Published {
-                        channel: name.as_str(),
-                        message: m,
-                        headers: &msg.headers,
-                    };
-                    obs.iter().for_each(|o| o.message(&p));
-                },
+                observers.as_ref().map(|obs| {
+                    |m: &Arc<Message>| {
+                        let p = Published {
+                            channel: name.as_str(),
+                            message: m,
+                            headers: &msg.headers,
+                        };
+                        obs.iter().for_each(|o| o.message(&p));
+                    }
+                }),
             ) else {
                 continue; // freed while we looked it up: take the new one
             };
             self.inner.metrics.messages_published.inc();
+            chan.count_fanout(&self.inner.metrics, msg.body.len());
             return Ok(PublishReceipt {
                 id: out.id.to_string(),
                 channel: name.as_str().to_string(),
@@ -276,7 +284,6 @@ impl Hub {
             }
         }
         let start = chan.start(from);
-        self.inner.metrics.subscriber_connected(transport);
         if let Some(obs) = self.observers() {
             let e = SubscriberEvent {
                 channel: &chan.name,
@@ -288,11 +295,14 @@ impl Hub {
         }
         Ok(Subscription {
             hub: self.clone(),
-            channel: chan,
             transport,
             remote,
             next_seq: start.next_seq,
+            joined_seq: start.end_seq,
+            start_after: start.after,
             gap: start.gap,
+            untold_gap: start.gap,
+            channel: chan,
         })
     }
 
@@ -362,8 +372,12 @@ impl Hub {
     pub fn sweep(&self) {
         let now = Instant::now();
         self.sweep_tombstones(now);
-        let chans: Vec<_> = self.inner.channels.read().values().cloned().collect();
-        let idle: Vec<_> = chans.into_iter().filter(|c| c.trim(now)).collect();
+        let due = self.inner.expiries.take_due(now);
+        let idle: Vec<_> = due
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .filter(|c| c.trim(now))
+            .collect();
         if idle.is_empty() {
             return;
         }
@@ -415,7 +429,6 @@ impl Hub {
     }
 
     fn leave(&self, chan: &Arc<Channel>, t: Transport, remote: Option<SocketAddr>) {
-        self.inner.metrics.subscriber_disconnected(t);
         let left = chan.remove_subscriber(t);
         if let Some(obs) = self.observers() {
             let e = SubscriberEvent {
@@ -466,13 +479,25 @@ impl Drop for Joined<'_> {
 }
 
 /// One subscriber's position in one channel. Dropping it leaves the channel.
+///
+/// Deliveries are counted at publish for every subscriber connected then (once per publish,
+/// not per subscriber); a subscription counts only what it reads from before it joined (a
+/// resume), and what it skips when it falls behind.
 pub struct Subscription {
     hub: Hub,
     channel: Arc<Channel>,
     transport: Transport,
     remote: Option<SocketAddr>,
     next_seq: u64,
+    /// The channel's end when this subscription joined: messages before it were published
+    /// before it was counted in.
+    joined_seq: u64,
+    /// The id the subscription started after (a cursor's position before any delivery).
+    start_after: MessageId,
+    /// The start position had a gap (the `Crier-Resume` header says so).
     gap: bool,
+    /// A gap this subscriber has not been told of in band yet.
+    untold_gap: bool,
 }
 
 impl Subscription {
@@ -489,16 +514,56 @@ impl Subscription {
         &self.hub.inner.metrics
     }
 
-    /// Moves the position to the oldest buffered message after falling behind; the
-    /// subscriber then reports a gap.
-    pub fn restart_from_oldest(&mut self) {
-        self.next_seq = self.channel.start(Start::Oldest).next_seq;
+    /// The id this subscription started after: where a resume continues when nothing has
+    /// been delivered yet.
+    pub fn start_after(&self) -> MessageId {
+        self.start_after
+    }
+
+    /// The transport this subscription is counted under.
+    pub fn transport(&self) -> Transport {
+        self.transport
+    }
+
+    /// Moves the position to the oldest buffered message after falling behind (the
+    /// `on_lag = "skip"` policy); the messages jumped over are counted, and the gap is
+    /// pending until the subscriber is told.
+    pub fn skip_to_oldest(&mut self) {
+        let oldest = self.channel.start(Start::Oldest).next_seq;
+        let skipped = oldest.saturating_sub(self.next_seq);
+        self.hub.inner.metrics.skipped(self.transport, skipped);
+        self.next_seq = oldest;
         self.gap = true;
+        self.untold_gap = true;
+    }
+
+    /// Whether a gap (at the start, or from falling behind) is still to be told; telling
+    /// it is the caller's promise, so this clears it.
+    pub fn take_gap(&mut self) -> bool {
+        std::mem::take(&mut self.untold_gap)
     }
 
     /// Appends what is available now (up to `max`) to `out`, without waiting.
     pub fn try_read(&mut self, out: &mut Vec<Arc<Message>>, max: usize) -> Read {
-        self.channel.read(&mut self.next_seq, out, max)
+        let from = self.next_seq;
+        let r = self.channel.read(&mut self.next_seq, out, max);
+        if from < self.joined_seq {
+            self.count_backlog(from, out, &r);
+        }
+        r
+    }
+
+    /// Counts the messages of a read that were published before this subscription joined
+    /// (the publish did not count them for it). A live subscriber never gets here.
+    fn count_backlog(&self, from: u64, out: &[Arc<Message>], r: &Read) {
+        let Read::Messages(n) = *r else { return };
+        let k = ((self.joined_seq - from) as usize).min(n);
+        let batch = &out[out.len() - n..][..k];
+        let bytes: usize = batch.iter().map(|m| m.body.len()).sum();
+        self.hub
+            .inner
+            .metrics
+            .delivered(self.transport, k as u64, bytes as u64);
     }
 
     /// Resolves once the next message this subscription needs has left the buffer. A
@@ -520,13 +585,19 @@ impl Subscription {
     /// Cancel-safe: the position only moves in the poll that returns.
     pub async fn next(&mut self, out: &mut Vec<Arc<Message>>, max: usize) -> Read {
         loop {
+            let from = self.next_seq;
             let notified = self.channel.notify().notified();
             tokio::pin!(notified);
             // Register before looking, so an append between the look and the wait still wakes us.
             notified.as_mut().enable();
             match self.channel.read(&mut self.next_seq, out, max) {
                 Read::Empty => notified.await,
-                r => return r,
+                r => {
+                    if from < self.joined_seq {
+                        self.count_backlog(from, out, &r);
+                    }
+                    return r;
+                }
             }
         }
     }

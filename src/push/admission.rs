@@ -18,11 +18,13 @@ use crate::model::{ChannelName, ConnInfo, Transport};
 use crate::proxy::header_has_token;
 use crate::response::{self, Body};
 
-/// What the pipeline needs from the server.
-pub struct Admission<'a> {
-    pub locations: &'a Locations,
-    pub gatekeeper: &'a Gatekeeper,
-    pub conn: &'a ConnInfo,
+/// What the pipeline needs from the server: the config's locations and checks, and the
+/// connection. Cheap to clone (a crier.json WebSocket keeps one for its later `subscribe`s).
+#[derive(Clone)]
+pub struct Admission {
+    pub locations: Arc<Locations>,
+    pub gatekeeper: Arc<Gatekeeper>,
+    pub conn: ConnInfo,
 }
 
 /// What the pipeline reads of a request: the same whether hyper parsed it or the fast path.
@@ -54,32 +56,48 @@ impl<'r> RequestView<'r> {
 #[derive(Debug)]
 pub struct Admitted {
     pub transport: Transport,
-    pub channel: ChannelName,
+    /// One channel, or the several of a multiplexed request, in the order named.
+    pub channels: Vec<ChannelName>,
     pub position: Position,
-    pub start: Start,
+    /// Where each channel starts.
+    pub starts: Vec<Start>,
     /// Some(origin) for an allowed cross-origin page.
     pub cors: Option<HeaderValue>,
 }
 
 /// Where the client says it is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Position {
     /// Nothing named: the location's `first_message` decides.
     Unnamed,
     /// `last_event_id=earliest`: the whole buffer.
     Earliest,
     After(MessageId),
+    /// A multiplexed stream's compound cursor: one id per channel, in the order named.
+    Cursor(Vec<MessageId>),
 }
 
 impl Position {
-    pub fn start(self, loc: &PushLocation) -> Start {
+    /// Where each of `n` channels starts.
+    pub fn starts(&self, loc: &PushLocation, n: usize) -> Result<Vec<Start>, String> {
+        let unnamed = match loc.first_message {
+            FirstMessage::Newest => Start::Newest,
+            FirstMessage::Oldest => Start::Oldest,
+        };
         match self {
-            Position::Unnamed => match loc.first_message {
-                FirstMessage::Newest => Start::Newest,
-                FirstMessage::Oldest => Start::Oldest,
-            },
-            Position::Earliest => Start::Oldest,
-            Position::After(id) => Start::After(id),
+            Position::Unnamed => Ok(vec![unnamed; n]),
+            Position::Earliest => Ok(vec![Start::Oldest; n]),
+            Position::After(id) if n == 1 => Ok(vec![Start::After(*id)]),
+            Position::After(_) => Err(format!(
+                "a stream of {n} channels resumes from its cursor (one id per channel, comma-separated), not from one id"
+            )),
+            Position::Cursor(ids) if ids.len() == n && n > 1 => {
+                Ok(ids.iter().map(|id| Start::After(*id)).collect())
+            }
+            Position::Cursor(ids) => Err(format!(
+                "the cursor holds {} positions for {n} channel(s)",
+                ids.len()
+            )),
         }
     }
 }
@@ -100,6 +118,28 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// The one-line reason (what a crier.json error frame says).
+    pub fn reason(&self) -> String {
+        match self {
+            Refusal::Origin => "origin not allowed".into(),
+            Refusal::Method(allow) => format!("method not allowed (allowed: {allow})"),
+            Refusal::NotEnabled(t) => format!("{} is not enabled at this location", t.as_str()),
+            Refusal::BadRequest(e) => e.clone(),
+            Refusal::Denied(d) => {
+                let body = String::from_utf8_lossy(&d.body);
+                let line = body.lines().next().unwrap_or("").trim();
+                match line {
+                    "" => d.status.canonical_reason().unwrap_or("denied").to_string(),
+                    l => format!(
+                        "{}: {}",
+                        d.status.as_u16(),
+                        l.chars().take(200).collect::<String>()
+                    ),
+                }
+            }
+        }
+    }
+
     pub fn into_response(self, cors: Option<&HeaderValue>) -> Response<Body> {
         let mut r = match self {
             Refusal::Origin => response::text(StatusCode::FORBIDDEN, "origin not allowed"),
@@ -132,32 +172,46 @@ pub fn hub_error(e: HubError) -> Response<Body> {
     r
 }
 
-impl Admission<'_> {
+impl Admission {
     /// The location whose checks apply to `channel`: its owner, else (a channel no prefix
     /// fits, which a path of `loc` cannot name) `loc` itself.
     pub fn owner<'l>(&'l self, channel: &str, loc: &'l Arc<PushLocation>) -> &'l Arc<PushLocation> {
         self.locations.owner(channel).unwrap_or(loc)
     }
 
-    /// The whole pipeline for a request at push location `loc` naming `channel`.
+    /// The whole pipeline for a request at push location `loc` naming `channels`: each
+    /// channel is checked by its owner (Origin, then JWT and forward auth).
     pub async fn admit(
         &self,
         loc: &Arc<PushLocation>,
-        channel: ChannelName,
+        channels: Vec<ChannelName>,
         req: RequestView<'_>,
     ) -> Result<Admitted, (Refusal, Option<HeaderValue>)> {
-        let owner = self.owner(&channel, loc);
-        let cors = check_origin(req.headers, owner).map_err(|_| (Refusal::Origin, None))?;
+        let mut cors = None;
+        for c in &channels {
+            match check_origin(req.headers, self.owner(c, loc)) {
+                Ok(Some(o)) => cors = Some(o),
+                Ok(None) => {}
+                Err(_) => return Err((Refusal::Origin, None)),
+            }
+        }
         let fail = |r: Refusal| (r, cors.clone());
         let transport = transport(loc, req).map_err(fail)?;
-        self.authorize(owner, &channel, req).await.map_err(fail)?;
+        for c in &channels {
+            self.authorize(self.owner(c, loc), c, req)
+                .await
+                .map_err(fail)?;
+        }
         let position = position(req.query(), req.headers, transport)
+            .map_err(|e| fail(Refusal::BadRequest(e)))?;
+        let starts = position
+            .starts(loc, channels.len())
             .map_err(|e| fail(Refusal::BadRequest(e)))?;
         Ok(Admitted {
             transport,
-            start: position.start(loc),
+            starts,
             position,
-            channel,
+            channels,
             cors,
         })
     }
@@ -177,7 +231,7 @@ impl Admission<'_> {
             headers: req.headers,
             target: req.target,
             query: req.query(),
-            conn: self.conn,
+            conn: &self.conn,
         };
         // Boxed: the check's future (an upstream request) is not kept in the state of every
         // request's future, long-polls waiting for a message included.
@@ -271,6 +325,11 @@ fn parse_position(v: &str) -> Result<Position, String> {
     match v {
         "" => Ok(Position::Unnamed),
         "earliest" => Ok(Position::Earliest),
+        cursor if cursor.contains(',') => cursor
+            .split(',')
+            .map(|id| id.trim().parse::<MessageId>().map_err(|e| e.to_string()))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Position::Cursor),
         id => id
             .parse::<MessageId>()
             .map(Position::After)

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use crate::config::{Config, PushLocation};
-use crate::model::{BadChannelName, ChannelName};
+use crate::model::ChannelName;
 
 /// The push locations of one config, matched in config order.
 pub struct Locations {
@@ -19,13 +19,14 @@ pub struct Locations {
 
 #[derive(Debug)]
 pub enum Route {
-    /// A push location claims the path; `channel` is the full channel name.
+    /// A push location claims the path; `channels` are the full channel names (one, or the
+    /// several of a multiplexed `/live/a,b,c`), in the order the path names them.
     Push {
         location: Arc<PushLocation>,
-        channel: ChannelName,
+        channels: Vec<ChannelName>,
     },
-    /// A push location claims the path, but the channel name is not valid.
-    BadChannel(BadChannelName),
+    /// A push location claims the path, but its channel list is not valid (the reason).
+    BadChannel(String),
     /// No push location claims the path: it goes to the upstream.
     Proxy,
 }
@@ -51,10 +52,10 @@ impl Locations {
             if middle.contains('/') {
                 continue;
             }
-            return match ChannelName::with_prefix(&loc.channel_prefix, middle) {
-                Ok(channel) => Route::Push {
+            return match channel_list(loc, middle) {
+                Ok(channels) => Route::Push {
                     location: loc.clone(),
-                    channel,
+                    channels,
                 },
                 Err(e) => Route::BadChannel(e),
             };
@@ -80,6 +81,35 @@ impl Locations {
     }
 }
 
+/// `a,b,c` → the location's channels `prefix+a`, … (`,` is not a channel character): at
+/// most `max_channels_per_subscription`, none empty, bad or twice.
+fn channel_list(loc: &PushLocation, names: &str) -> Result<Vec<ChannelName>, String> {
+    if !names.contains(',') {
+        return ChannelName::with_prefix(&loc.channel_prefix, names)
+            .map(|c| vec![c])
+            .map_err(|e| e.to_string());
+    }
+    let count = names.split(',').count();
+    if count > loc.max_channels_per_subscription {
+        return Err(format!(
+            "{count} channels named; this location takes at most {} (max_channels_per_subscription)",
+            loc.max_channels_per_subscription
+        ));
+    }
+    let mut out: Vec<ChannelName> = Vec::with_capacity(count);
+    for n in names.split(',') {
+        let c = ChannelName::with_prefix(&loc.channel_prefix, n).map_err(|e| {
+            let n: String = n.chars().take(140).collect();
+            format!("{e} in the channel list (at {n:?})")
+        })?;
+        if out.contains(&c) {
+            return Err(format!("channel {n:?} is named twice"));
+        }
+        out.push(c);
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,10 +122,21 @@ mod tests {
     fn matches_template() {
         let r = locations("[[push]]\npath = \"/live/{channel}\"\n[[push]]\npath = \"/rooms/{channel}/events\"\nchannel_prefix = \"room:\"\n");
         assert!(
-            matches!(r.route("/live/news"), Route::Push { channel, .. } if channel.as_str() == "news")
+            matches!(r.route("/live/news"), Route::Push { channels, .. } if channels[0].as_str() == "news")
         );
         assert!(
-            matches!(r.route("/rooms/a1/events"), Route::Push { channel, .. } if channel.as_str() == "room:a1")
+            matches!(r.route("/rooms/a1/events"), Route::Push { channels, .. } if channels[0].as_str() == "room:a1")
+        );
+        assert!(matches!(
+            r.route("/rooms/a,b/events"),
+            Route::Push { channels, .. } if channels.iter().map(|c| c.as_str()).collect::<Vec<_>>() == ["room:a", "room:b"]
+        ));
+        for bad in ["/live/a,,b", "/live/a,b,a", "/live/a,", "/live/a,b c"] {
+            assert!(matches!(r.route(bad), Route::BadChannel(_)), "{bad}");
+        }
+        let many = (0..17).map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+        assert!(
+            matches!(r.route(&format!("/live/{many}")), Route::BadChannel(e) if e.contains("at most 16"))
         );
         assert!(matches!(r.route("/live/a/b"), Route::Proxy));
         assert!(matches!(r.route("/rooms/a1"), Route::Proxy));

@@ -7,6 +7,8 @@
 //! channel's owner); each transport owns its wire encoding and its loop, in its own file.
 
 pub mod admission;
+pub mod envelope;
+pub mod feed;
 pub mod locations;
 pub mod longpoll;
 pub mod sse;
@@ -20,11 +22,12 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tokio_util::task::TaskTracker;
 
-use crate::config::PushLocation;
-use crate::hub::{Hub, Subscription};
+use crate::config::{OnLag, PushLocation};
+use crate::hub::{Hub, HubError, Start};
 use crate::model::{ChannelName, Transport};
 use crate::response::{self, Body};
-pub use admission::{Admission, Position, Refusal, RequestView};
+pub use admission::{Admission, Admitted, Position, Refusal, RequestView};
+use feed::{Feed, Item};
 
 /// The wire-encoding slots of [`crate::hub::Message`], one per encoding that is worth building
 /// once per message and sharing between subscribers.
@@ -40,34 +43,38 @@ pub struct PushContext<'a> {
     pub hub: &'a Hub,
     /// WebSocket tasks live outside the HTTP connection; shutdown waits on this tracker.
     pub ws_tasks: &'a TaskTracker,
-    pub admission: Admission<'a>,
+    pub admission: Admission,
     /// The `[webrtc]` socket and sessions, when configured.
     pub webrtc: Option<&'a webrtc::WebRtc>,
 }
 
-/// Serves one request at a push location `loc` whose path names `channel`.
+/// Serves one request at a push location `loc` whose path names `channels` (one, or the
+/// several of a multiplexed request).
 pub async fn serve(
     ctx: PushContext<'_>,
     mut req: Request<Incoming>,
     loc: &Arc<PushLocation>,
-    channel: ChannelName,
+    channels: Vec<ChannelName>,
 ) -> Response<Body> {
     ensure_host(&mut req);
-    let owner = ctx.admission.owner(&channel, loc);
     // Requests that are not subscriptions: a CORS preflight, the end of a WebRTC session.
     if req.method() == Method::OPTIONS
         || (loc.allows(Transport::WebRtc) && req.method() == Method::DELETE)
     {
-        let cors = match admission::check_origin(req.headers(), owner) {
-            Ok(c) => c,
-            Err(_) => return Refusal::Origin.into_response(None),
-        };
+        let mut cors = None;
+        for c in &channels {
+            match admission::check_origin(req.headers(), ctx.admission.owner(c, loc)) {
+                Ok(Some(o)) => cors = Some(o),
+                Ok(None) => {}
+                Err(_) => return Refusal::Origin.into_response(None),
+            }
+        }
         let mut resp = if req.method() == Method::OPTIONS {
             preflight(cors.is_some(), loc)
         } else {
             // The session id in the URL is the capability (as in WHIP): no auth round trip.
             match ctx.webrtc {
-                Some(w) => webrtc::delete(w, req.uri().query(), &channel),
+                Some(w) => webrtc::delete(w, req.uri().query(), &channels),
                 None => response::text(StatusCode::NOT_FOUND, "no such WebRTC session"),
             }
         };
@@ -78,7 +85,7 @@ pub async fn serve(
     }
     let admitted = match ctx
         .admission
-        .admit(loc, channel, RequestView::of(&req))
+        .admit(loc, channels, RequestView::of(&req))
         .await
     {
         Ok(a) => a,
@@ -88,15 +95,7 @@ pub async fn serve(
     let mut resp = match admitted.transport {
         Transport::WebRtc => match ctx.webrtc {
             Some(w) => {
-                webrtc::offer(
-                    w,
-                    ctx.hub,
-                    req,
-                    &admitted.channel,
-                    admitted.start,
-                    ctx.admission.conn.peer,
-                )
-                .await
+                webrtc::offer(w, ctx.hub, req, loc, &admitted, ctx.admission.conn.peer).await
             }
             // [webrtc] was added by a reload: its socket opens at the next start.
             None => response::text(
@@ -105,21 +104,36 @@ pub async fn serve(
             ),
         },
         t => {
-            let sub = ctx
-                .hub
-                .subscribe(
-                    &admitted.channel,
-                    t,
-                    admitted.start,
-                    Some(ctx.admission.conn.peer),
-                )
-                .await;
-            match sub {
+            let on_lag = match t {
+                // One message per poll: a poll that fell behind goes on from the oldest.
+                Transport::LongPoll => OnLag::Skip,
+                // A plain WebSocket cannot be told of a gap in band: it is closed (1013).
+                Transport::WebSocket
+                    if !ws::wants_json(req.headers()) && admitted.channels.len() == 1 =>
+                {
+                    OnLag::Disconnect
+                }
+                _ => loc.on_lag,
+            };
+            let peer = ctx.admission.conn.peer;
+            let feed = open_feed(
+                ctx.hub,
+                loc,
+                &admitted.channels,
+                &admitted.starts,
+                t,
+                on_lag,
+                peer,
+            );
+            match feed.await {
                 Err(e) => admission::hub_error(e),
-                Ok(sub) => match t {
-                    Transport::Sse => sse::respond(sub, loc),
-                    Transport::WebSocket => ws::respond(&mut req, sub, loc, ctx.ws_tasks),
-                    _ => longpoll::respond(sub, loc, admitted.position).await,
+                Ok(feed) => match t {
+                    Transport::Sse => sse::respond(feed, loc),
+                    Transport::WebSocket => {
+                        let dynamic = ws::Dynamic::new(&ctx.admission, loc, ctx.hub, &req);
+                        ws::respond(&mut req, feed, loc, ctx.ws_tasks, dynamic)
+                    }
+                    _ => longpoll::respond(feed, loc, &admitted.position).await,
                 },
             }
         }
@@ -143,9 +157,32 @@ pub fn ensure_host<B>(req: &mut Request<B>) {
     }
 }
 
+/// Subscribes to every channel at its start and makes the connection's feed.
+pub async fn open_feed(
+    hub: &Hub,
+    loc: &PushLocation,
+    channels: &[ChannelName],
+    starts: &[Start],
+    transport: Transport,
+    on_lag: OnLag,
+    peer: std::net::SocketAddr,
+) -> Result<Feed, HubError> {
+    let mut subs = Vec::with_capacity(channels.len());
+    for (c, start) in channels.iter().zip(starts) {
+        subs.push(hub.subscribe(c, transport, *start, Some(peer)).await?);
+    }
+    Ok(Feed::new(
+        subs,
+        transport,
+        loc.channel_prefix.len(),
+        on_lag,
+        hub.metrics().clone(),
+    ))
+}
+
 /// `Crier-Resume: gap` when messages after the client's position were already gone.
-pub fn resume_header(sub: &Subscription) -> HeaderValue {
-    HeaderValue::from_static(if sub.gap() { "gap" } else { "ok" })
+pub fn resume_value(gap: bool) -> HeaderValue {
+    HeaderValue::from_static(if gap { "gap" } else { "ok" })
 }
 
 fn preflight(cross_origin: bool, loc: &PushLocation) -> Response<Body> {
@@ -170,17 +207,16 @@ fn preflight(cross_origin: bool, loc: &PushLocation) -> Response<Body> {
     r
 }
 
-/// Records one batch handed to a subscriber connection.
-pub(crate) fn record_delivery(
-    sub: &Subscription,
-    t: Transport,
-    batch: &[Arc<crate::hub::Message>],
-) {
-    let Some(first) = batch.first() else { return };
-    let bytes: usize = batch.iter().map(|m| m.body.len()).sum();
-    let m = sub.metrics();
-    m.delivered(t, batch.len() as u64, bytes as u64);
-    // One observation per batch keeps the histogram off the per-message path.
-    m.delivery_lag
-        .observe(first.published_at.elapsed().as_secs_f64());
+/// Records one batch handed to a subscriber connection: the delivery-lag histogram, one
+/// observation per batch (the counters were bumped at publish).
+pub(crate) fn record_batch(feed: &Feed, batch: &[Item]) {
+    let first = batch.iter().find_map(|i| match i {
+        Item::Message { msg, .. } => Some(msg),
+        Item::Ended(_) => None,
+    });
+    if let Some(first) = first {
+        feed.metrics()
+            .delivery_lag
+            .observe(first.published_at.elapsed().as_secs_f64());
+    }
 }

@@ -1,17 +1,19 @@
 //! Server-Sent Events: a never-ending stream of frames fed from the subscription.
 //!
-//! Two writers share one [`Feed`]: a hyper response body (HTTP/2, TLS, and any request hyper
-//! had to parse), and a direct writer for a plain HTTP/1.1 connection whose first request is
-//! an SSE subscription ([`serve_h1`]). The direct writer exists for memory: a hyper HTTP/1
+//! Two writers share one [`EventStream`]: a hyper response body (HTTP/2, TLS, and any request
+//! hyper had to parse), and a direct writer for a plain HTTP/1.1 connection whose first request
+//! is an SSE subscription ([`serve_h1`]). The direct writer exists for memory: a hyper HTTP/1
 //! connection keeps two 8 KiB buffers for its whole life, while an idle subscriber needs
 //! almost nothing; it also writes a whole batch of frames with one `writev`.
 //!
 //! Either way the stream is only fed when the connection can take more, so a slow reader
-//! holds at most what sits in its socket; once it falls behind the buffer its stream ends
-//! (counted) and its EventSource reconnects with `Last-Event-ID`, which tells it of any gap.
+//! holds at most what sits in its socket. One that falls behind the buffer is moved to the
+//! oldest buffered message and told with an `event: crier.gap` (`on_lag = "skip"`, the
+//! default), or its stream ends and its EventSource reconnects with `Last-Event-ID`
+//! (`"disconnect"`). A multiplexed stream (`/live/a,b,c`) sends crier.json envelopes that name
+//! their channel, each event's `id:` the compound cursor that resumes every channel.
 
 use std::io::{self, IoSlice};
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -23,15 +25,13 @@ use http_body_util::{BodyExt, StreamBody};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 
-use super::{encoding, record_delivery, resume_header, RESUME_HEADER};
-use crate::config::PushLocation;
-use crate::hub::{CloseReason, Message, Read, Subscription};
+use super::feed::{Feed, Item, Next};
+use super::{encoding, envelope, record_batch, RESUME_HEADER};
+use crate::config::{OnLag, PushLocation};
+use crate::hub::{CloseReason, Message};
 use crate::metrics::DropReason;
-use crate::model::Transport;
 use crate::response::{Body, BoxError, H1Framing};
 
-/// How many buffered messages one wake-up hands to the connection at most.
-const BATCH: usize = 64;
 /// Reconnect delay suggested to EventSource at the start and on shutdown.
 const RETRY: &[u8] = b"retry: 2000\n\n";
 const KEEPALIVE: &[u8] = b":\n\n";
@@ -81,29 +81,30 @@ enum Phase {
     Done,
 }
 
-/// Turns a subscription into SSE frames: messages (each frame shared by every subscriber),
-/// keepalive comments, and the last words on lag or shutdown.
-pub struct Feed {
-    sub: Subscription,
-    batch: Vec<Arc<Message>>,
+/// Turns a feed into SSE frames: messages (each frame shared by every subscriber of a
+/// channel; a multiplexed stream adds its own `id:` line), gap notices, keepalive comments,
+/// and the last words on lag or shutdown.
+pub struct EventStream {
+    feed: Feed,
+    items: Vec<Item>,
     keepalive: Interval,
     phase: Phase,
 }
 
-impl Feed {
-    pub fn new(sub: Subscription, keepalive: Duration) -> Feed {
+impl EventStream {
+    pub fn new(feed: Feed, keepalive: Duration) -> EventStream {
         let mut tick = tokio::time::interval_at(Instant::now() + keepalive, keepalive);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        Feed {
-            sub,
-            batch: Vec::new(),
+        EventStream {
+            feed,
+            items: Vec::new(),
             keepalive: tick,
             phase: Phase::Start,
         }
     }
 
     /// Waits for what to send next and appends it to `out`. Returns false when the stream is
-    /// over. Cancel-safe: nothing is taken from the subscription until it returns.
+    /// over. Cancel-safe: nothing is taken from the feed until it returns.
     pub async fn next(&mut self, out: &mut Vec<Bytes>) -> bool {
         loop {
             match self.phase {
@@ -121,24 +122,15 @@ impl Feed {
                 Phase::Open => {}
             }
             tokio::select! {
-                r = self.sub.next(&mut self.batch, BATCH) => match r {
-                    Read::Messages(_) => {
-                        record_delivery(&self.sub, Transport::Sse, &self.batch);
-                        out.extend(
-                            self.batch
-                                .drain(..)
-                                .map(|m| m.encoded(encoding::SSE, encode_sse_frame).clone()),
-                        );
+                r = self.feed.next(&mut self.items, super::feed::BATCH) => match r {
+                    Next::Items => {
+                        self.encode(out);
                         return true;
                     }
-                    Read::Empty => {}
-                    Read::Lagged => {
-                        self.sub.metrics().dropped(DropReason::Lagged);
-                        // The client reconnects from its last id and learns of the gap.
-                        self.phase = Phase::Closing(LAGGED);
-                    }
-                    Read::Closed(CloseReason::Deleted) => self.phase = Phase::Done,
-                    Read::Closed(CloseReason::ShuttingDown) => self.phase = Phase::Closing(RETRY),
+                    // The client reconnects from its last id and learns of the gap.
+                    Next::Lagged => self.phase = Phase::Closing(LAGGED),
+                    Next::Closed(CloseReason::Deleted) => self.phase = Phase::Done,
+                    Next::Closed(CloseReason::ShuttingDown) => self.phase = Phase::Closing(RETRY),
                 },
                 _ = self.keepalive.tick() => {
                     out.push(Bytes::from_static(KEEPALIVE));
@@ -148,29 +140,89 @@ impl Feed {
         }
     }
 
-    pub fn subscription(&self) -> &Subscription {
-        &self.sub
+    /// The frames of the items taken: shared frames where every subscriber gets the same
+    /// bytes; what is this subscriber's own (gap notices, a multiplexed stream's cursors) is
+    /// written into one buffer per batch and split, so a batch allocates once.
+    fn encode(&mut self, out: &mut Vec<Bytes>) {
+        record_batch(&self.feed, &self.items);
+        let mux = self.feed.is_multiplexed();
+        let mut own = BytesMut::new();
+        for item in self.items.drain(..) {
+            match &item {
+                Item::Message { msg, chan, gap } => {
+                    if *gap {
+                        write_gap(&mut own, self.feed.name(*chan), msg);
+                        out.push(own.split().freeze());
+                    }
+                    self.feed.delivered(&item);
+                    let name = self.feed.name(*chan);
+                    if mux {
+                        own.put_slice(b"id: ");
+                        let mut cursor = Vec::with_capacity(24 * self.feed.len());
+                        self.feed.write_cursor(&mut cursor);
+                        own.put_slice(&cursor);
+                        own.put_u8(b'\n');
+                        out.push(own.split().freeze());
+                        let key = self.feed.prefix_len();
+                        out.push(envelope::sse_data(msg, name, key, false));
+                    } else {
+                        out.push(msg.encoded(encoding::SSE, encode_sse_frame).clone());
+                    }
+                }
+                Item::Ended(chan) => {
+                    own.put_slice(b"event: crier.deleted\ndata: ");
+                    own.put_slice(
+                        &serde_json::to_vec(
+                            &serde_json::json!({ "channel": self.feed.name(*chan) }),
+                        )
+                        .unwrap_or_default(),
+                    );
+                    own.put_slice(b"\n\n");
+                    out.push(own.split().freeze());
+                }
+            }
+        }
+    }
+
+    pub fn feed(&self) -> &Feed {
+        &self.feed
     }
 }
 
-/// The SSE response through hyper: the body yields the feed's frames one by one.
-pub fn respond(sub: Subscription, loc: &PushLocation) -> Response<Body> {
+/// `event: crier.gap` with `{"channel", "next"}`: the first id the client gets now. It carries
+/// no `id:` line, so the EventSource's last id (its resume position) does not move.
+fn write_gap(own: &mut BytesMut, channel: &str, next: &Message) {
+    own.put_slice(b"event: crier.gap\ndata: ");
+    own.put_slice(
+        &serde_json::to_vec(
+            &serde_json::json!({ "channel": channel, "next": next.id.to_string() }),
+        )
+        .unwrap_or_default(),
+    );
+    own.put_slice(b"\n\n");
+}
+
+/// The SSE response through hyper: the body yields the stream's frames one by one.
+pub fn respond(feed: Feed, loc: &PushLocation) -> Response<Body> {
     let mut headers = HeaderMap::with_capacity(4);
-    stream_headers(&mut headers, &sub);
-    let feed = Feed::new(sub, loc.keepalive);
+    stream_headers(&mut headers, &feed);
+    let events = EventStream::new(feed, loc.keepalive);
     let frames = stream::unfold(
-        (feed, Vec::new(), 0usize),
-        |(mut feed, mut pending, mut next)| async move {
+        (events, Vec::new(), 0usize),
+        |(mut events, mut pending, mut next)| async move {
             if next == pending.len() {
                 pending.clear();
                 next = 0;
-                if !feed.next(&mut pending).await {
+                if !events.next(&mut pending).await {
                     return None;
                 }
             }
             let frame = pending[next].clone();
             next += 1;
-            Some((Ok::<_, BoxError>(Frame::data(frame)), (feed, pending, next)))
+            Some((
+                Ok::<_, BoxError>(Frame::data(frame)),
+                (events, pending, next),
+            ))
         },
     );
     let mut r = Response::new(StreamBody::new(frames).boxed_unsync());
@@ -182,15 +234,16 @@ pub fn respond(sub: Subscription, loc: &PushLocation) -> Response<Body> {
 /// each wake-up's frames in one chunk and one `writev`. The request head was already read.
 pub async fn serve_h1(
     mut stream: TcpStream,
-    sub: Subscription,
+    feed: Feed,
     cors: Option<HeaderValue>,
     keepalive: Duration,
 ) {
-    let head = response_head(&sub, cors.as_ref());
+    let head = response_head(&feed, cors.as_ref());
     // A write that cannot finish in two keepalive intervals means a peer that stopped
     // reading; its buffer share is bounded by the socket, so let it go.
     let stall = keepalive * 2;
-    let mut feed = Feed::new(sub, keepalive);
+    let disconnect_on_lag = feed.on_lag() == OnLag::Disconnect;
+    let mut events = EventStream::new(feed, keepalive);
     if write_timed(&mut stream, &mut [IoSlice::new(&head)], stall).await != Wrote::All {
         return;
     }
@@ -199,26 +252,27 @@ pub async fn serve_h1(
     let mut peer_buf = [0u8; 64];
     loop {
         tokio::select! {
-            more = feed.next(&mut frames) => {
+            more = events.next(&mut frames) => {
                 if !more {
                     let _ = write_timed(&mut stream, &mut [IoSlice::new(b"0\r\n\r\n")], stall).await;
                     return;
                 }
-                // A peer that stops reading blocks the write: let it go once it has fallen
-                // behind the buffer (lagged), or when the socket takes nothing for the stall
-                // limit (a large buffer it may never fall behind).
+                // A peer that stops reading blocks the write: it is let go when the socket
+                // takes nothing for the stall limit; under `on_lag = "disconnect"` already
+                // once it has fallen behind the buffer. (Skipping, it catches up with a gap
+                // notice once the socket moves again.)
                 let wrote = tokio::select! {
                     biased;
                     w = write_chunks(&mut stream, &frames, stall) => w,
-                    _ = feed.subscription().fell_behind() => {
-                        feed.subscription().metrics().dropped(DropReason::Lagged);
+                    _ = events.feed().fell_behind(), if disconnect_on_lag => {
+                        events.feed().metrics().dropped(DropReason::Lagged);
                         return;
                     }
                 };
                 match wrote {
                     Wrote::All => {}
                     Wrote::Stalled => {
-                        feed.subscription().metrics().dropped(DropReason::Timeout);
+                        events.feed().metrics().dropped(DropReason::Timeout);
                         return;
                     }
                     Wrote::Closed => return,
@@ -243,20 +297,20 @@ pub async fn serve_h1(
 }
 
 /// The headers of an SSE response, on either path.
-fn stream_headers(h: &mut HeaderMap, sub: &Subscription) {
+fn stream_headers(h: &mut HeaderMap, feed: &Feed) {
     h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/event-stream"),
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    h.insert(RESUME_HEADER, resume_header(sub));
+    h.insert(RESUME_HEADER, super::resume_value(feed.started_with_gap()));
 }
 
 /// The fast path's response head: the same headers, written by crier's one raw HTTP/1 writer.
-fn response_head(sub: &Subscription, cors: Option<&HeaderValue>) -> Vec<u8> {
+fn response_head(feed: &Feed, cors: Option<&HeaderValue>) -> Vec<u8> {
     let mut h = HeaderMap::with_capacity(8);
-    stream_headers(&mut h, sub);
+    stream_headers(&mut h, feed);
     if let Some(origin) = cors {
         crate::response::add_cors(&mut h, origin);
     }
@@ -265,25 +319,36 @@ fn response_head(sub: &Subscription, cors: Option<&HeaderValue>) -> Vec<u8> {
     out
 }
 
-/// Frames per chunk (and per `writev`): the slices live on the stack, so no allocation
-/// happens per delivery.
-const GROUP: usize = 14;
+/// Frames a wake-up usually brings fit in a slice list on the stack (no allocation per
+/// delivery); a larger batch (a subscriber catching up) builds its list once, on the heap.
+const STACK_FRAMES: usize = 14;
+/// Most slices one `writev` takes (IOV_MAX on Linux).
+const MAX_IOV: usize = 1024;
 
-/// Writes the frames as HTTP/1.1 chunks (size line, frames, CRLF), one `writev` per group.
+/// Writes the frames as one HTTP/1.1 chunk (size line, frames, CRLF) per `writev`: a batch
+/// goes out in one system call, up to IOV_MAX slices.
 async fn write_chunks(stream: &mut TcpStream, frames: &[Bytes], stall: Duration) -> Wrote {
-    for group in frames.chunks(GROUP) {
+    for group in frames.chunks(MAX_IOV - 2) {
         let len: usize = group.iter().map(Bytes::len).sum();
         let mut size_line = [0u8; 20];
         let n = hex_line(len, &mut size_line);
-        let mut slices = [IoSlice::new(&[]); GROUP + 2];
-        slices[0] = IoSlice::new(&size_line[..n]);
-        for (slot, f) in slices[1..].iter_mut().zip(group) {
-            *slot = IoSlice::new(f);
-        }
-        slices[group.len() + 1] = IoSlice::new(b"\r\n");
-        match write_timed(stream, &mut slices[..group.len() + 2], stall).await {
-            Wrote::All => {}
-            other => return other,
+        let wrote = if group.len() <= STACK_FRAMES {
+            let mut slices = [IoSlice::new(&[]); STACK_FRAMES + 2];
+            slices[0] = IoSlice::new(&size_line[..n]);
+            for (slot, f) in slices[1..].iter_mut().zip(group) {
+                *slot = IoSlice::new(f);
+            }
+            slices[group.len() + 1] = IoSlice::new(b"\r\n");
+            write_timed(stream, &mut slices[..group.len() + 2], stall).await
+        } else {
+            let mut slices = Vec::with_capacity(group.len() + 2);
+            slices.push(IoSlice::new(&size_line[..n]));
+            slices.extend(group.iter().map(|f| IoSlice::new(f)));
+            slices.push(IoSlice::new(b"\r\n"));
+            write_timed(stream, &mut slices, stall).await
+        };
+        if wrote != Wrote::All {
+            return wrote;
         }
     }
     Wrote::All

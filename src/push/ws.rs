@@ -1,15 +1,19 @@
 //! WebSocket subscribers (hyper-tungstenite). The upgraded connection lives outside hyper's
 //! connection, in a task on the server's WebSocket tracker so shutdown can wait for its
 //! close handshake.
+//!
+//! A plain WebSocket gets each message as a text or binary frame; with the `crier.json`
+//! subprotocol, and on every multiplexed stream, each frame is a crier.json envelope (which
+//! can say `"gap": true`). A crier.json client may also `{"subscribe": "c"}` and
+//! `{"unsubscribe": "c"}`; each subscribe passes the same checks as a new connection.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use http::header::{self, HeaderValue};
-use http::{Request, Response, StatusCode};
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use hyper_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
@@ -18,18 +22,20 @@ use hyper_tungstenite::HyperWebsocketStream;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::task::TaskTracker;
 
-use super::{encoding, record_delivery, resume_header, RESUME_HEADER};
-use crate::config::PushLocation;
-use crate::hub::{CloseReason, Message, Read, Subscription};
+use super::admission::{check_origin, Admission, RequestView};
+use super::feed::{Feed, Item, Next, BATCH};
+use super::{envelope, record_batch, resume_value, Position, RESUME_HEADER};
+use crate::config::{OnLag, PushLocation};
+use crate::hub::{CloseReason, Hub, Message, MessageId, Start};
 use crate::metrics::DropReason;
-use crate::model::Transport;
+use crate::model::{ChannelName, Transport};
 use crate::response::{self, Body};
 
 /// The subprotocol whose frames carry ids: `{"id","event","data"|"data_b64"}`.
 pub const JSON_PROTOCOL: &str = "crier.json";
-/// Subscribers send nothing but control frames; anything bigger is refused with 1009.
+/// Subscribers send only control frames and crier.json commands; anything bigger is refused
+/// with 1009.
 pub const MAX_CLIENT_MESSAGE: usize = 16 * 1024;
-const BATCH: usize = 64;
 /// How long a close handshake may take before the connection is dropped.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
@@ -46,19 +52,121 @@ fn ws_config() -> WebSocketConfig {
         .max_frame_size(Some(MAX_CLIENT_MESSAGE))
 }
 
-pub fn respond(
-    req: &mut Request<Incoming>,
-    sub: Subscription,
-    loc: &PushLocation,
-    tasks: &TaskTracker,
-) -> Response<Body> {
-    let json = req
-        .headers()
-        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+/// Whether the handshake asks for the `crier.json` subprotocol.
+pub fn wants_json(h: &HeaderMap) -> bool {
+    h.get_all(header::SEC_WEBSOCKET_PROTOCOL)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|s| s.split(','))
-        .any(|p| p.trim() == JSON_PROTOCOL);
+        .any(|p| p.trim() == JSON_PROTOCOL)
+}
+
+/// What a crier.json connection keeps to check its later `subscribe`s like a new connection:
+/// the checks, its location, and the parts of the handshake the checks read (the target for
+/// `access_token`, and the headers forward auth and the Origin check look at).
+pub struct Dynamic {
+    admission: Admission,
+    loc: Arc<PushLocation>,
+    hub: Hub,
+    target: String,
+    headers: HeaderMap,
+}
+
+impl Dynamic {
+    /// For a crier.json handshake; None for a plain WebSocket (it cannot send commands).
+    pub fn new(
+        admission: &Admission,
+        loc: &Arc<PushLocation>,
+        hub: &Hub,
+        req: &Request<Incoming>,
+    ) -> Option<Dynamic> {
+        if !wants_json(req.headers()) {
+            return None;
+        }
+        let mut headers = HeaderMap::new();
+        for name in [
+            header::HOST,
+            header::ORIGIN,
+            header::COOKIE,
+            header::AUTHORIZATION,
+            header::HeaderName::from_static("x-forwarded-for"),
+        ] {
+            for v in req.headers().get_all(&name) {
+                headers.append(name.clone(), v.clone());
+            }
+        }
+        Some(Dynamic {
+            admission: admission.clone(),
+            loc: loc.clone(),
+            hub: hub.clone(),
+            target: req
+                .uri()
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_string(),
+            headers,
+        })
+    }
+
+    /// Subscribes to the channel the client calls `name`: the same checks as a connection
+    /// (the owner's Origin, JWT and forward auth), then the hub. Returns the channel's
+    /// position (the id it starts after), or the one-line reason it was refused.
+    async fn subscribe(
+        &self,
+        feed: &mut Feed,
+        name: &str,
+        last_event_id: Option<&str>,
+    ) -> Result<MessageId, String> {
+        let channel =
+            ChannelName::with_prefix(&self.loc.channel_prefix, name).map_err(|e| e.to_string())?;
+        if feed.has(name) {
+            return Err("already subscribed".into());
+        }
+        if feed.len() >= self.loc.max_channels_per_subscription {
+            return Err(format!(
+                "this location takes at most {} channels per connection (max_channels_per_subscription)",
+                self.loc.max_channels_per_subscription
+            ));
+        }
+        let owner = self.admission.owner(&channel, &self.loc).clone();
+        check_origin(&self.headers, &owner).map_err(|_| "origin not allowed".to_string())?;
+        let view = RequestView {
+            method: &Method::GET,
+            target: &self.target,
+            headers: &self.headers,
+        };
+        if let Err(refusal) = self.admission.authorize(&owner, &channel, view).await {
+            return Err(refusal.reason());
+        }
+        let start = match last_event_id {
+            None | Some("") => Position::Unnamed,
+            Some("earliest") => Position::Earliest,
+            Some(id) => Position::After(id.parse::<MessageId>().map_err(|e| e.to_string())?),
+        }
+        .starts(&self.loc, 1)?
+        .first()
+        .copied()
+        .unwrap_or(Start::Newest);
+        let peer = Some(self.admission.conn.peer);
+        let sub = self
+            .hub
+            .subscribe(&channel, Transport::WebSocket, start, peer)
+            .await
+            .map_err(|e| e.to_string())?;
+        let after = sub.start_after();
+        feed.add(sub);
+        Ok(after)
+    }
+}
+
+pub fn respond(
+    req: &mut Request<Incoming>,
+    feed: Feed,
+    loc: &PushLocation,
+    tasks: &TaskTracker,
+    dynamic: Option<Dynamic>,
+) -> Response<Body> {
+    let json = wants_json(req.headers());
     let (resp, pending) = match hyper_tungstenite::upgrade(&mut *req, Some(ws_config())) {
         Ok(pair) => pair,
         Err(e) => {
@@ -68,11 +176,11 @@ pub fn respond(
             )
         }
     };
-    let resume = resume_header(&sub);
+    let resume = resume_value(feed.started_with_gap());
     let keepalive = loc.keepalive;
     tasks.spawn(async move {
         match pending.await {
-            Ok(ws) => run(ws, sub, keepalive, json).await,
+            Ok(ws) => run(ws, feed, keepalive, json, dynamic).await,
             Err(e) => tracing::debug!("websocket upgrade failed: {e}"),
         }
     });
@@ -87,14 +195,9 @@ pub fn respond(
     Response::from_parts(parts, response::empty())
 }
 
-/// The frame for one message: text when the body is textual UTF-8, else binary; with
-/// `crier.json`, the shared JSON envelope built once per message.
-fn frame(m: &Message, json: bool) -> WsMessage {
-    if json {
-        let b = m.encoded(encoding::WS_JSON, encode_json_envelope).clone();
-        // SAFETY: the envelope is serde_json output, which is always valid UTF-8.
-        return WsMessage::Text(unsafe { Utf8Bytes::from_bytes_unchecked(b) });
-    }
+/// The frame for one message on a plain WebSocket: text when the body is textual UTF-8,
+/// else binary.
+fn plain_frame(m: &Message) -> WsMessage {
     if m.is_text {
         // SAFETY: `is_text` is set at publish only after the body was checked to be UTF-8.
         WsMessage::Text(unsafe { Utf8Bytes::from_bytes_unchecked(m.body.clone()) })
@@ -103,36 +206,77 @@ fn frame(m: &Message, json: bool) -> WsMessage {
     }
 }
 
-/// `{"id":"...","event":"...","data":"..."}`; a non-UTF-8 body goes base64 in `data_b64`.
-pub fn encode_json_envelope(m: &Message) -> Bytes {
-    Bytes::from(serde_json::to_vec(&envelope_fields(m)).unwrap_or_default())
+/// A crier.json frame.
+fn json_frame(b: Bytes) -> WsMessage {
+    // SAFETY: every crier.json frame is serde_json output, which is always valid UTF-8.
+    WsMessage::Text(unsafe { Utf8Bytes::from_bytes_unchecked(b) })
 }
 
-/// The fields of the crier.json envelope (WebSocket, WebRTC, Web Push): `id`, `event` when
-/// the message has one, and `data`, or `data_b64` for a body that is not UTF-8.
-pub fn envelope_fields(m: &Message) -> serde_json::Map<String, serde_json::Value> {
-    let mut v = serde_json::Map::new();
-    v.insert("id".into(), m.id.to_string().into());
-    if let Some(e) = &m.event {
-        v.insert("event".into(), e.to_string().into());
-    }
-    match std::str::from_utf8(&m.body) {
-        Ok(s) => v.insert("data".into(), s.into()),
-        Err(_) => v.insert(
-            "data_b64".into(),
-            base64::engine::general_purpose::STANDARD
-                .encode(&m.body)
-                .into(),
+fn json_value(v: serde_json::Value) -> WsMessage {
+    json_frame(Bytes::from(serde_json::to_vec(&v).unwrap_or_default()))
+}
+
+/// The frame of one item for this connection.
+fn item_frame(feed: &Feed, item: &Item, json: bool) -> WsMessage {
+    match item {
+        Item::Message { msg, chan, gap } => {
+            if feed.is_multiplexed() {
+                let name = feed.name(*chan);
+                json_frame(envelope::for_subscriber(
+                    msg,
+                    Some((name, feed.prefix_len())),
+                    *gap,
+                ))
+            } else if json {
+                json_frame(envelope::for_subscriber(msg, None, *gap))
+            } else {
+                plain_frame(msg)
+            }
+        }
+        Item::Ended(chan) => json_value(
+            serde_json::json!({ "unsubscribed": feed.name(*chan), "reason": "channel deleted" }),
         ),
-    };
-    v
+    }
 }
 
-async fn run(mut ws: HyperWebsocketStream, mut sub: Subscription, keepalive: Duration, json: bool) {
-    let mut batch: Vec<Arc<Message>> = Vec::new();
+/// A command a crier.json client sends.
+#[derive(serde::Deserialize)]
+struct Command {
+    subscribe: Option<String>,
+    unsubscribe: Option<String>,
+    last_event_id: Option<String>,
+}
+
+async fn run(
+    mut ws: HyperWebsocketStream,
+    mut feed: Feed,
+    keepalive: Duration,
+    json: bool,
+    dynamic: Option<Dynamic>,
+) {
+    let mut items: Vec<Item> = Vec::new();
+    let mut frames: Vec<WsMessage> = Vec::new();
     let mut ping = tokio::time::interval_at(Instant::now() + keepalive, keepalive);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
+    let disconnect_on_lag = feed.on_lag() == OnLag::Disconnect;
+    // A multiplexed stream says first where each channel starts (what a resume needs).
+    if feed.is_multiplexed() {
+        for i in 0..feed.len() {
+            let mut pos = Vec::new();
+            feed.write_position(i, &mut pos);
+            let v = serde_json::json!({
+                "subscribed": feed.name(i),
+                "id": String::from_utf8_lossy(&pos),
+            });
+            if ws.feed(json_value(v)).await.is_err() {
+                return;
+            }
+        }
+        if ws.flush().await.is_err() {
+            return;
+        }
+    }
     let close = loop {
         tokio::select! {
             frame = ws.next() => match frame {
@@ -142,69 +286,78 @@ async fn run(mut ws: HyperWebsocketStream, mut sub: Subscription, keepalive: Dur
                     let _ = tokio::time::timeout(CLOSE_WAIT, ws.close(None)).await;
                     return;
                 }
-                // Subscribers only: data frames are ignored; any frame shows the peer lives.
+                Some(Ok(WsMessage::Text(t))) => {
+                    last_heard = Instant::now();
+                    if let Some(d) = &dynamic {
+                        let answer = command(d, &mut feed, t.as_str()).await;
+                        if ws.send(json_value(answer)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                // Anything else only shows the peer lives.
                 Some(Ok(_)) => last_heard = Instant::now(),
                 Some(Err(tungstenite::Error::Capacity(_))) => {
-                    sub.metrics().dropped(DropReason::Oversized);
+                    feed.metrics().dropped(DropReason::Oversized);
                     break Some((CloseCode::Size, "message too big"));
                 }
                 Some(Err(_)) => return,
             },
-            r = sub.next(&mut batch, BATCH) => match r {
-                Read::Messages(_) => {
-                    record_delivery(&sub, Transport::WebSocket, &batch);
+            r = feed.next(&mut items, BATCH) => match r {
+                Next::Items => {
+                    record_batch(&feed, &items);
+                    for item in items.drain(..) {
+                        feed.delivered(&item);
+                        frames.push(item_frame(&feed, &item, json));
+                    }
                     let write = async {
-                        for m in batch.drain(..) {
-                            ws.feed(frame(&m, json)).await?;
+                        for f in frames.drain(..) {
+                            ws.feed(f).await?;
                         }
                         ws.flush().await
                     };
                     // A client that stops reading blocks the write; it must not hold its
-                    // connection (and this task) forever: once it has fallen behind the
-                    // buffer it is let go, as a slow reader that is not stuck would be.
-                    // `biased`: the stall timer is only armed when the write does not finish
-                    // at once, so the common case costs no timer.
+                    // connection (and this task) forever: it is let go when the socket takes
+                    // nothing for two keepalive intervals, and under `on_lag = "disconnect"`
+                    // (always for a plain WebSocket) once it fell behind the buffer.
+                    // `biased`: the timers are only armed when the write does not finish at
+                    // once.
                     tokio::select! {
                         biased;
                         r = write => if r.is_err() {
                             return;
                         },
-                        _ = sub.fell_behind() => {
-                            sub.metrics().dropped(DropReason::Lagged);
+                        _ = feed.fell_behind(), if disconnect_on_lag => {
+                            feed.metrics().dropped(DropReason::Lagged);
                             break Some((CloseCode::Again, "fell behind the buffer; reconnect"));
                         }
                         _ = tokio::time::sleep(keepalive * 2) => {
-                            // Not behind yet (a large buffer), but not reading either.
-                            sub.metrics().dropped(DropReason::Timeout);
+                            feed.metrics().dropped(DropReason::Timeout);
                             return;
                         }
                     }
                 }
-                Read::Empty => {}
-                Read::Lagged => {
-                    sub.metrics().dropped(DropReason::Lagged);
-                    break Some((CloseCode::Again, "fell behind the buffer; reconnect"));
-                }
-                Read::Closed(CloseReason::Deleted) => break Some((CloseCode::Normal, "channel deleted")),
-                Read::Closed(CloseReason::ShuttingDown) => break Some((CloseCode::Away, "server shutting down")),
+                Next::Lagged => break Some((CloseCode::Again, "fell behind the buffer; reconnect")),
+                Next::Closed(CloseReason::Deleted) => break Some((CloseCode::Normal, "channel deleted")),
+                Next::Closed(CloseReason::ShuttingDown) => break Some((CloseCode::Away, "server shutting down")),
             },
             _ = ping.tick() => {
                 if last_heard.elapsed() > keepalive * 2 {
-                    sub.metrics().dropped(DropReason::Timeout);
+                    feed.metrics().dropped(DropReason::Timeout);
                     break Some((CloseCode::Away, "no pong"));
                 }
                 match tokio::time::timeout(keepalive, ws.send(WsMessage::Ping(Bytes::new()))).await {
                     Ok(Ok(())) => {}
                     Ok(Err(_)) => return,
                     Err(_) => {
-                        sub.metrics().dropped(DropReason::Timeout);
+                        feed.metrics().dropped(DropReason::Timeout);
                         return;
                     }
                 }
             }
         }
     };
-    drop(sub);
+    drop(feed);
     if let Some((code, reason)) = close {
         let frame = CloseFrame {
             code,
@@ -217,6 +370,35 @@ async fn run(mut ws: HyperWebsocketStream, mut sub: Subscription, keepalive: Dur
             }
         })
         .await;
+    }
+}
+
+/// Answers one crier.json command: `{"subscribed"}`/`{"unsubscribed"}`, or `{"error",
+/// "channel"}` (the connection stays).
+async fn command(d: &Dynamic, feed: &mut Feed, text: &str) -> serde_json::Value {
+    let cmd: Command = match serde_json::from_str(text) {
+        Ok(c) => c,
+        Err(_) => {
+            return serde_json::json!({
+                "error": "not a command: {\"subscribe\": \"c\"} or {\"unsubscribe\": \"c\"}"
+            })
+        }
+    };
+    match (cmd.subscribe, cmd.unsubscribe) {
+        (Some(c), None) => match d.subscribe(feed, &c, cmd.last_event_id.as_deref()).await {
+            Ok(after) => serde_json::json!({ "subscribed": c, "id": after.to_string() }),
+            Err(e) => serde_json::json!({ "error": e, "channel": c }),
+        },
+        (None, Some(c)) => {
+            if feed.remove(&c) {
+                serde_json::json!({ "unsubscribed": c })
+            } else {
+                serde_json::json!({ "error": "not subscribed", "channel": c })
+            }
+        }
+        _ => serde_json::json!({
+            "error": "a command names one of subscribe or unsubscribe"
+        }),
     }
 }
 
@@ -237,29 +419,14 @@ mod tests {
 
     #[test]
     fn text_or_binary() {
-        assert!(matches!(frame(&msg("text/plain", b"hi"), false), WsMessage::Text(t) if t == "hi"));
+        assert!(matches!(plain_frame(&msg("text/plain", b"hi")), WsMessage::Text(t) if t == "hi"));
         assert!(matches!(
-            frame(&msg("application/octet-stream", b"hi"), false),
+            plain_frame(&msg("application/octet-stream", b"hi")),
             WsMessage::Binary(_)
         ));
         assert!(matches!(
-            frame(&msg("text/plain", b"\xff"), false),
+            plain_frame(&msg("text/plain", b"\xff")),
             WsMessage::Binary(_)
         ));
-    }
-
-    #[test]
-    fn json_envelope() {
-        let v: serde_json::Value =
-            serde_json::from_slice(&encode_json_envelope(&msg("text/plain", b"a\nb")))
-                .expect("test setup");
-        assert_eq!(
-            v,
-            serde_json::json!({"id": "1-2", "event": "ev", "data": "a\nb"})
-        );
-        let v: serde_json::Value =
-            serde_json::from_slice(&encode_json_envelope(&msg("x/y", b"\xff\x00")))
-                .expect("test setup");
-        assert_eq!(v["data_b64"], "/wA=");
     }
 }

@@ -117,7 +117,7 @@ async fn serve_public(
     match first {
         FirstBytes::Nothing | FirstBytes::Answered => {}
         FirstBytes::Sse(fast) => {
-            crate::push::sse::serve_h1(stream, fast.sub, fast.cors, fast.keepalive).await
+            crate::push::sse::serve_h1(stream, fast.feed, fast.cors, fast.keepalive).await
         }
         FirstBytes::H2 => {
             let svc = service(&state, Kind::Public, conn);

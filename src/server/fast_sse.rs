@@ -17,16 +17,17 @@ use tokio::net::TcpStream;
 use super::sniff::FirstBytes;
 use super::{Live, State};
 use crate::config::PushLocation;
-use crate::hub::Subscription;
 use crate::model::{ChannelName, ConnInfo, Transport};
 use crate::push::admission::{accepts_event_stream, hub_error};
+use crate::push::feed::Feed;
 use crate::push::locations::Route;
+use crate::push::open_feed;
 use crate::push::{Admission, RequestView};
 use crate::response::{self, Body, H1Framing};
 
 /// An SSE subscription the fast path serves.
 pub(super) struct FastSse {
-    pub(super) sub: Subscription,
+    pub(super) feed: Feed,
     pub(super) cors: Option<HeaderValue>,
     pub(super) keepalive: Duration,
 }
@@ -34,7 +35,7 @@ pub(super) struct FastSse {
 /// A complete `GET` head asking for SSE at a push location.
 pub(super) struct FastSseHead {
     location: Arc<PushLocation>,
-    channel: ChannelName,
+    channels: Vec<ChannelName>,
     /// Path and query, as sent.
     target: String,
     headers: HeaderMap,
@@ -59,7 +60,7 @@ pub(super) fn parse_head(head: &[u8], live: &Live) -> Option<FastSseHead> {
         return None;
     }
     let path = target.split_once('?').map_or(target, |(p, _)| p);
-    let Route::Push { location, channel } = live.locations.route(path) else {
+    let Route::Push { location, channels } = live.locations.route(path) else {
         return None;
     };
     let mut map = HeaderMap::with_capacity(req.headers.len());
@@ -80,7 +81,7 @@ pub(super) fn parse_head(head: &[u8], live: &Live) -> Option<FastSseHead> {
     }
     Some(FastSseHead {
         location,
-        channel,
+        channels,
         target: target.to_string(),
         headers: map,
         len,
@@ -100,9 +101,9 @@ pub(super) async fn admit(
     mut buf: Vec<u8>,
 ) -> FirstBytes {
     let admission = Admission {
-        locations: &live.locations,
-        gatekeeper: &live.gatekeeper,
-        conn,
+        locations: live.locations.clone(),
+        gatekeeper: live.gatekeeper.clone(),
+        conn: *conn,
     };
     let view = RequestView {
         method: &Method::GET,
@@ -110,24 +111,30 @@ pub(super) async fn admit(
         headers: &head.headers,
     };
     let admitted = admission
-        .admit(&head.location, head.channel.clone(), view)
+        .admit(&head.location, head.channels.clone(), view)
         .await;
     let answer = match admitted {
         Err((refusal, cors)) => refusal.into_response(cors.as_ref()),
         Ok(a) => {
             debug_assert_eq!(a.transport, Transport::Sse);
-            match state
-                .hub
-                .subscribe(&a.channel, Transport::Sse, a.start, Some(conn.peer))
-                .await
-            {
-                Ok(sub) => {
+            let loc = &head.location;
+            let feed = open_feed(
+                &state.hub,
+                loc,
+                &a.channels,
+                &a.starts,
+                Transport::Sse,
+                loc.on_lag,
+                conn.peer,
+            );
+            match feed.await {
+                Ok(feed) => {
                     // The head is in the socket buffer (we peeked it): consume exactly that.
                     if stream.read_exact(&mut buf[..head.len]).await.is_err() {
                         return FirstBytes::Nothing;
                     }
                     return FirstBytes::Sse(FastSse {
-                        sub,
+                        feed,
                         cors: a.cors,
                         keepalive: head.location.keepalive,
                     });

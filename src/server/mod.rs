@@ -89,10 +89,10 @@ pub enum StartError {
 struct Live {
     config: Arc<Config>,
     /// The push locations: path → location and channel; channel → owner.
-    locations: Locations,
+    locations: Arc<Locations>,
     proxy: Proxy,
     /// Subscriber checks (forward auth, JWT) of this config; its caches go with it on reload.
-    gatekeeper: Gatekeeper,
+    gatekeeper: Arc<Gatekeeper>,
     http: Arc<HttpBuilders>,
     tls: Option<TlsAcceptor>,
     /// `[[ingress]]` paths, answered before the push locations.
@@ -113,9 +113,9 @@ impl Live {
             None => None,
         };
         Ok(Live {
-            locations: Locations::new(&config),
+            locations: Arc::new(Locations::new(&config)),
             proxy: Proxy::new(&config.upstream, state_metrics.clone(), upgraded.clone()),
-            gatekeeper: Gatekeeper::new(&config, keys, state_metrics.clone()),
+            gatekeeper: Arc::new(Gatekeeper::new(&config, keys, state_metrics.clone())),
             http: Arc::new(HttpBuilders::new(&config.server)),
             tls,
             ingress: crate::webhook::Ingress::new(&config.ingress, keys),

@@ -68,9 +68,9 @@ fn route_public<'a>(state: &'a State, live: &'a Live, path: &str) -> PublicRoute
 async fn public(state: &Arc<State>, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
     let live = state.live.load_full();
     let admission = Admission {
-        locations: &live.locations,
-        gatekeeper: &live.gatekeeper,
-        conn: &conn,
+        locations: live.locations.clone(),
+        gatekeeper: live.gatekeeper.clone(),
+        conn,
     };
     match route_public(state, &live, req.uri().path()) {
         PublicRoute::Ingress(ingress) => {
@@ -81,16 +81,16 @@ async fn public(state: &Arc<State>, req: Request<Incoming>, conn: ConnInfo) -> R
         }
         PublicRoute::Push(Route::Proxy) => live.proxy.forward(req, &conn).await,
         PublicRoute::Push(Route::BadChannel(reason)) => {
-            response::text(StatusCode::BAD_REQUEST, &reason.to_string())
+            response::text(StatusCode::BAD_REQUEST, &reason)
         }
-        PublicRoute::Push(Route::Push { location, channel }) => {
+        PublicRoute::Push(Route::Push { location, channels }) => {
             let ctx = PushContext {
                 hub: &state.hub,
                 ws_tasks: &state.upgraded,
                 admission,
                 webrtc: state.webrtc.as_ref(),
             };
-            push::serve(ctx, req, &location, channel).await
+            push::serve(ctx, req, &location, channels).await
         }
     }
 }

@@ -32,7 +32,7 @@ const MAX_ENDPOINT: usize = 2048;
 /// Serves one request; `rest` is the path after `webpush.path` and its slash.
 pub async fn handle(
     wp: &WebPush,
-    ctx: &Admission<'_>,
+    ctx: &Admission,
     mut req: Request<Incoming>,
     rest: &str,
 ) -> Response<Body> {

@@ -169,7 +169,7 @@ impl HubObserver for Observer {
 /// in one push message, the same without the data and with `"truncated": true`, so the
 /// service worker fetches the message by id.
 pub fn payload(channel: &str, m: &Message) -> Vec<u8> {
-    let mut v = crate::push::ws::envelope_fields(m);
+    let mut v = crate::push::envelope::fields(m);
     v.insert("channel".into(), channel.into());
     let full = serde_json::to_vec(&v).unwrap_or_default();
     if full.len() <= crypto::MAX_PLAINTEXT {

@@ -229,6 +229,10 @@ impl AuthLog {
         self.0.lock().expect("auth log").len()
     }
 
+    pub fn all(&self) -> Vec<AuthSeen> {
+        self.0.lock().expect("auth log").clone()
+    }
+
     pub fn last(&self) -> Option<AuthSeen> {
         self.0.lock().expect("auth log").last().cloned()
     }

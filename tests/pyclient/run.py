@@ -324,6 +324,7 @@ class Client:
         self.open = False
         self.opens = 0
         self.resume = []  # Crier-Resume of each (re)connection or long-poll answer
+        self.gaps = []  # in-band gap notices: SSE crier.gap data, crier.json envelopes with "gap"
         self.versions = set()
         self.errors = []
         self.task = None
@@ -356,7 +357,10 @@ async def sse_client(c, http, url, resume="header", start=None):
                 p = SseParser()
                 async for chunk in r.aiter_raw():
                     for ev in p.feed(chunk):
-                        c.got.append(ev)
+                        if ev[1] == "crier.gap":
+                            c.gaps.append(json.loads(ev[2]))
+                        else:
+                            c.got.append(ev)
                         last = ev[0]
             c.open = False
         except asyncio.CancelledError:
@@ -382,6 +386,8 @@ async def ws_client(c, url, json_proto, ssl_ctx=None, start=None):
                         f = json.loads(msg)
                         data = f["data"].encode() if "data" in f else base64.b64decode(f["data_b64"])
                         c.got.append((f["id"], f.get("event"), data, "data" in f))
+                        if f.get("gap"):
+                            c.gaps.append(f)
                         last = f["id"]
                     elif isinstance(msg, str):
                         c.got.append(("text", msg.encode()))
@@ -629,8 +635,11 @@ class Suite:
             await self.stop([c, c2])
         same("SSE after a gap", c.got, want("sse", buffered))
         assert c.resume[0] == "gap", c.resume
+        # Told in band too: an EventSource cannot read the header.
+        assert c.gaps == [{"channel": channel, "next": buffered[0]["id"]}], c.gaps
         same("crier.json after a gap", c2.got, want("wsj", buffered))
         assert c2.resume[0] == "gap", c2.resume
+        assert [g["id"] for g in c2.gaps] == [buffered[0]["id"]], c2.gaps
         r = await self.h1.get(base, headers={"if-none-match": f'"{first}"'})
         assert r.status_code == 200 and r.headers["crier-resume"] == "gap", (r.status_code, dict(r.headers))
         assert r.headers["etag"] == f'"{buffered[0]["id"]}"' and r.content == buffered[0]["body"]

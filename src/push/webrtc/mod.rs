@@ -36,9 +36,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::admission::hub_error;
-use super::{resume_header, RESUME_HEADER};
-use crate::config::WebRtcConfig;
-use crate::hub::{Hub, Start};
+use super::{open_feed, resume_value, Admitted, RESUME_HEADER};
+use crate::config::{PushLocation, WebRtcConfig};
+use crate::hub::Hub;
 use crate::metrics::{Metrics, WebRtcState};
 use crate::model::{ChannelName, Transport};
 use crate::response::{self, Body};
@@ -110,7 +110,8 @@ struct Registry {
 }
 
 struct Entry {
-    channel: String,
+    /// The channels of the URL the session was made at (its DELETE must name the same).
+    channels: Vec<ChannelName>,
     ufrag: String,
     addrs: Vec<SocketAddr>,
     stop: CancellationToken,
@@ -186,8 +187,8 @@ pub async fn offer(
     w: &WebRtc,
     hub: &Hub,
     req: Request<Incoming>,
-    channel: &ChannelName,
-    start: Start,
+    loc: &PushLocation,
+    admitted: &Admitted,
     remote: SocketAddr,
 ) -> Response<Body> {
     let posted = Instant::now();
@@ -239,14 +240,20 @@ pub async fn offer(
             )
         }
     };
-    let sub = match hub
-        .subscribe(channel, Transport::WebRtc, start, Some(remote))
-        .await
-    {
-        Ok(s) => s,
+    let feed = open_feed(
+        hub,
+        loc,
+        &admitted.channels,
+        &admitted.starts,
+        Transport::WebRtc,
+        loc.on_lag,
+        remote,
+    );
+    let feed = match feed.await {
+        Ok(f) => f,
         Err(e) => return hub_error(e),
     };
-    let resume = resume_header(&sub);
+    let resume = resume_value(feed.started_with_gap());
     let id = session_id();
     let (tx, rx) = mpsc::channel(SESSION_QUEUE);
     let stop = sh.stop.child_token();
@@ -256,7 +263,7 @@ pub async fn offer(
         reg.by_id.insert(
             id.clone(),
             Entry {
-                channel: channel.to_string(),
+                channels: admitted.channels.clone(),
                 ufrag: creds.ufrag.clone(),
                 addrs: Vec::new(),
                 stop: stop.clone(),
@@ -274,7 +281,7 @@ pub async fn offer(
         },
         id: id.clone(),
         rtc,
-        sub,
+        feed,
         rx,
         stop,
         posted,
@@ -297,7 +304,7 @@ pub async fn offer(
 }
 
 /// `DELETE` on a session's URL: 204 when it existed (it ends now), 404 otherwise.
-pub fn delete(w: &WebRtc, query: Option<&str>, channel: &str) -> Response<Body> {
+pub fn delete(w: &WebRtc, query: Option<&str>, channels: &[ChannelName]) -> Response<Body> {
     let id = crate::query::param(query, SESSION_PARAM);
     let Some(id) = id else {
         return response::text(
@@ -308,7 +315,7 @@ pub fn delete(w: &WebRtc, query: Option<&str>, channel: &str) -> Response<Body> 
     let reg = w.shared.registry.lock();
     match reg.by_id.get(id.as_ref()) {
         // A session belongs to its channel's URL: the id alone does not end another's.
-        Some(e) if e.channel == channel => {
+        Some(e) if e.channels == channels => {
             e.stop.cancel();
             let mut r = Response::new(response::empty());
             *r.status_mut() = StatusCode::NO_CONTENT;

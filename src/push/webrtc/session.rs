@@ -14,13 +14,12 @@ use tokio::time::sleep_until;
 use tokio_util::sync::CancellationToken;
 
 use super::{Datagram, Registered, Shared, Slot};
-use crate::hub::{CloseReason, Message, Read, Subscription};
+use crate::config::OnLag;
+use crate::hub::CloseReason;
 use crate::metrics::DropReason;
-use crate::model::Transport;
-use crate::push::{encoding, record_delivery, ws::encode_json_envelope};
-
-/// Messages taken from the hub per wake-up.
-const BATCH: usize = 64;
+use crate::push::envelope;
+use crate::push::feed::{Feed, Item, Next, BATCH};
+use crate::push::record_batch;
 /// How long a closing session may take to send its goodbyes (SCTP shutdown, DTLS close).
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
@@ -50,7 +49,7 @@ pub(super) struct Session {
     pub(super) registered: Registered,
     pub(super) id: String,
     pub(super) rtc: Rtc,
-    pub(super) sub: Subscription,
+    pub(super) feed: Feed,
     pub(super) rx: mpsc::Receiver<Datagram>,
     pub(super) stop: CancellationToken,
     /// When the offer was POSTed: the handshake histogram measures from here.
@@ -58,19 +57,16 @@ pub(super) struct Session {
 }
 
 /// What the session waits for from the hub: more messages once everything taken was
-/// written; while the data channel is full, only the news that the client fell behind the
-/// buffer (a client that stops reading is let go then, like a slow WebSocket).
-async fn hub_wait(
-    sub: &mut Subscription,
-    batch: &mut Vec<Arc<Message>>,
-    want_more: bool,
-    stuck: bool,
-) -> Read {
+/// written; while the data channel is full, under `on_lag = "disconnect"`, the news that the
+/// client fell behind the buffer (it is let go then, like a slow WebSocket); skipping, it
+/// catches up with a gap once the channel drains.
+async fn hub_wait(feed: &mut Feed, items: &mut Vec<Item>, want_more: bool, stuck: bool) -> Next {
     if want_more {
-        sub.next(batch, BATCH).await
-    } else if stuck {
-        sub.fell_behind().await;
-        Read::Lagged
+        feed.next(items, BATCH).await
+    } else if stuck && feed.on_lag() == OnLag::Disconnect {
+        feed.fell_behind().await;
+        feed.metrics().dropped(DropReason::Lagged);
+        Next::Lagged
     } else {
         std::future::pending().await
     }
@@ -80,8 +76,9 @@ async fn hub_wait(
 struct Flow {
     /// The client's first data channel, once open: every message goes there.
     channel: Option<ChannelId>,
-    /// Taken from the hub, not yet accepted by the data channel (its send buffer was full).
-    pending: VecDeque<Arc<Message>>,
+    /// Envelopes taken from the hub, not yet accepted by the data channel (its send buffer
+    /// was full).
+    pending: VecDeque<bytes::Bytes>,
     last_heard: Instant,
 }
 
@@ -105,7 +102,7 @@ impl Session {
 
     async fn serve(&mut self, flow: &mut Flow) -> End {
         let ice_timeout = self.shared.ice_timeout;
-        let mut batch: Vec<Arc<Message>> = Vec::new();
+        let mut items: Vec<Item> = Vec::new();
         loop {
             if let Err(end) = self.write_pending(flow) {
                 return end;
@@ -142,21 +139,20 @@ impl Session {
                     }
                 }
                 _ = sleep_until((flow.last_heard + ice_timeout).into()) => {
-                    self.sub.metrics().dropped(DropReason::Timeout);
+                    self.feed.metrics().dropped(DropReason::Timeout);
                     return End::IceTimeout;
                 }
-                r = hub_wait(&mut self.sub, &mut batch, want_more, stuck) => match r {
-                    Read::Messages(_) => {
-                        record_delivery(&self.sub, Transport::WebRtc, &batch);
-                        flow.pending.extend(batch.drain(..));
+                r = hub_wait(&mut self.feed, &mut items, want_more, stuck) => match r {
+                    Next::Items => {
+                        record_batch(&self.feed, &items);
+                        for item in items.drain(..) {
+                            self.feed.delivered(&item);
+                            flow.pending.push_back(envelope_of(&self.feed, &item));
+                        }
                     }
-                    Read::Empty => {}
-                    Read::Lagged => {
-                        self.sub.metrics().dropped(DropReason::Lagged);
-                        return End::Lagged;
-                    }
-                    Read::Closed(CloseReason::Deleted) => return End::ChannelDeleted,
-                    Read::Closed(CloseReason::ShuttingDown) => return End::ShuttingDown,
+                    Next::Lagged => return End::Lagged,
+                    Next::Closed(CloseReason::Deleted) => return End::ChannelDeleted,
+                    Next::Closed(CloseReason::ShuttingDown) => return End::ShuttingDown,
                 },
             }
         }
@@ -188,12 +184,10 @@ impl Session {
         let Some(cid) = flow.channel else {
             return Ok(());
         };
-        while let Some(m) = flow.pending.front() {
+        while let Some(frame) = flow.pending.front() {
             let Some(mut ch) = self.rtc.channel(cid) else {
                 return Err(End::ClientClosed);
             };
-            // The crier.json envelope, built once per message and shared with WebSocket.
-            let frame = m.encoded(encoding::WS_JSON, encode_json_envelope);
             match ch.write(false, frame) {
                 Ok(true) => {
                     flow.pending.pop_front();
@@ -203,7 +197,7 @@ impl Session {
                 Ok(false) if ch.buffered_amount() > 0 => return Ok(()),
                 // Nothing in flight and still refused: it can never fit.
                 Ok(false) | Err(_) => {
-                    self.sub.metrics().dropped(DropReason::Oversized);
+                    self.feed.metrics().dropped(DropReason::Oversized);
                     return Err(End::Oversized);
                 }
             }
@@ -257,5 +251,24 @@ impl Session {
             _ => {}
         }
         Ok(())
+    }
+}
+
+/// The crier.json envelope of an item: shared with WebSocket (built once per message) unless
+/// it carries this session's gap notice.
+fn envelope_of(feed: &Feed, item: &Item) -> bytes::Bytes {
+    match item {
+        Item::Message { msg, chan, gap } => {
+            let channel = feed
+                .is_multiplexed()
+                .then(|| (feed.name(*chan), feed.prefix_len()));
+            envelope::for_subscriber(msg, channel, *gap)
+        }
+        Item::Ended(chan) => bytes::Bytes::from(
+            serde_json::to_vec(
+                &serde_json::json!({ "unsubscribed": feed.name(*chan), "reason": "channel deleted" }),
+            )
+            .unwrap_or_default(),
+        ),
     }
 }
