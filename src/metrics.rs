@@ -20,6 +20,8 @@ pub enum DropReason {
     Timeout,
     /// Sent a frame larger than allowed (WebSocket).
     Oversized,
+    /// The token the stream was opened with expired.
+    Expired,
 }
 
 /// Which check decided (`crier_auth_checks_total{method}`).
@@ -52,7 +54,7 @@ pub struct Metrics {
     messages_skipped: [IntCounter; Transport::COUNT],
     lag_skips: [IntCounter; Transport::COUNT],
     pub channels: IntGauge,
-    dropped: [IntCounter; 3],
+    dropped: [IntCounter; 4],
     pub publish_duration: Histogram,
     pub delivery_lag: Histogram,
     pub proxy_requests: [IntCounter; 5],
@@ -170,8 +172,8 @@ impl Metrics {
             "Subscribers the server disconnected, by reason.",
             "reason",
         );
-        let dropped =
-            ["lagged", "timeout", "oversized"].map(|r| dropped_vec.with_label_values(&[r]));
+        let dropped = ["lagged", "timeout", "oversized", "expired"]
+            .map(|r| dropped_vec.with_label_values(&[r]));
         let proxy_vec = counter_vec(
             "proxy_requests_total",
             "Proxied requests by response status class.",

@@ -170,3 +170,84 @@ async fn a_slow_crier_json_websocket_gets_gap_true() {
     assert!(lost > 0 && gaps > 0, "it did fall behind ({lost} lost)");
     c.shutdown().await;
 }
+
+/// The same rule on every path: an SSE reader over HTTP/2 (served through hyper, not the fast
+/// path) that stops reading is let go after two keepalive intervals, like one on plain TCP.
+#[tokio::test]
+async fn a_stalled_sse_reader_over_http2_is_dropped_too() {
+    let up = Upstream::start().await;
+    let c = Crier::start(
+        &up.url(),
+        "[channels]\nmax_message_size = \"64KiB\"\n[[push]]\npath = \"/live/{channel}\"\nkeepalive = \"1s\"\n",
+    )
+    .await;
+    let resp = h2_client()
+        .get(c.url("/live/h2stall"))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    wait_subscribers(&c, "h2stall", 1).await;
+    // Never read: the stream's flow-control window (2 MiB in the client) fills, and hyper
+    // stops taking frames.
+    let body = "x".repeat(60 * 1024);
+    for _ in 0..80 {
+        c.publish("h2stall", body.clone()).await;
+    }
+    let dropped = eventually(Duration::from_secs(20), async || {
+        metric(&c, "crier_subscribers_dropped_total{reason=\"timeout\"}").await == Some(1.0)
+    })
+    .await;
+    assert!(dropped, "the stalled reader was not dropped");
+    wait_subscribers(&c, "h2stall", 0).await;
+    drop(resp);
+    c.shutdown().await;
+}
+
+/// A stream opened with a JWT ends when the token does (its `exp` plus the leeway), with the
+/// transport's reconnect hint: SSE `retry:` then the end; WebSocket close 1008.
+#[tokio::test]
+async fn an_open_stream_ends_when_its_token_expires() {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("k");
+    let key = "expiry-test-secret-hs256-0123456789abcdefgh";
+    std::fs::write(&secret, key).unwrap();
+    let up = Upstream::start().await;
+    let c = Crier::start(
+        &up.url(),
+        &format!(
+            "[[push]]\npath = \"/live/{{channel}}\"\n[push.jwt]\nsecret_file = \"{}\"\nleeway = \"0s\"\n",
+            secret.display()
+        ),
+    )
+    .await;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 2;
+    let token = jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &serde_json::json!({ "exp": exp, "crier.subscribe": ["t"] }),
+        &EncodingKey::from_secret(key.as_bytes()),
+    )
+    .unwrap();
+    let mut sse = SseClient::connect(&c.url(&format!("/live/t?access_token={token}")), None).await;
+    let (mut ws, _) = ws_connect(&c.ws_url(&format!("/live/t?access_token={token}")), &[]).await;
+    let sse_end = tokio::time::timeout(Duration::from_secs(10), async {
+        while sse.next_event().await.is_some() {}
+    });
+    sse_end.await.expect("the SSE stream ends at exp");
+    assert!(sse.retries >= 2, "a retry hint before the end");
+    match tokio::time::timeout(Duration::from_secs(10), ws_next(&mut ws)).await {
+        Ok(Some(Message::Close(Some(f)))) => assert_eq!(u16::from(f.code), 1008, "{f:?}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        metric(&c, "crier_subscribers_dropped_total{reason=\"expired\"}").await,
+        Some(2.0)
+    );
+    c.shutdown().await;
+}

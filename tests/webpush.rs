@@ -453,6 +453,12 @@ async fn messages_arrive_encrypted_and_signed_with_their_options() {
         "already subscribed"
     );
     assert_eq!(metric(&c, "crier_webpush_subscriptions").await, Some(1.0));
+    // Before its first message, the channel exists for the publisher: it has a subscriber.
+    let (st, info) = channel_info(&c, "news").await;
+    assert_eq!(st, StatusCode::OK, "{info}");
+    assert_eq!(info["webpush_subscribers"], 1);
+    assert_eq!(info["published"], 0);
+    assert_eq!(channel_info(&c, "nobody").await.0, StatusCode::NOT_FOUND);
 
     // 1: options from the publish headers.
     let (st, receipt) = publish_with(

@@ -7,7 +7,7 @@
 //! are refused before any signature is looked at.
 
 use std::fmt;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, Validation};
@@ -69,12 +69,13 @@ impl JwtVerifier {
         JwtVerifier { key, validation }
     }
 
-    /// Verifies `token` and checks that its claim allows `channel`.
-    pub fn verify(&self, token: &str, channel: &str) -> Result<(), JwtRejection> {
+    /// Verifies `token` and checks that its claim allows `channel`. Returns when a stream
+    /// opened with it must end: its `exp` plus the leeway.
+    pub fn verify(&self, token: &str, channel: &str) -> Result<SystemTime, JwtRejection> {
         let data = jsonwebtoken::decode::<Claims>(token, self.key.decoding_key(), &self.validation)
             .map_err(|e| JwtRejection::Invalid(reason(e.kind())))?;
         if data.claims.allows(channel) {
-            Ok(())
+            Ok(UNIX_EPOCH + Duration::from_secs(data.claims.exp + self.validation.leeway))
         } else {
             Err(JwtRejection::ChannelNotAllowed)
         }
@@ -102,6 +103,9 @@ fn reason(kind: &ErrorKind) -> &'static str {
 /// A claim of another shape allows nothing.
 #[derive(Deserialize)]
 struct Claims {
+    /// Required by the validation: when the token (and a stream opened with it) ends.
+    #[serde(default)]
+    exp: u64,
     #[serde(rename = "crier.subscribe", default)]
     flat: Option<serde_json::Value>,
     #[serde(default)]

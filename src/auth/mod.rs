@@ -142,12 +142,15 @@ impl Gatekeeper {
     }
 
     /// Runs the location's checks: JWT first (local, cheap), then forward auth. Both must pass.
+    /// Ok holds when the permission ends (a JWT's `exp` plus leeway), if it does: an open
+    /// stream must end then.
     pub async fn check(
         &self,
         loc: &PushLocation,
         channel: &str,
         ask: &Ask<'_>,
-    ) -> Result<(), Denial> {
+    ) -> Result<Option<std::time::SystemTime>, Denial> {
+        let mut until = None;
         if let Some(j) = &loc.jwt {
             // Keys are loaded with the config that made this gatekeeper: a location without
             // its verifier cannot happen, and would fail closed.
@@ -159,9 +162,12 @@ impl Gatekeeper {
                 None => Err(JwtRejection::Missing),
                 Some(t) => verifier.verify(&t, channel),
             };
-            if let Err(e) = verdict {
-                self.metrics.auth_check(AuthMethod::Jwt, AuthResult::Deny);
-                return Err(jwt_denial(&e));
+            match verdict {
+                Err(e) => {
+                    self.metrics.auth_check(AuthMethod::Jwt, AuthResult::Deny);
+                    return Err(jwt_denial(&e));
+                }
+                Ok(exp) => until = Some(exp),
             }
             self.metrics.auth_check(AuthMethod::Jwt, AuthResult::Allow);
         }
@@ -171,7 +177,7 @@ impl Gatekeeper {
             if let (Some(cache), Some(key)) = (cache, &key) {
                 if let Some(v) = cache.get(key) {
                     self.metrics.auth_cache_hits.inc();
-                    return v.map_err(|d| (*d).clone());
+                    return v.map(|()| until).map_err(|d| (*d).clone());
                 }
             }
             let verdict = self.forward.ask(fa, channel, ask).await;
@@ -184,9 +190,9 @@ impl Gatekeeper {
             if let (Some(cache), Some(key)) = (cache, key) {
                 cache.put(key, &verdict);
             }
-            return verdict.into_result();
+            return verdict.into_result().map(|()| until);
         }
-        Ok(())
+        Ok(until)
     }
 }
 

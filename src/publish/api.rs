@@ -60,23 +60,39 @@ pub async fn handle(
                 .observe(started.elapsed().as_secs_f64());
             r
         }
-        Method::GET | Method::HEAD => match hub.stats(&channel).await {
-            Err(e) => hub_error(e),
-            Ok(Some(s)) => {
-                let mut v = serde_json::json!({
-                    "channel": s.channel,
-                    "subscribers": s.subscribers,
-                    "buffered": s.buffered,
-                    "last_id": s.last_id,
-                    "published": s.published,
-                });
-                if let Some(wp) = webpush {
-                    v["webpush_subscribers"] = wp.subscribers(&channel).into();
+        Method::GET | Method::HEAD => {
+            let push_subs = webpush.map(|wp| wp.subscribers(&channel));
+            match hub.stats(&channel).await {
+                Err(e) => hub_error(e),
+                // A channel with Web Push subscribers exists for its publisher, even before
+                // its first message and with no one connected.
+                Ok(None) if push_subs.unwrap_or(0) == 0 => {
+                    response::json_error(StatusCode::NOT_FOUND, "no such channel")
                 }
-                response::json(StatusCode::OK, &v)
+                Ok(s) => {
+                    let mut v = match s {
+                        Some(s) => serde_json::json!({
+                            "channel": s.channel,
+                            "subscribers": s.subscribers,
+                            "buffered": s.buffered,
+                            "last_id": s.last_id,
+                            "published": s.published,
+                        }),
+                        None => serde_json::json!({
+                            "channel": channel,
+                            "subscribers": 0,
+                            "buffered": 0,
+                            "last_id": null,
+                            "published": 0,
+                        }),
+                    };
+                    if let Some(n) = push_subs {
+                        v["webpush_subscribers"] = n.into();
+                    }
+                    response::json(StatusCode::OK, &v)
+                }
             }
-            Ok(None) => response::json_error(StatusCode::NOT_FOUND, "no such channel"),
-        },
+        }
         Method::DELETE => match hub.delete(&channel).await {
             Ok(()) => response::json(
                 StatusCode::OK,

@@ -63,6 +63,8 @@ pub struct Admitted {
     pub starts: Vec<Start>,
     /// Some(origin) for an allowed cross-origin page.
     pub cors: Option<HeaderValue>,
+    /// When the permission ends (the earliest JWT `exp` plus leeway): the stream ends then.
+    pub expires: Option<std::time::SystemTime>,
 }
 
 /// Where the client says it is.
@@ -197,10 +199,13 @@ impl Admission {
         }
         let fail = |r: Refusal| (r, cors.clone());
         let transport = transport(loc, req).map_err(fail)?;
+        let mut expires = None;
         for c in &channels {
-            self.authorize(self.owner(c, loc), c, req)
+            let until = self
+                .authorize(self.owner(c, loc), c, req)
                 .await
                 .map_err(fail)?;
+            expires = expires.into_iter().chain(until).min();
         }
         let position = position(req.query(), req.headers, transport)
             .map_err(|e| fail(Refusal::BadRequest(e)))?;
@@ -213,19 +218,21 @@ impl Admission {
             position,
             channels,
             cors,
+            expires,
         })
     }
 
     /// The auth checks of `owner` (JWT, forward auth) for a request that passed its Origin
-    /// check: what a subscription to `channel` needs, whatever asks for one.
+    /// check: what a subscription to `channel` needs, whatever asks for one. Ok holds when
+    /// the permission ends, if it does (a JWT's expiry).
     pub async fn authorize(
         &self,
         owner: &PushLocation,
         channel: &ChannelName,
         req: RequestView<'_>,
-    ) -> Result<(), Refusal> {
+    ) -> Result<Option<std::time::SystemTime>, Refusal> {
         if !Gatekeeper::guards(owner) {
-            return Ok(());
+            return Ok(None);
         }
         let ask = Ask {
             headers: req.headers,

@@ -38,6 +38,56 @@ pub enum Item {
     Ended(usize),
 }
 
+/// Reads what there is (waiting for it): the feed's [`Feed::next`] without its expiry.
+async fn read_next(
+    kind: &mut Kind,
+    scratch: &mut Vec<Arc<Message>>,
+    out: &mut Vec<Item>,
+    max: usize,
+    on_lag: OnLag,
+    metrics: &Metrics,
+) -> Next {
+    match kind {
+        Kind::One(sub) => loop {
+            match sub.next(scratch, max).await {
+                Read::Messages(_) => {
+                    let mut gap = sub.take_gap();
+                    for msg in scratch.drain(..) {
+                        out.push(Item::Message {
+                            msg,
+                            chan: 0,
+                            gap: std::mem::take(&mut gap),
+                        });
+                    }
+                    return Next::Items;
+                }
+                Read::Lagged => match on_lag {
+                    OnLag::Skip => sub.skip_to_oldest(),
+                    OnLag::Disconnect => {
+                        metrics.dropped(DropReason::Lagged);
+                        return Next::Lagged;
+                    }
+                },
+                Read::Closed(r) => return Next::Closed(r),
+                // `next` waits instead of answering Empty.
+                Read::Empty => {}
+            }
+        },
+        Kind::Many(m) => loop {
+            m.arm();
+            match m.read(scratch, out, on_lag, max) {
+                Some(r) => {
+                    if r == Next::Lagged {
+                        metrics.dropped(DropReason::Lagged);
+                    }
+                    return r;
+                }
+                None => m.wait().await,
+            }
+        },
+    }
+}
+
 /// What [`Feed::next`] found.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Next {
@@ -48,6 +98,9 @@ pub enum Next {
     Lagged,
     /// Every channel is over.
     Closed(CloseReason),
+    /// The permission it was opened with ended (a JWT's `exp`): end the stream with the
+    /// transport's reconnect hint; the client comes back with a fresh token.
+    Expired,
 }
 
 pub struct Feed {
@@ -60,6 +113,8 @@ pub struct Feed {
     transport: Transport,
     /// Read buffer, reused across wake-ups.
     scratch: Vec<Arc<Message>>,
+    /// When the permission ends (boxed: most feeds have none).
+    expiry: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 enum Kind {
@@ -110,6 +165,7 @@ impl Feed {
             metrics,
             transport,
             scratch: Vec::new(),
+            expiry: None,
         }
     }
 
@@ -121,6 +177,10 @@ impl Feed {
 
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    pub fn metrics_handle(&self) -> Arc<Metrics> {
+        self.metrics.clone()
     }
 
     /// The length of the location's `channel_prefix` (the key of shared encodings).
@@ -255,44 +315,32 @@ impl Feed {
     /// Waits for what to send next and appends it to `out`: up to `max` messages of each
     /// channel. Cancel-safe: positions move only in the poll that returns.
     pub async fn next(&mut self, out: &mut Vec<Item>, max: usize) -> Next {
-        match &mut self.kind {
-            Kind::One(sub) => loop {
-                match sub.next(&mut self.scratch, max).await {
-                    Read::Messages(_) => {
-                        let mut gap = sub.take_gap();
-                        for msg in self.scratch.drain(..) {
-                            out.push(Item::Message {
-                                msg,
-                                chan: 0,
-                                gap: std::mem::take(&mut gap),
-                            });
-                        }
-                        return Next::Items;
-                    }
-                    Read::Lagged => match self.on_lag {
-                        OnLag::Skip => sub.skip_to_oldest(),
-                        OnLag::Disconnect => {
-                            self.metrics.dropped(DropReason::Lagged);
-                            return Next::Lagged;
-                        }
-                    },
-                    Read::Closed(r) => return Next::Closed(r),
-                    // `next` waits instead of answering Empty.
-                    Read::Empty => {}
-                }
+        let Feed {
+            kind,
+            on_lag,
+            metrics,
+            scratch,
+            expiry,
+            ..
+        } = self;
+        let read = read_next(kind, scratch, out, max, *on_lag, metrics);
+        match expiry {
+            None => read.await,
+            Some(at) => tokio::select! {
+                biased;
+                _ = at.as_mut() => Next::Expired,
+                r = read => r,
             },
-            Kind::Many(m) => loop {
-                m.arm();
-                match m.read(&mut self.scratch, out, self.on_lag, max) {
-                    Some(r) => {
-                        if r == Next::Lagged {
-                            self.metrics.dropped(DropReason::Lagged);
-                        }
-                        return r;
-                    }
-                    None => m.wait().await,
-                }
-            },
+        }
+    }
+
+    /// Ends the feed at `until` (a JWT's expiry): `next` then answers [`Next::Expired`].
+    pub fn expire_at(&mut self, until: Option<std::time::SystemTime>) {
+        if let Some(t) = until {
+            let left = t
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or_default();
+            self.expiry = Some(Box::pin(tokio::time::sleep(left)));
         }
     }
 

@@ -18,7 +18,8 @@ pub async fn respond(mut feed: Feed, loc: &PushLocation, pos: &Position) -> Resp
     let started_with_gap = feed.started_with_gap();
     let next = loop {
         match tokio::time::timeout_at(deadline, feed.next(&mut items, 1)).await {
-            Err(_) => return not_modified(&feed, pos),
+            // The token expired while it waited: the next poll is checked afresh.
+            Err(_) | Ok(Next::Expired) => return not_modified(&feed, pos),
             Ok(Next::Items) => {
                 // A deleted channel of a multiplexed poll: the others go on.
                 items.retain(|i| matches!(i, Item::Message { .. }));
@@ -66,7 +67,7 @@ pub async fn respond(mut feed: Feed, loc: &PushLocation, pos: &Position) -> Resp
         }
         Next::Closed(CloseReason::Deleted) => response::text(StatusCode::GONE, "channel deleted"),
         // Falling behind within one poll (`on_lag = "disconnect"`): try again from the cursor.
-        Next::Lagged | Next::Closed(CloseReason::ShuttingDown) => closing(),
+        Next::Lagged | Next::Closed(CloseReason::ShuttingDown) | Next::Expired => closing(),
     }
 }
 

@@ -23,7 +23,7 @@ use hyper::body::Incoming;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{OnLag, PushLocation};
-use crate::hub::{Hub, HubError, Start};
+use crate::hub::{Hub, HubError};
 use crate::model::{ChannelName, Transport};
 use crate::response::{self, Body};
 pub use admission::{Admission, Admitted, Position, Refusal, RequestView};
@@ -43,6 +43,8 @@ pub struct PushContext<'a> {
     pub hub: &'a Hub,
     /// WebSocket tasks live outside the HTTP connection; shutdown waits on this tracker.
     pub ws_tasks: &'a TaskTracker,
+    /// Closes the request's connection (an SSE reader through hyper that stopped reading).
+    pub conn_stop: &'a tokio_util::sync::CancellationToken,
     pub admission: Admission,
     /// The `[webrtc]` socket and sessions, when configured.
     pub webrtc: Option<&'a webrtc::WebRtc>,
@@ -116,19 +118,11 @@ pub async fn serve(
                 _ => loc.on_lag,
             };
             let peer = ctx.admission.conn.peer;
-            let feed = open_feed(
-                ctx.hub,
-                loc,
-                &admitted.channels,
-                &admitted.starts,
-                t,
-                on_lag,
-                peer,
-            );
+            let feed = open_feed(ctx.hub, loc, &admitted, t, on_lag, peer);
             match feed.await {
                 Err(e) => admission::hub_error(e),
                 Ok(feed) => match t {
-                    Transport::Sse => sse::respond(feed, loc),
+                    Transport::Sse => sse::respond(feed, loc, ctx.conn_stop),
                     Transport::WebSocket => {
                         let dynamic = ws::Dynamic::new(&ctx.admission, loc, ctx.hub, &req);
                         ws::respond(&mut req, feed, loc, ctx.ws_tasks, dynamic)
@@ -157,27 +151,29 @@ pub fn ensure_host<B>(req: &mut Request<B>) {
     }
 }
 
-/// Subscribes to every channel at its start and makes the connection's feed.
+/// Subscribes to every admitted channel at its start and makes the connection's feed (which
+/// ends when the permission does).
 pub async fn open_feed(
     hub: &Hub,
     loc: &PushLocation,
-    channels: &[ChannelName],
-    starts: &[Start],
+    admitted: &Admitted,
     transport: Transport,
     on_lag: OnLag,
     peer: std::net::SocketAddr,
 ) -> Result<Feed, HubError> {
-    let mut subs = Vec::with_capacity(channels.len());
-    for (c, start) in channels.iter().zip(starts) {
+    let mut subs = Vec::with_capacity(admitted.channels.len());
+    for (c, start) in admitted.channels.iter().zip(&admitted.starts) {
         subs.push(hub.subscribe(c, transport, *start, Some(peer)).await?);
     }
-    Ok(Feed::new(
+    let mut feed = Feed::new(
         subs,
         transport,
         loc.channel_prefix.len(),
         on_lag,
         hub.metrics().clone(),
-    ))
+    );
+    feed.expire_at(admitted.expires);
+    Ok(feed)
 }
 
 /// `Crier-Resume: gap` when messages after the client's position were already gone.

@@ -14,6 +14,8 @@
 //! their channel, each event's `id:` the compound cursor that resumes every channel.
 
 use std::io::{self, IoSlice};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -24,6 +26,7 @@ use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
 
 use super::feed::{Feed, Item, Next};
 use super::{encoding, envelope, record_batch, RESUME_HEADER};
@@ -131,6 +134,11 @@ impl EventStream {
                     Next::Lagged => self.phase = Phase::Closing(LAGGED),
                     Next::Closed(CloseReason::Deleted) => self.phase = Phase::Done,
                     Next::Closed(CloseReason::ShuttingDown) => self.phase = Phase::Closing(RETRY),
+                    // The EventSource reconnects (after `retry:`); the app gives it a new token.
+                    Next::Expired => {
+                        self.feed.metrics().dropped(DropReason::Expired);
+                        self.phase = Phase::Closing(RETRY);
+                    }
                 },
                 _ = self.keepalive.tick() => {
                     out.push(Bytes::from_static(KEEPALIVE));
@@ -203,31 +211,104 @@ fn write_gap(own: &mut BytesMut, channel: &str, next: &Message) {
 }
 
 /// The SSE response through hyper: the body yields the stream's frames one by one.
-pub fn respond(feed: Feed, loc: &PushLocation) -> Response<Body> {
+///
+/// A reader that stops reading gets the fast path's rule here too: hyper stops asking the
+/// body for frames while the connection takes nothing, so a small task watches the body and
+/// closes the connection (`conn_stop`) when a frame has waited for two keepalive intervals.
+pub fn respond(feed: Feed, loc: &PushLocation, conn_stop: &CancellationToken) -> Response<Body> {
     let mut headers = HeaderMap::with_capacity(4);
     stream_headers(&mut headers, &feed);
+    let stall = loc.keepalive * 2;
+    let progress = Arc::new(Progress::new());
+    tokio::spawn(watch_stall(
+        Arc::downgrade(&progress),
+        stall,
+        conn_stop.clone(),
+        feed.metrics_handle(),
+    ));
     let events = EventStream::new(feed, loc.keepalive);
     let frames = stream::unfold(
-        (events, Vec::new(), 0usize),
-        |(mut events, mut pending, mut next)| async move {
+        (events, Vec::new(), 0usize, progress),
+        |(mut events, mut pending, mut next, progress)| async move {
             if next == pending.len() {
                 pending.clear();
                 next = 0;
-                if !events.next(&mut pending).await {
+                // Waiting for the feed, not for the reader.
+                progress.waiting(true);
+                let more = events.next(&mut pending).await;
+                progress.waiting(false);
+                if !more {
                     return None;
                 }
             }
             let frame = pending[next].clone();
             next += 1;
+            progress.handed();
             Some((
                 Ok::<_, BoxError>(Frame::data(frame)),
-                (events, pending, next),
+                (events, pending, next, progress),
             ))
         },
     );
     let mut r = Response::new(StreamBody::new(frames).boxed_unsync());
     *r.headers_mut() = headers;
     r
+}
+
+/// When the body last handed hyper a frame, and whether it is waiting for the feed (then a
+/// quiet stream is not a stalled reader).
+struct Progress {
+    start: Instant,
+    /// Milliseconds after `start`.
+    handed_ms: AtomicU64,
+    waiting: AtomicBool,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        Progress {
+            start: Instant::now(),
+            handed_ms: AtomicU64::new(0),
+            waiting: AtomicBool::new(false),
+        }
+    }
+
+    fn handed(&self) {
+        self.handed_ms
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn waiting(&self, w: bool) {
+        self.waiting.store(w, Ordering::Relaxed);
+        if w {
+            self.handed();
+        }
+    }
+}
+
+/// Closes the connection once the body has had a frame for hyper that hyper did not take
+/// for `stall`; ends with the body.
+async fn watch_stall(
+    progress: Weak<Progress>,
+    stall: Duration,
+    stop: CancellationToken,
+    metrics: Arc<crate::metrics::Metrics>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(stall / 2) => {}
+            _ = stop.cancelled() => return,
+        }
+        let Some(p) = progress.upgrade() else { return };
+        let quiet = (p.start.elapsed().as_millis() as u64)
+            .saturating_sub(p.handed_ms.load(Ordering::Relaxed));
+        if !p.waiting.load(Ordering::Relaxed) && quiet >= stall.as_millis() as u64 {
+            tracing::debug!("an SSE reader took nothing for {stall:?}; closing its connection");
+            metrics.dropped(DropReason::Timeout);
+            stop.cancel();
+            return;
+        }
+    }
 }
 
 /// The SSE fast path: the whole HTTP/1.1 response written straight to the socket (chunked),

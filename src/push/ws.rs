@@ -340,6 +340,10 @@ async fn run(
                 Next::Lagged => break Some((CloseCode::Again, "fell behind the buffer; reconnect")),
                 Next::Closed(CloseReason::Deleted) => break Some((CloseCode::Normal, "channel deleted")),
                 Next::Closed(CloseReason::ShuttingDown) => break Some((CloseCode::Away, "server shutting down")),
+                Next::Expired => {
+                    feed.metrics().dropped(DropReason::Expired);
+                    break Some((CloseCode::Policy, "token expired; reconnect with a new one"));
+                }
             },
             _ = ping.tick() => {
                 if last_heard.elapsed() > keepalive * 2 {

@@ -62,16 +62,18 @@ pub(super) async fn accept_tcp(
             }
             Kind::Publish | Kind::PublishUnix => {
                 let live = state.live.load_full();
-                let svc = service(&state, kind, conn);
+                let stop = CancellationToken::new();
+                let svc = service(&state, kind, conn, &stop);
                 state
                     .conns
-                    .spawn(serve_h1(stream, svc, live, state.drain.clone()));
+                    .spawn(serve_h1(stream, svc, live, state.drain.clone(), stop));
             }
             Kind::Admin => {
                 // Not drained and not tracked: /readyz must answer 503 during the drain.
                 let live = state.live.load_full();
-                let svc = service(&state, kind, conn);
-                tokio::spawn(serve_h1(stream, svc, live, CancellationToken::new()));
+                let stop = CancellationToken::new();
+                let svc = service(&state, kind, conn, &stop);
+                tokio::spawn(serve_h1(stream, svc, live, CancellationToken::new(), stop));
             }
         }
     }
@@ -99,10 +101,11 @@ pub(super) async fn accept_unix(
             tls: false,
         };
         let live = state.live.load_full();
-        let svc = service(&state, Kind::PublishUnix, conn);
+        let stop = CancellationToken::new();
+        let svc = service(&state, Kind::PublishUnix, conn, &stop);
         state
             .conns
-            .spawn(serve_h1(stream, svc, live, state.drain.clone()));
+            .spawn(serve_h1(stream, svc, live, state.drain.clone(), stop));
     }
 }
 
@@ -120,8 +123,9 @@ async fn serve_public(
             crate::push::sse::serve_h1(stream, fast.feed, fast.cors, fast.keepalive).await
         }
         FirstBytes::H2 => {
-            let svc = service(&state, Kind::Public, conn);
-            Box::pin(serve_h2(stream, svc, live, state.drain.clone())).await
+            let stop = CancellationToken::new();
+            let svc = service(&state, Kind::Public, conn, &stop);
+            Box::pin(serve_h2(stream, svc, live, state.drain.clone(), stop)).await
         }
         FirstBytes::H1 => {
             // Boxed, like the other branches: an idle SSE connection's task must not carry
@@ -133,9 +137,10 @@ async fn serve_public(
             };
             let served = Box::pin(h1::serve(&mut stream, site, &conn, &state.drain)).await;
             if let h1::Served::Handoff(read) = served {
-                let svc = service(&state, Kind::Public, conn);
+                let stop = CancellationToken::new();
+                let svc = service(&state, Kind::Public, conn, &stop);
                 let io = Prefixed::new(read, stream);
-                Box::pin(serve_h1(io, svc, live, state.drain.clone())).await
+                Box::pin(serve_h1(io, svc, live, state.drain.clone(), stop)).await
             }
         }
     }
@@ -161,11 +166,12 @@ async fn serve_tls(stream: TcpStream, state: Arc<State>, conn: ConnInfo, guard: 
         }
     };
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-    let svc = service(&state, Kind::PublicTls, conn);
+    let stop = CancellationToken::new();
+    let svc = service(&state, Kind::PublicTls, conn, &stop);
     if h2 {
-        serve_h2(tls, svc, live, state.drain.clone()).await;
+        serve_h2(tls, svc, live, state.drain.clone(), stop).await;
     } else {
-        serve_h1(tls, svc, live, state.drain.clone()).await;
+        serve_h1(tls, svc, live, state.drain.clone(), stop).await;
     }
     drop(guard);
 }

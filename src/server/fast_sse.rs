@@ -118,15 +118,7 @@ pub(super) async fn admit(
         Ok(a) => {
             debug_assert_eq!(a.transport, Transport::Sse);
             let loc = &head.location;
-            let feed = open_feed(
-                &state.hub,
-                loc,
-                &a.channels,
-                &a.starts,
-                Transport::Sse,
-                loc.on_lag,
-                conn.peer,
-            );
+            let feed = open_feed(&state.hub, loc, &a, Transport::Sse, loc.on_lag, conn.peer);
             match feed.await {
                 Ok(feed) => {
                     // The head is in the socket buffer (we peeked it): consume exactly that.

@@ -50,10 +50,13 @@ impl HttpBuilders {
     }
 }
 
+/// The service of one connection. `stop` closes that connection (a response may ask for it:
+/// an SSE stream whose reader stopped reading).
 pub(super) fn service(
     state: &Arc<State>,
     kind: Kind,
     conn: ConnInfo,
+    stop: &CancellationToken,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
     Response = Response<Body>,
@@ -63,16 +66,23 @@ pub(super) fn service(
        + Clone
        + 'static {
     let st = state.clone();
+    let stop = stop.clone();
     service_fn(move |req| {
         let st = st.clone();
-        async move { Ok::<_, Infallible>(route::dispatch(&st, kind, req, conn).await) }
+        let stop = stop.clone();
+        async move { Ok::<_, Infallible>(route::dispatch(&st, kind, req, conn, &stop).await) }
     })
 }
 
-/// HTTP/1.1 through hyper until the connection ends or `drain` asks it to finish. hyper's
-/// header read timeout bounds the first and every later request head.
-pub(super) async fn serve_h1<I, S>(io: I, svc: S, live: Arc<Live>, drain: CancellationToken)
-where
+/// HTTP/1.1 through hyper until the connection ends, `drain` asks it to finish, or `stop`
+/// closes it. hyper's header read timeout bounds the first and every later request head.
+pub(super) async fn serve_h1<I, S>(
+    io: I,
+    svc: S,
+    live: Arc<Live>,
+    drain: CancellationToken,
+    stop: CancellationToken,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
         + Send
@@ -88,6 +98,7 @@ where
     tokio::pin!(conn);
     let r = tokio::select! {
         r = conn.as_mut() => r,
+        _ = stop.cancelled() => return,
         _ = drain.cancelled() => {
             conn.as_mut().graceful_shutdown();
             conn.await
@@ -100,8 +111,13 @@ where
 
 /// HTTP/2 through hyper. hyper has no header timeout for h2: a client that sends the preface
 /// and no request within the header timeout is closed here, so it cannot hold a slot forever.
-pub(super) async fn serve_h2<I, S>(io: I, svc: S, live: Arc<Live>, drain: CancellationToken)
-where
+pub(super) async fn serve_h2<I, S>(
+    io: I,
+    svc: S,
+    live: Arc<Live>,
+    drain: CancellationToken,
+    stop: CancellationToken,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
         + Send
@@ -128,6 +144,7 @@ where
     let r = loop {
         tokio::select! {
             r = conn.as_mut() => break r,
+            _ = stop.cancelled() => return,
             _ = drain.cancelled() => {
                 conn.as_mut().graceful_shutdown();
                 break conn.await;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
+use tokio_util::sync::CancellationToken;
 
 use super::listen::Kind;
 use super::{Live, ServerHandle, State};
@@ -26,9 +27,10 @@ pub(super) async fn dispatch(
     kind: Kind,
     req: Request<Incoming>,
     conn: ConnInfo,
+    stop: &CancellationToken,
 ) -> Response<Body> {
     match kind {
-        Kind::Public | Kind::PublicTls => public(state, req, conn).await,
+        Kind::Public | Kind::PublicTls => public(state, req, conn, stop).await,
         Kind::Publish | Kind::PublishUnix => {
             let live = state.live.load();
             // TCP may need the token; the Unix socket is guarded by its file permissions.
@@ -65,7 +67,12 @@ fn route_public<'a>(state: &'a State, live: &'a Live, path: &str) -> PublicRoute
     PublicRoute::Push(live.locations.route(path))
 }
 
-async fn public(state: &Arc<State>, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
+async fn public(
+    state: &Arc<State>,
+    req: Request<Incoming>,
+    conn: ConnInfo,
+    stop: &CancellationToken,
+) -> Response<Body> {
     let live = state.live.load_full();
     let admission = Admission {
         locations: live.locations.clone(),
@@ -87,6 +94,7 @@ async fn public(state: &Arc<State>, req: Request<Incoming>, conn: ConnInfo) -> R
             let ctx = PushContext {
                 hub: &state.hub,
                 ws_tasks: &state.upgraded,
+                conn_stop: stop,
                 admission,
                 webrtc: state.webrtc.as_ref(),
             };

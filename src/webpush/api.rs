@@ -63,8 +63,8 @@ pub async fn handle(
         Method::POST | Method::DELETE => {
             match ctx.authorize(loc, &channel, RequestView::of(&req)).await {
                 Err(refusal) => return refusal.into_response(cors.as_ref()),
-                Ok(()) if req.method() == Method::POST => subscribe(wp, &channel, req).await,
-                Ok(()) => unsubscribe(wp, &channel, req).await,
+                Ok(_) if req.method() == Method::POST => subscribe(wp, &channel, req).await,
+                Ok(_) => unsubscribe(wp, &channel, req).await,
             }
         }
         _ => response::method_not_allowed("POST, DELETE, OPTIONS", true),

@@ -240,15 +240,7 @@ pub async fn offer(
             )
         }
     };
-    let feed = open_feed(
-        hub,
-        loc,
-        &admitted.channels,
-        &admitted.starts,
-        Transport::WebRtc,
-        loc.on_lag,
-        remote,
-    );
+    let feed = open_feed(hub, loc, admitted, Transport::WebRtc, loc.on_lag, remote);
     let feed = match feed.await {
         Ok(f) => f,
         Err(e) => return hub_error(e),

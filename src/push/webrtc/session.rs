@@ -153,6 +153,10 @@ impl Session {
                     Next::Lagged => return End::Lagged,
                     Next::Closed(CloseReason::Deleted) => return End::ChannelDeleted,
                     Next::Closed(CloseReason::ShuttingDown) => return End::ShuttingDown,
+                    Next::Expired => {
+                        self.feed.metrics().dropped(DropReason::Expired);
+                        return End::Stopped;
+                    }
                 },
             }
         }
