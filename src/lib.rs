@@ -19,6 +19,7 @@ pub mod demo;
 pub(crate) mod https_client;
 pub mod hub;
 pub mod keys;
+pub(crate) mod log_limit;
 pub mod metrics;
 pub mod model;
 pub(crate) mod proxy;

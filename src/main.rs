@@ -2,7 +2,7 @@
 
 mod logging;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use bytes::Bytes;
@@ -51,7 +51,8 @@ enum Command {
     },
     /// Publish a message to a channel through the publish API and print the JSON answer.
     Publish {
-        /// Unix socket of the publish API (default: the config's publish.unix).
+        /// Unix socket of the publish API (default: the config's publish.unix, or
+        /// /run/crier/publish.sock, where the systemd unit puts it, when that one is absent).
         #[arg(long, conflicts_with = "url")]
         socket: Option<PathBuf>,
         /// TCP publish API, e.g. http://127.0.0.1:8081
@@ -162,22 +163,22 @@ fn main() -> ExitCode {
             let target = match (socket, url) {
                 (Some(s), _) => Target::Socket(s),
                 (None, Some(u)) => Target::Url(u),
-                (None, None) => {
-                    match load() {
-                        Ok(c) => match (&c.publish.unix, c.publish.listen.first()) {
-                            (Some(s), _) => Target::Socket(s.clone()),
-                            (None, Some(a)) => Target::Url(format!("http://{a}")),
-                            (None, None) => {
-                                eprintln!("crier: the config has no publish socket; pass --socket or --url");
-                                return ExitCode::from(1);
-                            }
-                        },
-                        Err(e) => {
-                            eprintln!("{e}");
+                (None, None) => match load() {
+                    Ok(c) => match (&c.publish.unix, c.publish.listen.first()) {
+                        (Some(s), _) => Target::Socket(installed_socket(s, Path::new(UNIT_SOCKET))),
+                        (None, Some(a)) => Target::Url(format!("http://{a}")),
+                        (None, None) => {
+                            eprintln!(
+                                "crier: the config has no publish socket; pass --socket or --url"
+                            );
                             return ExitCode::from(1);
                         }
+                    },
+                    Err(e) => {
+                        eprintln!("{e}");
+                        return ExitCode::from(1);
                     }
-                }
+                },
             };
             let token = match publish_token(token_file, &target, || {
                 load()
@@ -193,6 +194,19 @@ fn main() -> ExitCode {
             publish(target, event, token, channel, message)
         }
     }
+}
+
+/// Where the systemd unit puts the socket (`RuntimeDirectory=crier` under `/run`).
+const UNIT_SOCKET: &str = "/run/crier/publish.sock";
+
+/// The config's socket, or the unit's when that one is not there: the default socket lives
+/// under `$XDG_RUNTIME_DIR`, which differs between the service and the app's user running
+/// `crier publish`, so the same config names two paths.
+fn installed_socket(configured: &Path, unit: &Path) -> PathBuf {
+    if !configured.exists() && unit.exists() {
+        return unit.to_path_buf();
+    }
+    configured.to_path_buf()
 }
 
 fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
@@ -356,6 +370,28 @@ fn run(config: Config, keys: Keys, demo: Option<Demo>) -> ExitCode {
             }
         };
         let a = server.addrs().clone();
+        // One line that says what runs, from where, on what (the lines below give each
+        // listener again, for scripts that wait for one of them).
+        let mut on: Vec<String> = a.public.iter().map(|l| format!("http://{l}")).collect();
+        on.extend(a.public_tls.iter().map(|l| format!("https://{l}")));
+        on.extend(a.publish.iter().map(|l| format!("publish http://{l}")));
+        on.extend(
+            a.publish_unix
+                .iter()
+                .map(|p| format!("publish unix:{}", p.display())),
+        );
+        on.extend(a.admin.iter().map(|l| format!("admin http://{l}")));
+        on.extend(a.webrtc.iter().map(|l| format!("webrtc udp://{l}")));
+        tracing::info!(
+            "crier {} starting; config {}; listeners {}",
+            env!("CARGO_PKG_VERSION"),
+            source
+                .as_ref()
+                .map_or("(built-in defaults)".to_string(), |p| p
+                    .display()
+                    .to_string()),
+            on.join(", ")
+        );
         for l in &a.public {
             tracing::info!("listening on http://{l} (public)");
         }
@@ -524,5 +560,36 @@ fn raise_fd_limit() {
             lim.rlim_cur = lim.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_falls_back_to_the_units_socket_only_when_the_configured_one_is_absent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let configured = dir.path().join("user/crier/publish.sock");
+        let unit = dir.path().join("run/crier/publish.sock");
+        assert_eq!(
+            installed_socket(&configured, &unit),
+            configured,
+            "neither exists"
+        );
+        std::fs::create_dir_all(unit.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&unit, b"").expect("touch");
+        assert_eq!(
+            installed_socket(&configured, &unit),
+            unit,
+            "only the unit's"
+        );
+        std::fs::create_dir_all(configured.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&configured, b"").expect("touch");
+        assert_eq!(
+            installed_socket(&configured, &unit),
+            configured,
+            "both: the config wins"
+        );
     }
 }

@@ -79,6 +79,58 @@ pub struct Metrics {
     webrtc_sessions: [IntGauge; 2],
     /// POST of the offer → the client's data channel open.
     pub webrtc_handshake: Histogram,
+    /// `crier_publish_rejected_total{reason}`, by [`PublishRejection`].
+    publish_rejected: [IntCounter; PublishRejection::ALL.len()],
+    /// 1 while the last connect probe of the upstream succeeded (every 5 s), else 0.
+    pub upstream_up: IntGauge,
+    /// 1 from the start of the draining shutdown.
+    pub draining: IntGauge,
+}
+
+/// Why a publish (`POST`/`PUT /pub/...`) was refused, for `crier_publish_rejected_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishRejection {
+    /// 401: a TCP publish without the right token.
+    Unauthorized,
+    /// 400 or 404: a bad channel or event name, an unreadable body, a wrong path.
+    BadRequest,
+    /// 413: over `channels.max_message_size`.
+    TooLarge,
+    /// 429: `channels.max_channels` reached.
+    MaxChannels,
+    /// 503: draining, or the store cannot take it now.
+    Unavailable,
+}
+
+impl PublishRejection {
+    pub const ALL: [PublishRejection; 5] = [
+        PublishRejection::Unauthorized,
+        PublishRejection::BadRequest,
+        PublishRejection::TooLarge,
+        PublishRejection::MaxChannels,
+        PublishRejection::Unavailable,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PublishRejection::Unauthorized => "unauthorized",
+            PublishRejection::BadRequest => "bad_request",
+            PublishRejection::TooLarge => "too_large",
+            PublishRejection::MaxChannels => "max_channels",
+            PublishRejection::Unavailable => "unavailable",
+        }
+    }
+
+    /// The reason an error status of the publish API stands for.
+    pub fn of_status(status: http::StatusCode) -> PublishRejection {
+        match status.as_u16() {
+            401 | 403 => PublishRejection::Unauthorized,
+            413 => PublishRejection::TooLarge,
+            429 => PublishRejection::MaxChannels,
+            500..=599 => PublishRejection::Unavailable,
+            _ => PublishRejection::BadRequest,
+        }
+    }
 }
 
 /// A WebRTC session's state for `crier_webrtc_sessions{state}`.
@@ -240,6 +292,21 @@ impl Metrics {
             "state",
         );
         let webrtc_sessions = ["connecting", "open"].map(|s| webrtc_vec.with_label_values(&[s]));
+        let rejected_vec = counter_vec(
+            "publish_rejected_total",
+            "Publishes the publish API refused, by reason (unauthorized, bad_request, too_large, max_channels, unavailable).",
+            "reason",
+        );
+        let publish_rejected =
+            PublishRejection::ALL.map(|r| rejected_vec.with_label_values(&[r.as_str()]));
+        // The version as a label on a constant 1, the Prometheus way to join it to any series.
+        gauge_vec(
+            "build_info",
+            "Always 1; the label says which crier version runs.",
+            "version",
+        )
+        .with_label_values(&[env!("CARGO_PKG_VERSION")])
+        .set(1);
 
         let m = Metrics {
             connections,
@@ -298,6 +365,15 @@ impl Metrics {
                 .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
             )
             .expect("valid metric"), // ok: constant names
+            publish_rejected,
+            upstream_up: gauge(
+                "upstream_up",
+                "1 while the upstream app accepts connections (a connect probe every 5 s), else 0.",
+            ),
+            draining: gauge(
+                "draining",
+                "1 from the start of the draining shutdown (SIGTERM), else 0.",
+            ),
             registry: r,
         };
         m.registry
@@ -358,6 +434,10 @@ impl Metrics {
 
     pub fn dropped(&self, reason: DropReason) {
         self.dropped[reason as usize].inc();
+    }
+
+    pub fn publish_rejected(&self, why: PublishRejection) {
+        self.publish_rejected[why as usize].inc();
     }
 
     pub fn auth_check(&self, method: AuthMethod, result: AuthResult) {

@@ -202,7 +202,20 @@ async fn health_readiness_and_channel_listing() {
     assert_eq!(v["channels"][0]["buffered"], 1);
     assert_eq!(v["channels"][0]["published"], 1);
     assert!(v["channels"][0]["last_id"].as_str().unwrap().contains('-'));
-    assert_eq!(v["total"], 4);
+    assert_eq!(
+        v["total"], 3,
+        "total counts the channels that match the prefix"
+    );
+    let v: serde_json::Value = http
+        .get(c.admin_url("/channels?limit=1"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["total"], 4, "no prefix: every channel");
+    assert_eq!(v["channels"].as_array().unwrap().len(), 1);
     let r = http
         .get(c.admin_url("/channels?limit=x"))
         .send()
@@ -242,4 +255,89 @@ async fn admin_and_publish_endpoints_are_not_on_the_public_listener() {
     let r = http.get(c.pub_url("secret")).send().await.unwrap();
     assert_eq!(r.status(), 404, "nothing was published");
     c.shutdown().await;
+}
+
+/// The operators' metrics: which version runs, whether the app behind accepts connections,
+/// why publishes were refused, and that a drain is under way.
+#[tokio::test]
+async fn build_upstream_rejections_and_draining() {
+    let http = client();
+    // The app is not there: crier_upstream_up says so (the first probe runs at start).
+    let dead = dead_addr().await;
+    let c = Crier::start(
+        &format!("http://{dead}"),
+        "[channels]\nmax_message_size = \"1KiB\"\n",
+    )
+    .await;
+    assert!(
+        eventually(Duration::from_secs(5), async || metric(
+            &c,
+            "crier_upstream_up"
+        )
+        .await
+            == Some(0.0))
+        .await
+    );
+    let version = format!(
+        "crier_build_info{{version=\"{}\"}}",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(metric(&c, &version).await, Some(1.0));
+    assert_eq!(metric(&c, "crier_draining").await, Some(0.0));
+
+    // Each kind of refusal is counted under its reason, and only refusals are.
+    c.publish("fine", "ok").await;
+    let post = |path: String, body: Vec<u8>| {
+        let http = http.clone();
+        async move { http.post(path).body(body).send().await.unwrap().status() }
+    };
+    assert_eq!(post(c.pub_url("big"), vec![b'x'; 2048]).await, 413);
+    assert_eq!(post(c.pub_url("bad%20name"), b"x".to_vec()).await, 400);
+    assert_eq!(
+        post(
+            format!("{}?event=no%20spaces", c.pub_url("ok")),
+            b"x".to_vec()
+        )
+        .await,
+        400
+    );
+    let rejected = |reason: &str| format!("crier_publish_rejected_total{{reason=\"{reason}\"}}");
+    assert_eq!(metric(&c, &rejected("too_large")).await, Some(1.0));
+    assert_eq!(metric(&c, &rejected("bad_request")).await, Some(2.0));
+    assert_eq!(metric(&c, &rejected("unauthorized")).await, Some(0.0));
+    assert_eq!(metric(&c, &rejected("max_channels")).await, Some(0.0));
+    // Reading is not publishing: a GET of a missing channel is no rejection.
+    let r = http.get(c.pub_url("missing")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(metric(&c, &rejected("bad_request")).await, Some(2.0));
+    c.shutdown().await;
+
+    // An app that is up: 1. A request in flight keeps the drain going while we look.
+    let up = Upstream::start().await;
+    let c = Crier::start(&up.url(), "").await;
+    assert!(
+        eventually(Duration::from_secs(5), async || metric(
+            &c,
+            "crier_upstream_up"
+        )
+        .await
+            == Some(1.0))
+        .await
+    );
+    let slow = tokio::spawn(http.get(c.url("/delay?ms=1500")).send());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.handle.shutdown();
+    assert!(
+        eventually(Duration::from_secs(2), async || metric(
+            &c,
+            "crier_draining"
+        )
+        .await
+            == Some(1.0))
+        .await
+    );
+    let r = http.get(c.admin_url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(slow.await.unwrap().unwrap().status(), 200);
+    c.done.await.unwrap();
 }

@@ -158,6 +158,30 @@ fn check_rejects_each_kind_of_error_with_position_and_key() {
             "http://host:port",
         ),
         (
+            "zero_buffer.toml",
+            "[channels]\nbuffer_messages = 0\n",
+            "2:19: channels.buffer_messages",
+            "out of range (1..=",
+        ),
+        (
+            "unit_list.toml",
+            "[channels]\nmax_message_size = \"16 kb\"\n",
+            "2:20: channels.max_message_size",
+            "(B, KiB, MiB, GiB, or KB, kB, MB, GB",
+        ),
+        (
+            "placeholder_typo.toml",
+            "[[push]]\npath = \"/live/{chanel}\"\n",
+            "2:8: push.path",
+            "unknown placeholder {chanel}",
+        ),
+        (
+            "push_not_array.toml",
+            "[push]\npath = \"/live/{channel}\"\n",
+            "1:1: push",
+            "write [[push]]",
+        ),
+        (
             "syntax.toml",
             "[server]\nlisten = [\"127.0.0.1:8080\"\n",
             "2:",

@@ -19,15 +19,9 @@ const ALERTS: &str = include_str!("../contrib/prometheus/crier-alerts.yml");
 const ALERT_TESTS: &str = include_str!("../contrib/prometheus/crier-alerts.test.yml");
 const CONTRIB: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/contrib");
 
-/// Named by the dashboard or the alerts, added to crier later (phase B of the operations
-/// work, and the cluster work): their panels stay empty and their alerts silent until then.
-const LATER: &[&str] = &[
-    "crier_build_info",
-    "crier_upstream_up",
-    "crier_publish_rejected_total",
-    "crier_cluster_up",
-    "crier_draining",
-];
+/// Named by the dashboard or the alerts, added to crier later (the cluster work): their
+/// panels stay empty and their alerts silent until then.
+const LATER: &[&str] = &["crier_cluster_up"];
 
 /// Labels Prometheus adds at scrape time; never in crier's own output.
 const TARGET_LABELS: &[&str] = &["job", "instance"];

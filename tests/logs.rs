@@ -314,3 +314,61 @@ fn check_takes_the_file_as_an_argument() {
     );
     assert_eq!(out.status.code(), Some(2), "{out:?}");
 }
+
+/// The first line says what runs, from which file, on which addresses; an upstream that is
+/// down is told once by the probe and once per 10 s by the proxy, however many requests fail.
+#[test]
+fn start_up_line_and_rate_limited_upstream_warnings() {
+    let (stderr, read, _) = piped();
+    let (l, seen) = Logged::start(&[], &[], stderr, read);
+    let start = seen
+        .iter()
+        .find(|s| s.contains(" starting; config "))
+        .unwrap_or_else(|| panic!("no start-up line in:\n{}", seen.join("\n")));
+    let config = l.config.display().to_string();
+    let version = format!("crier {}", env!("CARGO_PKG_VERSION"));
+    for want in [
+        version.as_str(),
+        config.as_str(),
+        "listeners http://127.0.0.1:",
+        "publish unix:",
+        "admin http://127.0.0.1:",
+    ] {
+        assert!(start.contains(want), "{want:?} not in {start}");
+    }
+    let public = seen
+        .iter()
+        .find_map(|s| s.split("listening on http://").nth(1))
+        .and_then(|s| s.split(' ').next())
+        .expect("public listener line")
+        .to_string();
+    for _ in 0..5 {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(&public).unwrap();
+        s.write_all(b"GET /x HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+    }
+    let mut later = Vec::new();
+    let end = Instant::now() + Duration::from_millis(1500);
+    while let Ok(line) = l
+        .lines
+        .recv_timeout(end.saturating_duration_since(Instant::now()))
+    {
+        later.push(line);
+    }
+    let all: Vec<&String> = seen.iter().chain(&later).collect();
+    let proxy = all
+        .iter()
+        .filter(|s| s.contains("proxy: upstream unreachable"))
+        .count();
+    let probe = all
+        .iter()
+        .filter(|s| s.contains("is not accepting connections"))
+        .count();
+    assert_eq!(proxy, 1, "five 502s, one line:\n{all:#?}");
+    assert_eq!(probe, 1, "the probe tells it once:\n{all:#?}");
+    assert!(all.iter().any(|s| s.contains("WARN")), "{all:#?}");
+}

@@ -63,6 +63,14 @@ async fn ws_frame_type_follows_the_content_type() {
     publish_typed(&c, "w", "text/plain", b"not \xff utf-8".to_vec()).await;
     publish_typed(&c, "w", "image/png", b"\x89PNG\r\n".to_vec()).await;
     c.publish("w", "default content type").await;
+    // What `curl -d 'hello'` sends: typed at a shell, it is text.
+    publish_typed(
+        &c,
+        "w",
+        "application/x-www-form-urlencoded",
+        b"hello=world".to_vec(),
+    )
+    .await;
 
     let text = |m: Message| match m {
         Message::Text(t) => t.to_string(),
@@ -85,6 +93,7 @@ async fn ws_frame_type_follows_the_content_type() {
         text(ws_next(&mut ws).await.unwrap()),
         "default content type"
     );
+    assert_eq!(text(ws_next(&mut ws).await.unwrap()), "hello=world");
     c.shutdown().await;
 }
 

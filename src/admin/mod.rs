@@ -79,9 +79,11 @@ fn channels(hub: &Hub, query: Option<&str>) -> Response<Body> {
             }
         },
     };
-    let list = hub.list(&prefix, limit);
+    // total: the channels that match the prefix (all of them when there is none), so a
+    // client can tell that `limit` cut the list.
+    let (total, list) = hub.list(&prefix, limit);
     response::json(
         StatusCode::OK,
-        &serde_json::json!({ "total": hub.channel_count(), "channels": list }),
+        &serde_json::json!({ "total": total, "channels": list }),
     )
 }

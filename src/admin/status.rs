@@ -268,6 +268,7 @@ impl Sampler {
 
         let mut rows: Vec<ChannelRow> = hub
             .list("", CHANNELS_SCANNED)
+            .1
             .into_iter()
             .map(|stats| {
                 let before = prev.as_ref().and_then(|p| p.channels.get(&stats.channel));
@@ -319,10 +320,7 @@ impl Sampler {
             ready: !server.draining(),
             listeners: server.listeners(),
             upstream: Upstream {
-                url: match &cfg.upstream.url {
-                    UpstreamAddr::Http { authority } => format!("http://{authority}"),
-                    UpstreamAddr::Unix(p) => format!("unix:{}", p.display()),
-                },
+                url: cfg.upstream.url.to_string(),
                 health,
                 check,
                 requests_per_s: per_s(proxied, prev.as_ref().map(|p| p.proxied)),
@@ -370,30 +368,10 @@ impl Sampler {
 
 /// Connects to the upstream and hangs up: can crier reach it at all?
 async fn probe_upstream(addr: &UpstreamAddr, limit: Duration) -> UpstreamCheck {
-    let start = Instant::now();
-    let r: std::io::Result<()> = match addr {
-        UpstreamAddr::Http { authority } => {
-            let target = match authority.parse::<http::uri::Authority>() {
-                Ok(a) => format!("{}:{}", a.host(), a.port_u16().unwrap_or(80)),
-                Err(_) => authority.clone(),
-            };
-            match tokio::time::timeout(limit, tokio::net::TcpStream::connect(target)).await {
-                Ok(r) => r.map(drop),
-                Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
-            }
-        }
-        UpstreamAddr::Unix(p) => {
-            match tokio::time::timeout(limit, tokio::net::UnixStream::connect(p)).await {
-                Ok(r) => r.map(drop),
-                Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
-            }
-        }
-    };
-    let ms = start.elapsed().as_secs_f64() * 1000.0;
-    match r {
-        Ok(()) => UpstreamCheck {
+    match crate::proxy::probe::connect(addr, limit).await {
+        Ok(took) => UpstreamCheck {
             reachable: Some(true),
-            connect_ms: Some(ms),
+            connect_ms: Some(took.as_secs_f64() * 1000.0),
             error: None,
             age_s: None,
         },

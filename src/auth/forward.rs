@@ -19,6 +19,7 @@ use parking_lot::Mutex;
 
 use super::{Ask, Denial};
 use crate::config::{ForwardAuthConfig, UpstreamConfig};
+use crate::log_limit::{held_back_note, LogLimit};
 use crate::proxy::{self, UpstreamConnector};
 
 /// A denial's body is passed on up to this size; a larger one is replaced by a one-line reason.
@@ -73,18 +74,21 @@ impl ForwardAuth {
 
     /// Asks the upstream whether the subscriber of `ask` may read `channel`.
     pub async fn ask(&self, cfg: &ForwardAuthConfig, channel: &str, ask: &Ask<'_>) -> Verdict {
-        match tokio::time::timeout(cfg.timeout, self.exchange(cfg, channel, ask)).await {
-            Ok(Ok(v)) => v,
-            Ok(Err(e)) => {
-                tracing::warn!("auth_request {}: {e}; answering 503", cfg.path);
-                Verdict::Unavailable
-            }
-            Err(_) => {
-                let e = AskError::Timeout(cfg.timeout);
-                tracing::warn!("auth_request {}: {e}; answering 503", cfg.path);
-                Verdict::Unavailable
-            }
+        // A backend that is down fails every subscriber: one line per 10 s, not one each.
+        static WARN: LogLimit = LogLimit::new(Duration::from_secs(10));
+        let e = match tokio::time::timeout(cfg.timeout, self.exchange(cfg, channel, ask)).await {
+            Ok(Ok(v)) => return v,
+            Ok(Err(e)) => e,
+            Err(_) => AskError::Timeout(cfg.timeout),
+        };
+        if let Some(n) = WARN.allow() {
+            tracing::warn!(
+                "auth_request {}: {e}; answering 503{}",
+                cfg.path,
+                held_back_note(n)
+            );
         }
+        Verdict::Unavailable
     }
 
     async fn exchange(

@@ -85,6 +85,16 @@ pub enum UpstreamAddr {
     Unix(PathBuf),
 }
 
+impl std::fmt::Display for UpstreamAddr {
+    /// As the config writes it: `http://host:port` or `unix:/path`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamAddr::Http { authority } => write!(f, "http://{authority}"),
+            UpstreamAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
     pub url: UpstreamAddr,
@@ -469,7 +479,7 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
         "GB" => 1_000_000_000,
         u => {
             return Err(format!(
-                "{s:?} has an unknown unit {u:?} (B, KiB, MiB, GiB)"
+                "{s:?} has an unknown unit {u:?} (B, KiB, MiB, GiB, or KB, kB, MB, GB in powers of 1000)"
             ))
         }
     };

@@ -158,6 +158,13 @@ pub(super) fn read_raw(text: &str, name: &str, problems: &mut Vec<String>) -> Op
             problems.push(format!("{name}:{}{message}", at(e.span())));
             return None;
         };
+        // `[push]` where `[[push]]` was meant: the one TOML slip every newcomer makes once.
+        let plural = ["push", "webhook", "publish_on", "poll"];
+        if message.starts_with("invalid type: map, expected an array")
+            && plural.contains(&key.as_str())
+        {
+            message = format!("{message} (write [[{key}]], one block per entry, not [{key}])");
+        }
         problems.push(format!("{name}:{}{key}: {message}", at(e.span())));
     }
     None

@@ -440,7 +440,7 @@ impl Validator<'_> {
                 buffer_messages: self.count(
                     "channels.buffer_messages",
                     raw.buffer_messages,
-                    (0, 10_000_000),
+                    (1, 10_000_000),
                     100,
                 ),
                 buffer_ttl: self.duration(
@@ -478,11 +478,13 @@ impl Validator<'_> {
                 (p.to_string(), s.to_string())
             }
             _ => {
-                self.err(
-                    "push.path",
-                    &raw.path,
-                    "must start with '/' and contain {channel} exactly once",
-                );
+                let msg = match misspelt_placeholder(&path) {
+                    Some(bad) => format!(
+                        "unknown placeholder {bad}: the channel's place is written {{channel}}"
+                    ),
+                    None => "must start with '/' and contain {channel} exactly once".into(),
+                };
+                self.err("push.path", &raw.path, msg);
                 ok = false;
                 (String::new(), String::new())
             }
@@ -532,7 +534,7 @@ impl Validator<'_> {
                 buffer_messages: self.count(
                     "push.buffer_messages",
                     raw.buffer_messages,
-                    (0, 10_000_000),
+                    (1, 10_000_000),
                     defaults.buffer_messages,
                 ),
                 buffer_ttl: self.duration("push.buffer_ttl", raw.buffer_ttl, defaults.buffer_ttl),
@@ -856,4 +858,19 @@ pub(super) fn parse_upstream(s: &str) -> Result<UpstreamAddr, String> {
     Ok(UpstreamAddr::Http {
         authority: uri.as_str().to_string(),
     })
+}
+
+/// The first `{...}` in a push path that is not `{channel}` (a typo such as `{chanel}`).
+fn misspelt_placeholder(path: &str) -> Option<&str> {
+    let mut rest = path;
+    while let Some(open) = rest.find('{') {
+        let tail = &rest[open..];
+        let close = tail.find('}')?;
+        let ph = &tail[..=close];
+        if ph != "{channel}" {
+            return Some(ph);
+        }
+        rest = &tail[close + 1..];
+    }
+    None
 }

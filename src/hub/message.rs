@@ -145,6 +145,9 @@ fn is_textual(ct: &[u8]) -> bool {
         || ct == b"application/javascript"
         || ct == b"application/xml"
         || ct.ends_with(b"+xml")
+        // What `curl -d` / `--data-binary` sends when no type is given: a publish typed at a
+        // shell is text, and a plain WebSocket should get it as a text frame.
+        || ct == b"application/x-www-form-urlencoded"
 }
 
 #[cfg(test)]
@@ -204,6 +207,7 @@ mod tests {
         assert!(m("application/json", b"{}").is_text);
         assert!(m("application/ld+json", b"{}").is_text);
         assert!(!m("application/octet-stream", b"hi").is_text);
+        assert!(m("application/x-www-form-urlencoded", b"hello").is_text);
         assert!(!m("text/plain", b"\xff\xfe").is_text);
     }
 

@@ -350,7 +350,9 @@ impl Hub {
     }
 
     /// Channel figures, sorted by name, filtered by prefix, at most `limit`.
-    pub fn list(&self, prefix: &str, limit: usize) -> Vec<ChannelStats> {
+    /// The figures of the first `limit` channels (by name) whose name starts with `prefix`,
+    /// and how many channels match in all.
+    pub fn list(&self, prefix: &str, limit: usize) -> (usize, Vec<ChannelStats>) {
         let mut chans: Vec<_> = self
             .inner
             .channels
@@ -359,9 +361,10 @@ impl Hub {
             .filter(|(n, _)| n.starts_with(prefix))
             .map(|(_, c)| c.clone())
             .collect();
+        let matches = chans.len();
         chans.sort_unstable_by(|a, b| a.name.cmp(&b.name));
         chans.truncate(limit);
-        chans.iter().map(|c| c.stats()).collect()
+        (matches, chans.iter().map(|c| c.stats()).collect())
     }
 
     pub fn channel_count(&self) -> usize {

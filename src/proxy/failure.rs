@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use http::StatusCode;
 
+use crate::log_limit::{held_back_note, LogLimit};
 use crate::metrics::Metrics;
 
 /// Why the upstream gave no response head.
@@ -73,8 +74,17 @@ impl UpstreamFailure {
         }
     }
 
-    /// Counts it in `crier_upstream_errors_total{kind}`.
+    /// Counts it in `crier_upstream_errors_total{kind}` and logs it (one line per 10 s).
     pub fn count(&self, m: &Metrics) {
+        static WARN: LogLimit = LogLimit::new(Duration::from_secs(10));
+        if let Some(n) = WARN.allow() {
+            tracing::warn!(
+                "proxy: {} (answered {}){}",
+                self.reason(),
+                self.status().as_u16(),
+                held_back_note(n)
+            );
+        }
         match self {
             UpstreamFailure::ConnectTimeout(_) | UpstreamFailure::Unreachable(_) => {
                 m.upstream_errors_connect.inc()

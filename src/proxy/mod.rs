@@ -28,6 +28,7 @@ use tokio_util::task::TaskTracker;
 mod client;
 pub mod failure;
 pub mod fast;
+pub(crate) mod probe;
 pub mod rewrite;
 
 pub use client::{upstream_client, UpstreamConnector};

@@ -11,13 +11,29 @@ use hyper::body::Incoming;
 use super::EVENT_HEADER;
 use crate::hub::{Hub, HubError, NewMessage};
 use crate::keys::PublishToken;
-use crate::metrics::{AuthMethod, AuthResult};
+use crate::metrics::{AuthMethod, AuthResult, PublishRejection};
 use crate::model::ChannelName;
 use crate::response::{self, Body};
 
 /// Serves one publish API request. `token`: the bearer token this listener requires (TCP with
 /// `publish.token_file`); None for the Unix socket, whose file permissions guard it.
 pub async fn handle(
+    hub: &Hub,
+    max_message_size: usize,
+    token: Option<&PublishToken>,
+    req: Request<Incoming>,
+    webpush: Option<&crate::webpush::WebPush>,
+) -> Response<Body> {
+    let publishing = matches!(*req.method(), Method::POST | Method::PUT);
+    let r = answer(hub, max_message_size, token, req, webpush).await;
+    if publishing && r.status() != StatusCode::CREATED {
+        hub.metrics()
+            .publish_rejected(PublishRejection::of_status(r.status()));
+    }
+    r
+}
+
+async fn answer(
     hub: &Hub,
     max_message_size: usize,
     token: Option<&PublishToken>,

@@ -388,6 +388,13 @@ impl Server {
             }
         }
         let sweeper = tokio::spawn(state.hub.clone().run_sweeper(Duration::from_secs(1)));
+        let prober = tokio::spawn({
+            let state = state.clone();
+            async move {
+                let config = || state.live.load().config.clone();
+                crate::proxy::probe::run(config, state.hub.metrics()).await
+            }
+        });
         if let Some(w) = &state.webrtc {
             tokio::spawn(w.clone().serve());
         }
@@ -396,6 +403,7 @@ impl Server {
         state.stop.cancelled().await;
         tracing::info!("shutting down: draining connections");
         state.draining.store(true, Ordering::SeqCst);
+        state.hub.metrics().draining.set(1);
         state.accept.close();
         state.accept.wait().await; // listeners closed: no new connections
         state.hub.close_all(); // subscribers: SSE ends, WebSocket 1001, long-poll 503
@@ -420,6 +428,7 @@ impl Server {
         // same deadline again to go out.
         state.webhooks.drain(deadline).await;
         sweeper.abort();
+        prober.abort();
         if let Some(wp) = &state.webpush {
             wp.close(); // stops deliveries and releases the store file
         }
