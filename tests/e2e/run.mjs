@@ -224,7 +224,6 @@ async function statusPage() {
   await page.goto(`http://${crier.admin}/`);
   const num = async (id) => Number((await page.textContent(`#${id}`)).replace(/[^0-9.]/g, ''));
   await waitFor('the first snapshot', async () => Number(await page.getAttribute('body', 'data-snapshots')) >= 1);
-  const sse0 = await num('conn-sse');
   const total0 = await num('msg-total');
 
   // Subscribers that are not the browser: three SSE streams and a long-poll on one channel.
@@ -240,11 +239,21 @@ async function statusPage() {
   fetch(`http://${crier.public}/live/${channel}`, { signal: lpAbort.signal }).catch(() => {});
   held.push(lpAbort);
 
-  await waitFor('the SSE count to move', async () => (await num('conn-sse')) === sse0 + 3, { timeout: 5000 });
+  // What /metrics says now; streams of the steps before may still be closing, so the page is
+  // held to the server's figure, not to a count taken earlier.
+  const sseMetric = async () => {
+    const text = await (await fetch(`http://${crier.admin}/metrics`)).text();
+    const m = text.match(/^crier_connections\{transport="sse"\} (\d+)$/m);
+    return m ? Number(m[1]) : NaN;
+  };
   await waitFor('the channel row', async () => {
     const row = await page.$(`tr[data-channel="${channel}"]`);
     return row && (await row.textContent()).includes('4');
-  }, { timeout: 5000 });
+  }, { timeout: 10000 });
+  await waitFor('the SSE count to move', async () => {
+    const now = await sseMetric();
+    return now >= 3 && (await num('conn-sse')) === now;
+  }, { timeout: 10000 });
   // A steady trickle of messages: the rate must show it.
   const rates = [];
   for (let i = 0; i < 25; i++) {
@@ -255,8 +264,12 @@ async function statusPage() {
   await waitFor('the published total to move', async () => (await num('msg-total')) >= total0 + 25, { timeout: 5000 });
   if (!rates.some((r) => r > 0)) throw new Error(`the message rate never moved: ${rates}`);
   await screenshot(page, 'status.png');
+  const withOurs = await sseMetric();
   for (const ac of held) ac.abort();
-  await waitFor('the SSE count to fall back', async () => (await num('conn-sse')) === sse0, { timeout: 5000 });
+  await waitFor('the SSE count to fall back', async () => {
+    const now = await sseMetric();
+    return now <= withOurs - 3 && (await num('conn-sse')) === now;
+  }, { timeout: 10000 });
 
   // Live, not polled: the page made one stats request; snapshots kept coming on it.
   const snapshots = Number(await page.getAttribute('body', 'data-snapshots'));
