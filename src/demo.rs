@@ -85,6 +85,9 @@ pub fn webpush_config(dir: &std::path::Path) -> Result<WebPushConfig, VapidError
         ttl: Duration::from_secs(3600),
         max_subscriptions: 10_000,
         ca_file: None,
+        push_ports: vec![443],
+        allow_addresses: Vec::new(),
+        resolve: Default::default(),
     })
 }
 

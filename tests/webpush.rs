@@ -71,6 +71,7 @@ impl PushService {
         let ck = rcgen::generate_simple_self_signed(vec![
             "127.0.0.1".to_string(),
             "localhost".to_string(),
+            "push.test".to_string(),
         ])
         .expect("certificate");
         let ca_file = dir.join("push-ca.pem");
@@ -373,11 +374,18 @@ impl Site {
              [[push]]\npath = \"/secure/{{channel}}\"\nchannel_prefix = \"secure:\"\n\
              [push.jwt]\nsecret_file = \"{}\"\n\
              [webpush]\nvapid_key_file = \"{}\"\nsubject = \"{SUBJECT}\"\nstore = \"{}\"\n\
-             push_hosts = [\"127.0.0.1\"]\nttl = \"2m\"\nca_file = \"{}\"\n{extra}",
+             push_hosts = [\"127.0.0.1\"]\nttl = \"2m\"\nca_file = \"{}\"\n\
+             allow_addresses = [\"127.0.0.1\"]\n{ports}{extra}",
             d.join("jwt.key").display(),
             d.join("vapid.pem").display(),
             d.join("webpush.redb").display(),
             ps.ca_file.display(),
+            // The double is on loopback and a port of its own: both must be allowed.
+            ports = if extra.contains("push_ports") {
+                String::new()
+            } else {
+                format!("push_ports = [{}]\n", ps.addr.port())
+            },
         )
     }
 
@@ -1052,7 +1060,18 @@ async fn a_slow_push_service_delays_only_its_own_subscribers() {
         std::fs::read_to_string(&fast.ca_file).expect("ca")
     );
     std::fs::write(&slow.ca_file, both).expect("write ca");
-    let c = site.crier(&slow).await;
+    let c = Crier::start(
+        &site.upstream.url(),
+        &site.toml(
+            &slow,
+            &format!(
+                "push_ports = [{}, {}]\n",
+                slow.addr.port(),
+                fast.addr.port()
+            ),
+        ),
+    )
+    .await;
     for i in 0..20 {
         let b = Browser::new(&slow, &format!("s{i}"));
         assert_eq!(subscribe(&c, "mixed", &b).await, StatusCode::CREATED);
@@ -1300,4 +1319,86 @@ fn vapid_generate_writes_a_private_key_once() {
     assert_eq!(again.status.code(), Some(1), "never overwrites");
     assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
     assert_eq!(std::fs::read_to_string(&key).expect("read"), pem);
+}
+
+/// Web Push cannot be pointed at internal addresses. A name in `push_hosts` that resolves to
+/// loopback (here through `resolve`, as a hostile DNS answer would) gets no connection and no
+/// retries; an address or port outside the policy is refused at subscribe; only an explicit
+/// `allow_addresses` lets the same subscription through.
+#[tokio::test]
+async fn endpoints_that_resolve_to_internal_addresses_get_nothing() {
+    let site = Site::new().await;
+    let ps = PushService::start(site.dir.path()).await;
+    let port = ps.addr.port();
+    let d = site.dir.path();
+    let config = |allow: &str| {
+        format!(
+            "[webpush]\nvapid_key_file = \"{}\"\nsubject = \"{SUBJECT}\"\nstore = \"{}\"\n\
+             push_hosts = [\"push.test\", \"127.0.0.1\"]\nca_file = \"{}\"\n\
+             push_ports = [{port}]\nresolve = {{ \"push.test\" = [\"127.0.0.1\"] }}\n{allow}",
+            d.join("vapid.pem").display(),
+            d.join("webpush.redb").display(),
+            ps.ca_file.display(),
+        )
+    };
+    let c = Crier::start(&site.upstream.url(), &config("")).await;
+    let mut b = Browser::new(&ps, "named");
+    b.endpoint = format!("https://push.test:{port}/push/named");
+
+    let refused = |endpoint: String, why: &'static str| {
+        let body = {
+            let mut v = b.json();
+            v["endpoint"] = endpoint.into();
+            v
+        };
+        let url = api(&c, "inside");
+        async move {
+            let r = client().post(url).json(&body).send().await.expect("POST");
+            assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+            let v: Value = r.json().await.expect("json");
+            let e = v["error"].as_str().unwrap_or_default().to_string();
+            assert!(e.contains(why), "{e}");
+        }
+    };
+    // An address that is not public, although listed in push_hosts.
+    refused(ps.endpoint("literal"), "not a public address").await;
+    // A port that push_ports does not list (443 is not, here).
+    refused("https://push.test/push/x".into(), "port 443").await;
+
+    // The name passes at subscribe (what it resolves to may change); crier refuses to connect.
+    assert_eq!(subscribe(&c, "inside", &b).await, StatusCode::CREATED);
+    c.publish("inside", "for the metadata service").await;
+    assert!(
+        eventually(Duration::from_secs(5), async || {
+            admin_webpush(&c).await["deliveries"]["failed"] == 1
+        })
+        .await,
+        "{}",
+        admin_webpush(&c).await
+    );
+    let w = admin_webpush(&c).await;
+    assert_eq!(w["retries"], 0, "a refused address is not retried: {w}");
+    let reason = w["recent_failures"][0]["reason"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        reason.contains("127.0.0.1") && reason.contains("not public"),
+        "{w}"
+    );
+    assert!(
+        ps.pushed().is_empty(),
+        "nothing reached the internal address"
+    );
+    c.shutdown().await;
+
+    // Allowed explicitly: the stored subscription gets the next message.
+    let c = Crier::start(
+        &site.upstream.url(),
+        &config("allow_addresses = [\"127.0.0.0/8\"]\n"),
+    )
+    .await;
+    c.publish("inside", "now allowed").await;
+    let got = ps.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(got[0].id, "named");
+    c.shutdown().await;
 }

@@ -18,7 +18,13 @@ pub(super) struct RawWebPush {
     ttl: Option<S<String>>,
     max_subscriptions: Option<S<i64>>,
     ca_file: Option<S<String>>,
+    push_ports: Option<S<Vec<S<i64>>>>,
+    allow_addresses: Option<S<Vec<S<String>>>>,
+    resolve: Option<S<RawResolve>>,
 }
+
+/// `resolve = { "host" = ["ip", ...] }`.
+type RawResolve = std::collections::BTreeMap<String, S<Vec<S<String>>>>;
 
 /// The push services of the major browsers: Chrome (FCM), Firefox, Edge, Safari.
 pub const DEFAULT_PUSH_HOSTS: [&str; 4] = [
@@ -46,6 +52,13 @@ pub struct WebPushConfig {
     pub max_subscriptions: usize,
     /// Extra CAs the outbound client trusts (a private push service; the tests' double).
     pub ca_file: Option<PathBuf>,
+    /// Ports an endpoint may name (default 443 only).
+    pub push_ports: Vec<u16>,
+    /// Addresses crier may push to although they are not public (default none: loopback,
+    /// private, link-local, unique-local and metadata addresses are refused).
+    pub allow_addresses: Vec<ipnet::IpNet>,
+    /// Fixed addresses for push host names (like /etc/hosts), vetted like DNS answers.
+    pub resolve: std::collections::BTreeMap<String, Vec<std::net::IpAddr>>,
 }
 
 /// One `push_hosts` entry.
@@ -238,6 +251,58 @@ impl Validator<'_> {
             1_000_000,
         );
         let ca_file = raw.ca_file.map(|f| resolve(base, f.get_ref()));
+        let mut push_ports = Vec::new();
+        match raw.push_ports {
+            None => push_ports.push(443),
+            Some(list) => {
+                if list.get_ref().is_empty() {
+                    self.err("webpush.push_ports", &list, "needs at least one port (443)");
+                }
+                for p in list.into_inner() {
+                    match u16::try_from(*p.get_ref()) {
+                        Ok(n) if n > 0 => push_ports.push(n),
+                        _ => self.err("webpush.push_ports", &p, "a port is 1 to 65535"),
+                    }
+                }
+            }
+        }
+        let mut allow_addresses = Vec::new();
+        for a in raw
+            .allow_addresses
+            .map(|l| l.into_inner())
+            .unwrap_or_default()
+        {
+            let text = a.get_ref().trim();
+            let net = text
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+            match net {
+                Ok(n) => allow_addresses.push(n),
+                Err(_) => self.err(
+                    "webpush.allow_addresses",
+                    &a,
+                    format!("{text:?} is not an address or a range like \"10.0.0.0/8\""),
+                ),
+            }
+        }
+        let mut fixed = std::collections::BTreeMap::new();
+        for (host, ips) in raw.resolve.map(|t| t.into_inner()).unwrap_or_default() {
+            let mut list = Vec::new();
+            for ip in ips.get_ref() {
+                match ip.get_ref().trim().parse::<std::net::IpAddr>() {
+                    Ok(a) => list.push(a),
+                    Err(_) => self.err(
+                        "webpush.resolve",
+                        ip,
+                        format!("{:?} is not an IP address", ip.get_ref()),
+                    ),
+                }
+            }
+            if list.is_empty() {
+                self.err("webpush.resolve", &ips, "needs at least one address");
+            }
+            fixed.insert(host.trim_end_matches('.').to_ascii_lowercase(), list);
+        }
         let vapid_key_file = match raw.vapid_key_file {
             None => {
                 missing(
@@ -260,6 +325,9 @@ impl Validator<'_> {
             ttl,
             max_subscriptions,
             ca_file,
+            push_ports,
+            allow_addresses,
+            resolve: fixed,
         })
     }
 }
@@ -307,7 +375,7 @@ mod tests {
         assert_eq!(w.push_hosts.len(), 4);
         assert!(Config::default().webpush.is_none());
 
-        let bad = "[webpush]\nvapid_key_file = \"/nonexistent/k.pem\"\nsubject = \"ops\"\nstore = \"x\"\npush_hosts = [\"*.com\"]\nttl = \"60d\"\npath = \"nope\"\nmax_subscriptions = 0\n";
+        let bad = "[webpush]\nvapid_key_file = \"/nonexistent/k.pem\"\nsubject = \"ops\"\nstore = \"x\"\npush_hosts = [\"*.com\"]\nttl = \"60d\"\npath = \"nope\"\nmax_subscriptions = 0\npush_ports = [0]\nallow_addresses = [\"10.0.0.0/33\"]\nresolve = { \"a.b\" = [\"nope\"] }\n";
         let e = crate::keys::load_str(bad, Some(Path::new("c.toml")))
             .expect_err("invalid")
             .to_string();
@@ -318,6 +386,9 @@ mod tests {
             "c.toml:6:7: webpush.ttl: at most",
             "c.toml:7:8: webpush.path",
             "c.toml:8:21: webpush.max_subscriptions",
+            "c.toml:9:15: webpush.push_ports: a port is 1 to 65535",
+            "c.toml:10:20: webpush.allow_addresses: \"10.0.0.0/33\" is not an address",
+            "webpush.resolve: \"nope\" is not an IP address",
         ] {
             assert!(e.contains(want), "missing {want:?} in:\n{e}");
         }

@@ -76,6 +76,7 @@ impl Endpoint {
             ca_file: cfg.ca_file.clone(),
             connect_timeout: Some(cfg.timeout),
             pool_max_idle_per_host: 4,
+            vet: None, // the operator wrote these URLs
         })
         .map_err(|source| WebhookError::Client {
             name: cfg.name.clone(),

@@ -19,6 +19,7 @@ use super::crypto::UaKeys;
 use super::store::WebPushSubscription;
 use super::WebPush;
 use crate::config::HostPattern;
+use crate::https_client::vet::AddressPolicy;
 use crate::model::ChannelName;
 use crate::push::admission::{self, Admission, RequestView};
 use crate::push::ensure_host;
@@ -148,7 +149,8 @@ async fn subscribe(wp: &WebPush, channel: &str, req: Request<Incoming>) -> Respo
         Err(e) => return bad(&e),
     };
     let settings = wp.inner.settings();
-    let origin = match check_endpoint(&json.endpoint, &settings.push_hosts) {
+    let policy = wp.inner.policy.load();
+    let origin = match check_endpoint(&json.endpoint, &settings.push_hosts, &policy) {
         Ok(o) => o,
         Err(e) => return bad(&e),
     };
@@ -273,7 +275,11 @@ async fn unsubscribe(wp: &WebPush, channel: &str, req: Request<Incoming>) -> Res
 /// Checks a subscription endpoint and returns its origin (`https://host[:port]`, lowercase):
 /// https, no user info, a host that `push_hosts` allows. An IP address or `localhost` passes
 /// only when listed exactly; a `*.` pattern never matches one.
-pub fn check_endpoint(endpoint: &str, hosts: &[HostPattern]) -> Result<String, String> {
+pub fn check_endpoint(
+    endpoint: &str,
+    hosts: &[HostPattern],
+    policy: &AddressPolicy,
+) -> Result<String, String> {
     if endpoint.len() > MAX_ENDPOINT {
         return Err(format!("endpoint longer than {MAX_ENDPOINT} bytes"));
     }
@@ -300,6 +306,11 @@ pub fn check_endpoint(endpoint: &str, hosts: &[HostPattern]) -> Result<String, S
             "endpoint host {host:?} is not a known push service (webpush.push_hosts)"
         ));
     }
+    // The port, and an address given as the host; what a name resolves to is checked when
+    // crier connects (the resolver), since the answer may change.
+    policy
+        .check_uri(&uri)
+        .map_err(|e| format!("endpoint: {e}"))?;
     origin_of(endpoint).ok_or_else(|| "endpoint has no host".into())
 }
 
@@ -320,18 +331,37 @@ mod tests {
 
     #[test]
     fn endpoint_rule() {
-        let hosts: Vec<HostPattern> = ["*.googleapis.com", "127.0.0.1"]
+        let hosts: Vec<HostPattern> = ["*.googleapis.com", "127.0.0.1", "10.1.2.3"]
             .iter()
             .map(|h| HostPattern::parse(h).expect("valid"))
             .collect();
+        let strict = AddressPolicy {
+            allow: vec![],
+            ports: vec![443],
+            fixed: Default::default(),
+        };
+        let loopback_8443 = AddressPolicy {
+            allow: vec!["127.0.0.0/8".parse().expect("net")],
+            ports: vec![443, 8443],
+            fixed: Default::default(),
+        };
         assert_eq!(
-            check_endpoint("https://fcm.googleapis.com/fcm/send/abc", &hosts).as_deref(),
+            check_endpoint("https://fcm.googleapis.com/fcm/send/abc", &hosts, &strict).as_deref(),
             Ok("https://fcm.googleapis.com")
         );
         assert_eq!(
-            check_endpoint("https://127.0.0.1:8443/p/1", &hosts).as_deref(),
+            check_endpoint("https://127.0.0.1:8443/p/1", &hosts, &loopback_8443).as_deref(),
             Ok("https://127.0.0.1:8443")
         );
+        // Listed in push_hosts, yet refused: not a public address, or not port 443.
+        for (bad, why) in [
+            ("https://127.0.0.1/p/1", "not a public address"),
+            ("https://10.1.2.3/p/1", "not a public address"),
+            ("https://fcm.googleapis.com:8443/x", "port 8443"),
+        ] {
+            let e = check_endpoint(bad, &hosts, &strict).expect_err(bad);
+            assert!(e.contains(why), "{bad}: {e}");
+        }
         for bad in [
             "http://fcm.googleapis.com/x",
             "https://googleapis.com/x",
@@ -346,11 +376,11 @@ mod tests {
             "",
         ] {
             assert!(
-                check_endpoint(bad, &hosts).is_err(),
+                check_endpoint(bad, &hosts, &loopback_8443).is_err(),
                 "{bad} must be refused"
             );
         }
         let long = format!("https://fcm.googleapis.com/{}", "a".repeat(MAX_ENDPOINT));
-        assert!(check_endpoint(&long, &hosts).is_err());
+        assert!(check_endpoint(&long, &hosts, &strict).is_err());
     }
 }

@@ -328,6 +328,9 @@ async fn service(
 enum Answer {
     Status(StatusCode, Option<Duration>),
     Error(String),
+    /// The address policy refuses the endpoint (webpush.allow_addresses, push_ports): trying
+    /// again cannot help until the config changes.
+    Refused(String),
 }
 
 async fn deliver(inner: &Arc<Inner>, d: Delivery) {
@@ -383,6 +386,10 @@ async fn deliver(inner: &Arc<Inner>, d: Delivery) {
                 );
             }
             Answer::Error(e) => (None, None, e),
+            Answer::Refused(e) => {
+                tracing::warn!(service = %d.sub.origin, "web push: {e}");
+                break (Outcome::Failed, None, e);
+            }
         };
         let wait = retry_after.unwrap_or(BACKOFF * 2u32.pow(attempt - 1));
         if attempt >= MAX_ATTEMPTS || wait > MAX_RETRY_WAIT {
@@ -409,6 +416,13 @@ async fn send(inner: &Inner, d: &Delivery, body: Bytes) -> Answer {
         Ok(a) => a,
         Err(e) => return Answer::Error(e.to_string()),
     };
+    // Subscriptions stored under an older config are held to today's rules; names are
+    // vetted by the client's resolver when it connects.
+    if let Ok(uri) = d.sub.endpoint.parse::<http::Uri>() {
+        if let Err(e) = inner.policy.load().check_uri(&uri) {
+            return Answer::Refused(format!("refused: {e}"));
+        }
+    }
     let mut req = Request::post(d.sub.endpoint.as_str())
         .header("ttl", d.options.ttl)
         .header("urgency", d.options.urgency)
@@ -424,6 +438,9 @@ async fn send(inner: &Inner, d: &Delivery, body: Bytes) -> Answer {
     };
     match tokio::time::timeout(REQUEST_TIMEOUT, inner.client.request(req)).await {
         Err(_) => Answer::Error("push service did not answer in time".into()),
+        Ok(Err(e)) if refused_by_policy(&e) => {
+            Answer::Refused(format!("refused: {}", error_chain(&e)))
+        }
         Ok(Err(e)) => Answer::Error(format!("request failed: {}", error_chain(&e))),
         Ok(Ok(resp)) => {
             let retry_after = resp
@@ -435,6 +452,22 @@ async fn send(inner: &Inner, d: &Delivery, body: Bytes) -> Answer {
             Answer::Status(resp.status(), retry_after)
         }
     }
+}
+
+/// The client's resolver refused every address of the endpoint's host (vet.rs says so with
+/// PermissionDenied; a connect that fails with EACCES is also not retried, as it would not
+/// succeed on a retry either).
+fn refused_by_policy(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(c) = cur {
+        if c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
+        {
+            return true;
+        }
+        cur = c.source();
+    }
+    false
 }
 
 async fn remove_gone(inner: &Arc<Inner>, sub: &WebPushSubscription) {

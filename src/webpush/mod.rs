@@ -23,6 +23,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{HostPattern, WebPushConfig};
+use crate::https_client::vet::AddressPolicy;
 use crate::https_client::{self, ClientOptions, HttpsClient};
 use crate::hub::Hub;
 use crate::keys::VapidKey;
@@ -41,6 +42,15 @@ pub enum WebPushError {
     Client(#[from] https_client::ClientError),
     #[error("webpush metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+}
+
+/// Where pushes may go: `push_ports`, `allow_addresses`, `resolve` (the SSRF guard).
+fn address_policy(c: &WebPushConfig) -> AddressPolicy {
+    AddressPolicy {
+        allow: c.allow_addresses.clone(),
+        ports: c.push_ports.clone(),
+        fixed: c.resolve.clone().into_iter().collect(),
+    }
 }
 
 /// What a reload may change without a restart.
@@ -191,6 +201,8 @@ struct Inner {
     stop: CancellationToken,
     /// The `ca_file` the outbound client was built with (a reload does not rebuild it).
     ca_file: Option<std::path::PathBuf>,
+    /// Shared with the client's resolver; a reload swaps it.
+    policy: Arc<arc_swap::ArcSwap<AddressPolicy>>,
 }
 
 impl Inner {
@@ -221,10 +233,12 @@ impl WebPush {
         hub: &Hub,
         registry: &Registry,
     ) -> Result<WebPush, WebPushError> {
+        let policy = Arc::new(arc_swap::ArcSwap::from_pointee(address_policy(cfg)));
         let client = https_client::build(&ClientOptions {
             ca_file: cfg.ca_file.clone(),
             connect_timeout: Some(Duration::from_secs(10)),
             pool_max_idle_per_host: deliver::PER_SERVICE_CONCURRENCY,
+            vet: Some(policy.clone()),
         })?;
         let store = Store::open(&cfg.store, api::origin_of)?;
         let metrics = WebPushMetrics::register(registry)?;
@@ -240,6 +254,7 @@ impl WebPush {
             failures: Mutex::new(VecDeque::new()),
             stop: CancellationToken::new(),
             ca_file: cfg.ca_file.clone(),
+            policy,
         });
         tokio::spawn(deliver::dispatch(inner.clone(), rx));
         hub.set_observer("webpush", Some(Arc::new(deliver::Observer(inner.clone()))));
@@ -270,6 +285,7 @@ impl WebPush {
             tracing::warn!("webpush.ca_file changed; it takes effect when crier restarts");
         }
         *self.inner.settings.write() = Arc::new(Settings::new(cfg, key));
+        self.inner.policy.store(Arc::new(address_policy(cfg)));
     }
 
     /// The part of `path` after the Web Push base path, when the API owns it.

@@ -101,6 +101,8 @@ fs.writeFileSync(config, [
   '[admin]', 'listen = "127.0.0.1:0"',
   '[webpush]', `vapid_key_file = "${vapid}"`, 'subject = "mailto:ops@example.com"',
   `store = "${path.join(dir, 'webpush.redb')}"`, 'push_hosts = ["127.0.0.1"]', `ca_file = "${tls.cert}"`,
+  // The double is on loopback, on a port of its own: crier refuses both unless told.
+  'allow_addresses = ["127.0.0.1"]', `push_ports = [${ps.port}]`,
 ].join('\n'));
 const proc = spawn(crierBin(), ['demo', '--config', config], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, CRIER_LOG: 'warn' } });
 process.on('exit', () => proc.kill('SIGKILL'));

@@ -1,6 +1,9 @@
 //! The client crier uses to call out (webhooks, Web Push): hyper-util's pooled client over
 //! rustls, HTTP/1.1 and HTTP/2 by ALPN. Trust is the system's root store plus an optional
-//! PEM file of extra CAs (a private CA, or a test's).
+//! PEM file of extra CAs (a private CA, or a test's). Names are resolved by [`vet::Resolver`],
+//! which for Web Push also vets the addresses.
+
+pub mod vet;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,7 +20,7 @@ use rustls::pki_types::CertificateDer;
 use rustls::{ClientConfig, RootCertStore};
 
 /// A pooled outbound client; cheap to clone (the pool is shared).
-pub type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+pub type HttpsClient = Client<HttpsConnector<HttpConnector<vet::Resolver>>, Full<Bytes>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -42,6 +45,8 @@ pub struct ClientOptions {
     pub connect_timeout: Option<Duration>,
     /// Idle pooled connections per host (0: no pooling).
     pub pool_max_idle_per_host: usize,
+    /// Resolves names and keeps only the addresses this allows (Web Push); None: any.
+    pub vet: Option<std::sync::Arc<arc_swap::ArcSwap<vet::AddressPolicy>>>,
 }
 
 /// Builds a client. System roots that fail to parse are skipped (a broken bundle entry
@@ -66,7 +71,11 @@ pub fn build(opts: &ClientOptions) -> Result<HttpsClient, ClientError> {
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    let mut http = HttpConnector::new();
+    let resolver = match &opts.vet {
+        Some(policy) => vet::Resolver::vetting(policy.clone()),
+        None => vet::Resolver::default(),
+    };
+    let mut http = HttpConnector::new_with_resolver(resolver);
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(opts.connect_timeout);
