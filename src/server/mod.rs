@@ -99,6 +99,8 @@ struct Live {
     ingress: crate::webhook::Ingress,
     /// `[publish] token_file`: what TCP publishes must present.
     publish_token: Option<PublishToken>,
+    /// `[[publish_on]]`: proxied writes that publish.
+    publish_on: crate::publish::publish_on::PublishOn,
 }
 
 impl Live {
@@ -120,6 +122,10 @@ impl Live {
             tls,
             ingress: crate::webhook::Ingress::new(&config.ingress, keys),
             publish_token: keys.publish_token.clone(),
+            publish_on: crate::publish::publish_on::PublishOn::new(
+                &config.publish_on,
+                state_metrics,
+            ),
             config,
         })
     }

@@ -57,8 +57,9 @@ pub enum Served {
 /// reload applies to open connections as it does on the hyper path.
 pub trait Site {
     fn proxy(&self) -> &Proxy;
-    /// True when the path (without query) goes to the upstream.
-    fn proxies(&self, path: &str) -> bool;
+    /// True when the fast path may relay this request (the path without query): it goes to
+    /// the upstream, and nothing (a `[[publish_on]]` rule) needs hyper's path for it.
+    fn proxies(&self, method: &str, path: &str) -> bool;
     fn header_timeout(&self) -> Duration;
     fn max_header_bytes(&self) -> usize;
     fn max_headers(&self) -> usize;
@@ -86,7 +87,9 @@ pub async fn serve<S: Site, F: Fn() -> S>(
                 live = site();
             }
             let limits = (live.max_header_bytes(), live.max_headers());
-            match prepare(&buf, conn, &mut upstream_head, limits, |p| live.proxies(p)) {
+            match prepare(&buf, conn, &mut upstream_head, limits, |m, p| {
+                live.proxies(m, p)
+            }) {
                 Prepared::Ready(r) => break r,
                 Prepared::NotOurs => return Served::Handoff(buf),
                 Prepared::Partial if buf.len() >= live.max_header_bytes() => {
