@@ -159,6 +159,8 @@ struct State {
     webpush: Option<WebPush>,
     /// `[webrtc]` of the config crier started with (its socket is not reopened on reload).
     webrtc: Option<WebRtc>,
+    /// `[[poll]]`: started by `run`, changed on reload, stopped when the drain begins.
+    polls: crate::publish::poll::Polls,
 }
 
 /// The addresses the server really listens on (port 0 resolved).
@@ -245,8 +247,9 @@ impl ServerHandle {
             }
             None => {}
         }
-        st.hub.set_config(config);
+        st.hub.set_config(config.clone());
         st.live.store(Arc::new(live));
+        st.polls.apply(&config);
         st.webhooks.install(webhooks);
         listeners.retain(|l| {
             if wanted.contains(&l.key) {
@@ -353,6 +356,7 @@ impl Server {
         Ok(Server {
             state: Arc::new(State {
                 live: ArcSwap::from_pointee(live),
+                polls: crate::publish::poll::Polls::new(hub.clone(), metrics.clone()),
                 hub,
                 metrics,
                 webhooks,
@@ -394,6 +398,7 @@ impl Server {
             }
         }
         let sweeper = tokio::spawn(state.hub.clone().run_sweeper(Duration::from_secs(1)));
+        state.polls.apply(&state.live.load().config);
         if let Some(w) = &state.webrtc {
             tokio::spawn(w.clone().serve());
         }
@@ -402,6 +407,7 @@ impl Server {
         state.stop.cancelled().await;
         tracing::info!("shutting down: draining connections");
         state.draining.store(true, Ordering::SeqCst);
+        state.polls.stop();
         state.accept.close();
         state.accept.wait().await; // listeners closed: no new connections
         state.hub.close_all(); // subscribers: SSE ends, WebSocket 1001, long-poll 503
