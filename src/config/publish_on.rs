@@ -257,7 +257,19 @@ pub struct PollConfig {
     pub linger: Duration,
     pub event: Option<String>,
     /// Sent with every poll (`headers` and `headers_file`, read at validation).
-    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub headers: PollHeaders,
+}
+
+/// A poll's headers. They may hold credentials, so `Debug` shows their names only.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct PollHeaders(pub Vec<(HeaderName, HeaderValue)>);
+
+impl std::fmt::Debug for PollHeaders {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(k, _)| k))
+            .finish()
+    }
 }
 
 const DEFAULT_METHODS: [Method; 4] = [Method::POST, Method::PUT, Method::PATCH, Method::DELETE];
@@ -526,7 +538,7 @@ impl Validator<'_> {
             only_while_subscribed,
             linger,
             event,
-            headers,
+            headers: PollHeaders(headers),
         })
         .filter(|_| url_ok)
     }
@@ -646,7 +658,12 @@ mod tests {
         let p = &c.polls[0];
         assert_eq!(p.interval, Duration::from_secs(2));
         assert!(p.only_while_subscribed);
-        assert_eq!(p.headers[0].0.as_str(), "authorization");
+        assert_eq!(p.headers.0[0].0.as_str(), "authorization");
+        assert_eq!(
+            format!("{:?}", p.headers),
+            "[\"authorization\"]",
+            "no secret in Debug"
+        );
         let e = errs("[[poll]]\nurl = \"http://x/\"\nchannel = \"a b\"\ninterval = \"0s\"\nonly_while_subscribed = false\nlinger = \"5s\"\n");
         let lines: Vec<_> = e.lines().collect();
         assert_eq!(lines.len(), 4, "{e}");
@@ -657,5 +674,19 @@ mod tests {
         let e = errs("[[poll]]\nurl = \"/a\"\nchannel = \"a\"\n[[poll]]\nurl = \"/b\"\nchannel = \"a\"\nheaders_file = \"/nonexistent/h\"\n");
         assert!(e.contains("two polls are both named \"a\""), "{e}");
         assert!(e.contains("poll.headers_file: /nonexistent/h"), "{e}");
+
+        let dir = tempfile::tempdir().expect("test setup");
+        let f = dir.path().join("h");
+        std::fs::write(&f, "# the app's key\nX-Token: s3cret\n\n").expect("test setup");
+        let toml = format!(
+            "[[poll]]\nurl = \"/a\"\nchannel = \"a\"\nheaders_file = \"{}\"\n",
+            f.display()
+        );
+        let c = Config::from_toml(&toml, None).expect("valid");
+        assert_eq!(c.polls[0].headers.0.len(), 1);
+        assert_eq!(c.polls[0].headers.0[0].1, "s3cret");
+        std::fs::write(&f, "X-Token s3cret\n").expect("test setup");
+        let e = errs(&toml);
+        assert!(e.contains("a line is not") && !e.contains("s3cret"), "{e}");
     }
 }

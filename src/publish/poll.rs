@@ -277,7 +277,7 @@ impl Job {
     fn request(&self) -> Result<Request<Empty<Bytes>>, String> {
         let mut h = HeaderMap::new();
         h.insert(header::HOST, self.host.clone());
-        for (k, v) in &self.cfg.headers {
+        for (k, v) in &self.cfg.headers.0 {
             h.insert(k.clone(), v.clone());
         }
         // The same rules as a proxied request, crier itself being the client (loopback).
@@ -287,7 +287,7 @@ impl Job {
         };
         add_forwarded_headers(&mut h, &me);
         // What the config sets explicitly wins (e.g. X-Forwarded-Proto: https).
-        for (k, v) in &self.cfg.headers {
+        for (k, v) in &self.cfg.headers.0 {
             if k.as_str().starts_with("x-forwarded-") {
                 h.insert(k.clone(), v.clone());
             }
