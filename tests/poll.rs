@@ -8,7 +8,7 @@ mod common;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,6 +29,11 @@ struct App {
     hits: Arc<AtomicUsize>,
     last: Arc<Mutex<HeaderMap>>,
     status: Arc<AtomicU16>,
+    /// Set: every answer waits this long (ms).
+    delay_ms: Arc<AtomicU64>,
+    /// Requests being answered now, and the most ever at once.
+    inflight: Arc<AtomicUsize>,
+    max_inflight: Arc<AtomicUsize>,
 }
 
 impl App {
@@ -71,7 +76,16 @@ impl App {
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
                         let app = app.clone();
-                        async move { Ok::<_, Infallible>(app.answer(req)) }
+                        async move {
+                            let now = app.inflight.fetch_add(1, Ordering::SeqCst) + 1;
+                            app.max_inflight.fetch_max(now, Ordering::SeqCst);
+                            let delay = app.delay_ms.load(Ordering::SeqCst);
+                            if delay > 0 {
+                                tokio::time::sleep(Duration::from_millis(delay)).await;
+                            }
+                            app.inflight.fetch_sub(1, Ordering::SeqCst);
+                            Ok::<_, Infallible>(app.answer(req))
+                        }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(s), svc)
@@ -252,6 +266,77 @@ async fn errors_publish_nothing_and_the_poll_recovers() {
     let mut sse = SseClient::connect(&c.url("/live/e"), None).await;
     app.status.store(0, Ordering::SeqCst);
     assert_eq!(next(&mut sse).await.data, "ok");
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_slow_answer_times_out_and_publishes_nothing() {
+    let app = App::default();
+    app.set("late");
+    app.delay_ms.store(2000, Ordering::SeqCst);
+    let addr = app.start().await;
+    let c = Crier::start(
+        &format!("http://{addr}"),
+        &poll(
+            "/plain",
+            "t",
+            "only_while_subscribed = false\ntimeout = \"100ms\"",
+        ),
+    )
+    .await;
+    wait_count_at_least(&c, "t", "timeout", 2.0).await;
+    assert_eq!(
+        channel_info(&c, "t").await.1["published"]
+            .as_u64()
+            .unwrap_or(0),
+        0
+    );
+    let mut sse = SseClient::connect(&c.url("/live/t"), None).await;
+    app.delay_ms.store(0, Ordering::SeqCst);
+    assert_eq!(next(&mut sse).await.data, "late", "it recovers");
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_slow_upstream_never_has_two_polls_in_flight() {
+    let app = App::default();
+    app.set("s");
+    app.delay_ms.store(200, Ordering::SeqCst);
+    let addr = app.start().await;
+    let c = Crier::start(
+        &format!("http://{addr}"),
+        &poll(
+            "/plain",
+            "slow",
+            "only_while_subscribed = false\ntimeout = \"5s\"",
+        ),
+    )
+    .await;
+    assert!(eventually(Duration::from_secs(10), async || app.hits() >= 4).await);
+    assert_eq!(app.max_inflight.load(Ordering::SeqCst), 1);
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_answer_over_max_message_size_publishes_nothing() {
+    let app = App::default();
+    app.set(&"x".repeat(2048));
+    let addr = app.start().await;
+    let c = Crier::start(
+        &format!("http://{addr}"),
+        &format!(
+            "[channels]\nmax_message_size = \"1KiB\"\n{}",
+            poll("/plain", "big", "only_while_subscribed = false")
+        ),
+    )
+    .await;
+    wait_count_at_least(&c, "big", "too_large", 2.0).await;
+    assert_eq!(
+        channel_info(&c, "big").await.1["published"]
+            .as_u64()
+            .unwrap_or(0),
+        0
+    );
     c.shutdown().await;
 }
 

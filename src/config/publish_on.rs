@@ -472,11 +472,7 @@ impl Validator<'_> {
             .map_err(|e| self.err("poll.channel", &p.channel, e))
             .ok();
         let interval = self.duration("poll.interval", p.interval, Duration::from_secs(2));
-        let timeout = self.duration(
-            "poll.timeout",
-            p.timeout,
-            interval.min(Duration::from_secs(10)),
-        );
+        let timeout = self.duration("poll.timeout", p.timeout, Duration::from_secs(5));
         let only_while_subscribed = p
             .only_while_subscribed
             .as_ref()
