@@ -482,3 +482,21 @@ async fn reload_adds_and_removes_rules() {
     assert_eq!(next(&mut sse).await.data, "marker");
     c.shutdown().await;
 }
+
+/// What SIGHUP runs, on the binary: the file gains a rule, and writes start publishing.
+#[tokio::test]
+async fn sighup_loads_new_rules_into_the_running_binary() {
+    let p = common::process::CrierProcess::start(&app().await, "");
+    let mut sse = SseClient::connect(&p.url("/live/orders.1"), None).await;
+    let text = std::fs::read_to_string(&p.config_path).expect("config");
+    std::fs::write(&p.config_path, format!("{text}\n{ORDERS}")).expect("write config");
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(p.pid() as i32, libc::SIGHUP) };
+    let published = eventually(Duration::from_secs(10), async || {
+        let r = client().post(p.url("/api/orders/1")).body("hup").send().await;
+        assert_eq!(r.expect("post").status(), 201);
+        matches!(sse.next_within(Duration::from_millis(200)).await, Ok(Some(e)) if e.data.contains("\"got\":\"hup\""))
+    })
+    .await;
+    assert!(published, "a write after SIGHUP publishes");
+}
