@@ -7,6 +7,8 @@
 //! - The HTTP/1.1 fast path (`fast`): body-less GET/HEAD/OPTIONS on plain TCP, relayed as raw
 //!   heads and framed bytes over its own pool, because measurements showed hyper's per-request
 //!   overhead was most of crier's proxy CPU; anything else it hands to hyper.
+//! - `tee`: a bounded copy of a body as it streams, and how the body ended, for
+//!   `[[publish_on]]` (the proxy copies; `publish::publish_on` publishes).
 //!
 //! One function per step, called in order from [`Proxy::forward`]: rewrite the request
 //! headers, send, rewrite the response headers, map failures to 502/504.

@@ -10,9 +10,9 @@
 //! profile is flat (header maps, the client's pool and dispatch channel, per-request tasks
 //! and timers), so only doing less helps.
 //!
-//! Everything else (bodies, upgrades, `Expect`, HTTP/1.0, push locations, odd heads) is left
-//! to hyper: the caller gets the bytes read so far back and hyper serves the connection from
-//! there. The semantics are the hyper path's: hop-by-hop headers stripped both ways,
+//! Everything else (bodies, upgrades, `Expect`, HTTP/1.0, push locations, requests a
+//! `[[publish_on]]` rule takes, odd heads) is left to hyper: the caller gets the bytes read so
+//! far back and hyper serves the connection from there. The semantics are the hyper path's: hop-by-hop headers stripped both ways,
 //! `X-Forwarded-*` set, `response_timeout` → 504, upstream failures → 502 on a connection that
 //! stays usable.
 //!
