@@ -21,7 +21,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 
 /// The app: `/score` answers the current value with an ETag (and 304 to a matching
-/// `If-None-Match`); `/plain` answers it with no validator. `status` set: every answer is
+/// `If-None-Match`); `/dated` with a Last-Modified (and 304 to a matching
+/// `If-Modified-Since`); `/plain` answers it with no validator. `status` set: every answer is
 /// that status.
 #[derive(Clone, Default)]
 struct App {
@@ -125,6 +126,25 @@ impl App {
                 .body(Full::new(Bytes::from(value)))
                 .expect("response");
         }
+        if req.uri().path() == "/dated" {
+            // Last-Modified only: one version per second of a fixed day.
+            let date = format!("Tue, 01 Dec 2026 10:00:{:02} GMT", version % 60);
+            if req
+                .headers()
+                .get("if-modified-since")
+                .and_then(|v| v.to_str().ok())
+                == Some(&date)
+            {
+                return b
+                    .status(304)
+                    .body(Full::new(Bytes::new()))
+                    .expect("response");
+            }
+            return b
+                .header("last-modified", date)
+                .body(Full::new(Bytes::from(value)))
+                .expect("response");
+        }
         b.body(Full::new(Bytes::from(value))).expect("response")
     }
 }
@@ -197,6 +217,24 @@ async fn an_etag_change_is_published_once_and_304s_publish_nothing() {
         "marker",
         "the change was published once"
     );
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn last_modified_is_sent_back_and_a_304_is_no_change() {
+    let app = App::default();
+    app.set("one");
+    let addr = app.start().await;
+    let c = Crier::start(&format!("http://{addr}"), &poll("/dated", "dated", "")).await;
+    let mut sse = SseClient::connect(&c.url("/live/dated"), None).await;
+    assert_eq!(next(&mut sse).await.data, "one");
+    wait_count_at_least(&c, "dated", "not_modified", 3.0).await;
+    assert_eq!(
+        app.last("if-modified-since").as_deref(),
+        Some("Tue, 01 Dec 2026 10:00:01 GMT")
+    );
+    app.set("two");
+    assert_eq!(next(&mut sse).await.data, "two");
     c.shutdown().await;
 }
 
