@@ -500,3 +500,25 @@ async fn sighup_loads_new_rules_into_the_running_binary() {
     .await;
     assert!(published, "a write after SIGHUP publishes");
 }
+
+#[tokio::test]
+async fn a_publish_the_hub_refuses_is_counted_and_the_client_still_gets_its_answer() {
+    let c = Crier::start(
+        &app().await,
+        &format!("[channels]\nmax_channels = 1\n{ORDERS}"),
+    )
+    .await;
+    let _full = SseClient::connect(&c.url("/live/taken"), None).await;
+    for _ in 0..2 {
+        let r = client()
+            .post(c.url("/api/orders/1"))
+            .send()
+            .await
+            .expect("post");
+        assert_eq!(r.status(), 201);
+        assert!(r.text().await.expect("body").contains("\"order\":\"1\""));
+    }
+    wait_count(&c, "orders", "failed", 2.0).await;
+    assert_eq!(count(&c, "orders", "published").await, 0.0);
+    c.shutdown().await;
+}

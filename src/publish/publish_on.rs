@@ -13,6 +13,7 @@
 //! message: the message is then the small JSON of `body = "none"` with `"truncated": true`,
 //! so subscribers learn something changed and can fetch it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -39,6 +40,8 @@ pub struct PublishOn {
 struct Rule {
     cfg: PublishOnConfig,
     counts: Counts,
+    /// Its last publish failed (logged once until one works again).
+    failing: AtomicBool,
 }
 
 /// `crier_publish_on_total{rule, result}`, resolved once per rule.
@@ -76,6 +79,7 @@ impl PublishOn {
                             failed: counter(n, "failed"),
                         },
                         cfg: cfg.clone(),
+                        failing: AtomicBool::new(false),
                     })
                 })
                 .collect(),
@@ -155,24 +159,22 @@ pub async fn forward(
     let response_copy =
         (rule.cfg.body == BodySource::Response).then(|| Tee::new(max_message_size, false));
     let hub = hub.clone();
-    let response_headers = parts.headers.clone();
+    let response_type = parts.headers.get(header::CONTENT_TYPE).cloned();
+    let response_event = parts.headers.get(EVENT_HEADER).cloned();
     let copy = response_copy.clone();
     let on_end = Box::new(move |complete: bool| {
         if !complete {
             rule.counts.aborted.inc();
             return;
         }
-        let (source, headers) = match rule.cfg.body {
-            BodySource::Response => (copy.map(|t| t.take()), Some(&response_headers)),
-            BodySource::Request => (request_copy.map(|t| t.take()), None),
-            BodySource::None => (None, Some(&response_headers)),
-        };
-        let (content_type, event_header) = match headers {
-            Some(h) => (
-                h.get(header::CONTENT_TYPE).cloned(),
-                h.get(EVENT_HEADER).cloned(),
+        let (source, content_type, event_header) = match rule.cfg.body {
+            BodySource::Response => (copy.map(|t| t.take()), response_type, response_event),
+            BodySource::Request => (
+                request_copy.map(|t| t.take()),
+                ex.request_type.clone(),
+                ex.request_event.clone(),
             ),
-            None => (ex.request_type.clone(), ex.request_event.clone()),
+            BodySource::None => (None, response_type, response_event),
         };
         let (body, content_type, truncated) = match source {
             // The upstream answered before it read the whole request: what it acted on is
@@ -214,14 +216,25 @@ pub async fn forward(
         };
         rt.spawn(async move {
             match hub.publish(&channel, msg).await {
-                Ok(_) if truncated => rule.counts.truncated.inc(),
-                Ok(_) => rule.counts.published.inc(),
+                Ok(_) => {
+                    if truncated {
+                        rule.counts.truncated.inc();
+                    } else {
+                        rule.counts.published.inc();
+                    }
+                    if rule.failing.swap(false, Ordering::Relaxed) {
+                        tracing::info!("publish_on {:?}: publishing again", rule.cfg.name);
+                    }
+                }
                 Err(e) => {
                     rule.counts.failed.inc();
-                    tracing::warn!(
-                        "publish_on {:?}: publish to {channel} failed: {e}",
-                        rule.cfg.name
-                    );
+                    // One line when a rule starts failing, not one per write.
+                    if !rule.failing.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(
+                            "publish_on {:?}: publish to {channel} failed: {e} (counted in crier_publish_on_total{{result=\"failed\"}} until it works again)",
+                            rule.cfg.name
+                        );
+                    }
                 }
             }
         });
