@@ -75,6 +75,13 @@ pub struct Metrics {
     pub webhook_deliveries: IntCounterVec,
     pub webhook_queue_depth: IntGaugeVec,
     pub webhook_duration: HistogramVec,
+    /// `[[publish_on]]` rules, labelled `rule` (its `name`, else its path) and `result`
+    /// (published, truncated, status, aborted, bad_channel, failed); each rule resolves its
+    /// handles once when the rule set is built.
+    pub publish_on: IntCounterVec,
+    /// `[[poll]]`, labelled `poll` (its `name`, else its channel) and `result` (changed,
+    /// unchanged, not_modified, status, error, timeout, too_large, failed).
+    pub polls: IntCounterVec,
     /// `crier_webrtc_sessions{state}`: [connecting, open].
     webrtc_sessions: [IntGauge; 2],
     /// POST of the offer → the client's data channel open.
@@ -286,6 +293,22 @@ impl Metrics {
         .expect("valid metric"); // ok: constant names
         r.register(Box::new(webhook_duration.clone()))
             .expect("unique metric"); // ok: registered once
+        let two_labels = |name: &str, help: &str, labels: &[&str]| {
+            let v = IntCounterVec::new(Opts::new(name, help).namespace("crier"), labels)
+                .expect("valid metric"); // ok: constant names
+            r.register(Box::new(v.clone())).expect("unique metric"); // ok: registered once
+            v
+        };
+        let publish_on = two_labels(
+            "publish_on_total",
+            "Proxied requests that matched a [[publish_on]] rule, by rule and result (published, truncated, status, aborted, bad_channel, failed).",
+            &["rule", "result"],
+        );
+        let polls = two_labels(
+            "poll_total",
+            "[[poll]] requests to the upstream, by poll and result (changed, unchanged, not_modified, status, error, timeout, too_large, failed).",
+            &["poll", "result"],
+        );
         let webrtc_vec = gauge_vec(
             "webrtc_sessions",
             "WebRTC DataChannel sessions, by state (connecting: answered, channel not open yet).",
@@ -355,6 +378,8 @@ impl Metrics {
             webhook_deliveries,
             webhook_queue_depth,
             webhook_duration,
+            publish_on,
+            polls,
             webrtc_sessions,
             webrtc_handshake: Histogram::with_opts(
                 HistogramOpts::new(

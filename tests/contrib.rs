@@ -342,11 +342,13 @@ async fn every_metric_the_kit_names_is_in_crier_metrics() {
         "whsec_MTIzNDU2Nzg5MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTI=",
     )
     .unwrap();
-    // A webhook, so the per-endpoint webhook series exist.
+    // A webhook, a poll and a publish_on rule, so their per-name series exist.
     let c = Crier::start(
         "http://127.0.0.1:9",
         &format!(
-            "[[webhook]]\nurl = \"http://127.0.0.1:9/hook\"\nname = \"ops\"\nsecret_file = \"{}\"\n",
+            "[[webhook]]\nurl = \"http://127.0.0.1:9/hook\"\nname = \"ops\"\nsecret_file = \"{}\"\n\
+             [[poll]]\nurl = \"/api/scoreboard\"\nchannel = \"scoreboard\"\n\
+             [[publish_on]]\nname = \"orders\"\npath = \"/api/orders/{{id}}\"\nchannel = \"orders.{{id}}\"\n",
             secret.path().display()
         ),
     )

@@ -51,14 +51,19 @@ impl Scripted {
                 let Ok((mut s, _)) = l.accept().await else {
                     return;
                 };
-                conns.fetch_add(1, Ordering::SeqCst);
-                let (script, reqs) = (script.clone(), reqs.clone());
+                let (script, reqs, conns) = (script.clone(), reqs.clone(), conns.clone());
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
+                    let mut first = true;
                     loop {
                         let Some(req) = read_request(&mut s, &mut buf).await else {
                             return;
                         };
+                        // Connections that carried a request: crier's upstream probe
+                        // (crier_upstream_up) connects and hangs up without one.
+                        if std::mem::take(&mut first) {
+                            conns.fetch_add(1, Ordering::SeqCst);
+                        }
                         let n = {
                             let mut r = reqs.lock();
                             r.push(req.clone());

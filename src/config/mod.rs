@@ -5,6 +5,7 @@
 //! validates each value and collects *every* problem, each naming the key and the
 //! `line:column` it sits at, so an operator fixes a config in one pass.
 
+mod publish_on;
 mod raw;
 mod validate;
 mod webhook;
@@ -21,6 +22,9 @@ use toml::Spanned;
 use raw::read_raw;
 use validate::Validator;
 
+pub use publish_on::{
+    is_event_name, BodySource, NameTemplate, PathTemplate, PollConfig, PublishOnConfig, StatusMatch,
+};
 pub use webpush::{HostPattern, WebPushConfig, DEFAULT_PUSH_HOSTS};
 
 use crate::model::Transport;
@@ -45,6 +49,10 @@ pub struct Config {
     pub webpush: Option<WebPushConfig>,
     /// `[webrtc]`: None (the default) serves no WebRTC and opens no UDP socket.
     pub webrtc: Option<WebRtcConfig>,
+    /// `[[publish_on]]`: proxied writes that publish a message, in config order.
+    pub publish_on: Vec<PublishOnConfig>,
+    /// `[[poll]]`: upstream URLs polled, published when their answer changes.
+    pub polls: Vec<PollConfig>,
     /// Where the config came from (None: built-in defaults), for reload and messages.
     pub source: Option<PathBuf>,
 }
@@ -95,7 +103,7 @@ impl std::fmt::Display for UpstreamAddr {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamConfig {
     pub url: UpstreamAddr,
     pub connect_timeout: Duration,

@@ -19,6 +19,8 @@ pub(super) struct RawConfig {
     pub(super) ingress: Option<S<Vec<S<super::webhook::RawIngress>>>>,
     pub(super) webpush: Option<S<super::webpush::RawWebPush>>,
     pub(super) webrtc: Option<S<RawWebRtc>>,
+    pub(super) publish_on: Option<S<Vec<S<super::publish_on::RawPublishOn>>>>,
+    pub(super) poll: Option<S<Vec<S<super::publish_on::RawPoll>>>>,
 }
 
 #[derive(Deserialize)]

@@ -180,6 +180,8 @@ impl Validator<'_> {
         let webhooks = self.webhooks(raw.webhook, base);
         let ingress = self.ingresses(raw.ingress, &server, base);
         let webpush = raw.webpush.and_then(|w| self.webpush(w, base, &push));
+        let publish_on = self.publish_on_rules(raw.publish_on);
+        let polls = self.polls(raw.poll, base);
         Config {
             server,
             upstream,
@@ -191,6 +193,8 @@ impl Validator<'_> {
             ingress,
             webpush,
             webrtc,
+            publish_on,
+            polls,
             source: path.map(Path::to_path_buf),
         }
     }

@@ -7,6 +7,8 @@
 //! - The HTTP/1.1 fast path (`fast`): body-less GET/HEAD/OPTIONS on plain TCP, relayed as raw
 //!   heads and framed bytes over its own pool, because measurements showed hyper's per-request
 //!   overhead was most of crier's proxy CPU; anything else it hands to hyper.
+//! - `tee`: a bounded copy of a body as it streams, and how the body ended, for
+//!   `[[publish_on]]` (the proxy copies; `publish::publish_on` publishes).
 //!
 //! One function per step, called in order from [`Proxy::forward`]: rewrite the request
 //! headers, send, rewrite the response headers, map failures to 502/504.
@@ -30,6 +32,7 @@ pub mod failure;
 pub mod fast;
 pub(crate) mod probe;
 pub mod rewrite;
+pub mod tee;
 
 pub use client::{upstream_client, UpstreamConnector};
 pub use failure::UpstreamFailure;
@@ -68,7 +71,18 @@ impl Proxy {
     }
 
     /// Sends one request to the upstream and streams its response back.
-    pub async fn forward(&self, mut req: Request<Incoming>, conn: &ConnInfo) -> Response<Body> {
+    pub async fn forward(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<Body> {
+        self.forward_copying(req, conn, None).await
+    }
+
+    /// [`Proxy::forward`], copying the request body into `copy` as the upstream reads it
+    /// (`[[publish_on]]` with `body = "request"`).
+    pub async fn forward_copying(
+        &self,
+        mut req: Request<Incoming>,
+        conn: &ConnInfo,
+        copy: Option<tee::Tee>,
+    ) -> Response<Body> {
         let started = Instant::now();
         let upgrade = wants_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -76,7 +90,7 @@ impl Proxy {
             Ok(r) => r,
             Err(reason) => return self.finish(response::text(StatusCode::BAD_REQUEST, reason)),
         };
-        let sent = self.send(req).await;
+        let sent = self.send(req, copy).await;
         self.metrics
             .proxy_duration
             .observe(started.elapsed().as_secs_f64());
@@ -111,11 +125,13 @@ impl Proxy {
     async fn send(
         &self,
         req: Request<Incoming>,
+        copy: Option<tee::Tee>,
     ) -> Option<Result<Response<Incoming>, hyper_util::client::legacy::Error>> {
         let progress = Arc::new(BodyProgress::new());
         let req = req.map(|inner| UpstreamBody {
             inner,
             progress: progress.clone(),
+            copy,
         });
         let pending = self.client.request(req);
         tokio::pin!(pending);
@@ -253,6 +269,7 @@ impl BodyProgress {
 pub struct UpstreamBody {
     inner: Incoming,
     progress: Arc<BodyProgress>,
+    copy: Option<tee::Tee>,
 }
 
 impl http_body::Body for UpstreamBody {
@@ -266,6 +283,21 @@ impl http_body::Body for UpstreamBody {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         if polled.is_ready() {
             self.progress.mark();
+        }
+        if let Some(copy) = &self.copy {
+            match &polled {
+                Poll::Ready(Some(Ok(f))) => {
+                    if let Some(d) = f.data_ref() {
+                        copy.data(d);
+                    }
+                    // The client stops polling a body that says it is over.
+                    if self.inner.is_end_stream() {
+                        copy.ended();
+                    }
+                }
+                Poll::Ready(None) => copy.ended(),
+                _ => {}
+            }
         }
         polled.map_err(BoxError::from)
     }

@@ -99,6 +99,8 @@ struct Live {
     ingress: crate::webhook::Ingress,
     /// `[publish] token_file`: what TCP publishes must present.
     publish_token: Option<PublishToken>,
+    /// `[[publish_on]]`: proxied writes that publish.
+    publish_on: crate::publish::publish_on::PublishOn,
 }
 
 impl Live {
@@ -120,6 +122,10 @@ impl Live {
             tls,
             ingress: crate::webhook::Ingress::new(&config.ingress, keys),
             publish_token: keys.publish_token.clone(),
+            publish_on: crate::publish::publish_on::PublishOn::new(
+                &config.publish_on,
+                state_metrics,
+            ),
             config,
         })
     }
@@ -153,6 +159,8 @@ struct State {
     webpush: Option<WebPush>,
     /// `[webrtc]` of the config crier started with (its socket is not reopened on reload).
     webrtc: Option<WebRtc>,
+    /// `[[poll]]`: started by `run`, changed on reload, stopped when the drain begins.
+    polls: crate::publish::poll::Polls,
 }
 
 /// The addresses the server really listens on (port 0 resolved).
@@ -239,8 +247,9 @@ impl ServerHandle {
             }
             None => {}
         }
-        st.hub.set_config(config);
+        st.hub.set_config(config.clone());
         st.live.store(Arc::new(live));
+        st.polls.apply(&config);
         st.webhooks.install(webhooks);
         listeners.retain(|l| {
             if wanted.contains(&l.key) {
@@ -347,6 +356,7 @@ impl Server {
         Ok(Server {
             state: Arc::new(State {
                 live: ArcSwap::from_pointee(live),
+                polls: crate::publish::poll::Polls::new(hub.clone(), metrics.clone()),
                 hub,
                 metrics,
                 webhooks,
@@ -395,6 +405,7 @@ impl Server {
                 crate::proxy::probe::run(config, state.hub.metrics()).await
             }
         });
+        state.polls.apply(&state.live.load().config);
         if let Some(w) = &state.webrtc {
             tokio::spawn(w.clone().serve());
         }
@@ -404,6 +415,7 @@ impl Server {
         tracing::info!("shutting down: draining connections");
         state.draining.store(true, Ordering::SeqCst);
         state.hub.metrics().draining.set(1);
+        state.polls.stop();
         state.accept.close();
         state.accept.wait().await; // listeners closed: no new connections
         state.hub.close_all(); // subscribers: SSE ends, WebSocket 1001, long-poll 503

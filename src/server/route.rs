@@ -86,7 +86,16 @@ async fn public(
         PublicRoute::WebPush(wp, rest) => {
             Box::pin(crate::webpush::api::handle(wp, &admission, req, &rest)).await
         }
-        PublicRoute::Push(Route::Proxy) => live.proxy.forward(req, &conn).await,
+        PublicRoute::Push(Route::Proxy) => {
+            match live.publish_on.find(req.method(), req.uri().path()) {
+                None => live.proxy.forward(req, &conn).await,
+                Some(m) => {
+                    let max = live.config.channels.max_message_size;
+                    crate::publish::publish_on::forward(&state.hub, &live.proxy, m, req, &conn, max)
+                        .await
+                }
+            }
+        }
         PublicRoute::Push(Route::BadChannel(reason)) => {
             response::text(StatusCode::BAD_REQUEST, &reason)
         }
@@ -114,11 +123,12 @@ impl h1::Site for PublicSite {
         &self.live.proxy
     }
 
-    fn proxies(&self, path: &str) -> bool {
+    fn proxies(&self, method: &str, path: &str) -> bool {
+        // A request a `[[publish_on]]` rule takes goes to hyper, which can publish.
         matches!(
             route_public(&self.state, &self.live, path),
             PublicRoute::Push(Route::Proxy)
-        )
+        ) && !self.live.publish_on.catches(method, path)
     }
 
     fn header_timeout(&self) -> Duration {

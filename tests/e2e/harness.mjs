@@ -152,6 +152,21 @@ export async function startUpstream() {
       res.end(page);
     } else if (p === '/favicon.ico') {
       res.writeHead(204).end();
+    } else if (p === '/board' || p === '/order') {
+      // A legacy app with no push code: a page that only opens an EventSource, and a form
+      // whose POST the app answers as it always did ([[publish_on]] in crier does the rest).
+      res.writeHead(200, { 'content-type': 'text/html; charset=utf-8', 'cache-control': 'no-store' });
+      res.end(p === '/board'
+        ? '<!doctype html><title>board</title><ul id="orders"></ul><script>' +
+          'new EventSource("/live/orders.7").onmessage = (e) => {' +
+          ' const li = document.createElement("li"); li.textContent = e.data; orders.append(li); };</script>'
+        : '<!doctype html><title>order</title><form method="post" action="/api/orders/7">' +
+          '<input name="item" id="item"><button id="send">send</button></form>');
+    } else if (p === '/api/orders/7' && req.method === 'POST') {
+      req.resume();
+      req.on('end', () => {
+        res.writeHead(200, { 'content-type': 'text/html; charset=utf-8' }).end('<!doctype html><p id="saved">saved</p>');
+      });
     } else {
       res.writeHead(404, { 'content-type': 'text/plain' }).end('not found\n');
     }

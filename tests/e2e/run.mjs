@@ -16,7 +16,9 @@
 //   crier.json WebSocket (?last_event_id=) and long-poll (If-None-Match) miss nothing and
 //   get nothing twice; the plain WebSocket, which has no ids, gets everything after it is back;
 // - the admin status page updates live over SSE, with no polling, and its numbers move;
-// - `crier demo` prints a page and a command, and the message shows up on the page.
+// - `crier demo` prints a page and a command, and the message shows up on the page;
+// - [[publish_on]]: a page that only opens an EventSource updates when another tab submits a
+//   form through crier (the app has no push code).
 
 import { spawn, execSync } from 'node:child_process';
 import fs from 'node:fs';
@@ -76,6 +78,10 @@ const crier = await startCrier({
     'path = "/live/{channel}"',
     'keepalive = "5s"',
     'longpoll_timeout = "10s"',
+    '[[publish_on]]',
+    'path = "/api/orders/{id}"',
+    'channel = "orders.{id}"',
+    'body = "request"',
   ].join('\n'),
 });
 process.on('exit', () => crier.proc.kill('SIGKILL')); // never leave crier behind
@@ -331,12 +337,28 @@ async function demo() {
   if (proc.exitCode !== 0) throw new Error(`crier demo exited ${proc.exitCode ?? proc.signalCode} on SIGTERM\n${errs.join('\n')}`);
 }
 
+/** A page that only opens an EventSource updates when another tab submits a form through crier. */
+async function publishOn() {
+  const board = await newPage();
+  await board.goto(`http://127.0.0.1:${plainFwd.port}/board`);
+  await waitFor('the board subscribed', async () => (await crier.channel('orders.7'))?.subscribers === 1);
+  const form = await newPage();
+  await form.goto(`http://127.0.0.1:${plainFwd.port}/order`);
+  await form.fill('#item', 'green tea');
+  await Promise.all([form.waitForSelector('#saved'), form.click('#send')]);
+  await waitFor('the order on the board', async () =>
+    (await board.$$eval('#orders li', (li) => li.map((l) => l.textContent))).includes('item=green+tea'));
+  await form.close();
+  await board.close();
+}
+
 await step('http: 200 messages to EventSource, WebSocket, WebSocket crier.json and long-poll, byte-identical', () => delivery('http', plainFwd));
 await step('http: network cut; every client resumes without loss', () => resume('http', plainFwd));
 await step('https: 200 messages to every client, SSE and long-poll over HTTP/2', () => delivery('https', tlsFwd));
 await step('https: network cut; every client resumes without loss', () => resume('https', tlsFwd));
 await step('status page: live over SSE, numbers move', statusPage);
 await step('crier demo: the printed command shows up on the printed page', demo);
+await step('publish_on: a page with only an EventSource updates when another tab submits a form', publishOn);
 
 await browser.close();
 publish.close();

@@ -10,9 +10,9 @@
 //! profile is flat (header maps, the client's pool and dispatch channel, per-request tasks
 //! and timers), so only doing less helps.
 //!
-//! Everything else (bodies, upgrades, `Expect`, HTTP/1.0, push locations, odd heads) is left
-//! to hyper: the caller gets the bytes read so far back and hyper serves the connection from
-//! there. The semantics are the hyper path's: hop-by-hop headers stripped both ways,
+//! Everything else (bodies, upgrades, `Expect`, HTTP/1.0, push locations, requests a
+//! `[[publish_on]]` rule takes, odd heads) is left to hyper: the caller gets the bytes read so
+//! far back and hyper serves the connection from there. The semantics are the hyper path's: hop-by-hop headers stripped both ways,
 //! `X-Forwarded-*` set, `response_timeout` → 504, upstream failures → 502 on a connection that
 //! stays usable.
 //!
@@ -57,8 +57,9 @@ pub enum Served {
 /// reload applies to open connections as it does on the hyper path.
 pub trait Site {
     fn proxy(&self) -> &Proxy;
-    /// True when the path (without query) goes to the upstream.
-    fn proxies(&self, path: &str) -> bool;
+    /// True when the fast path may relay this request (the path without query): it goes to
+    /// the upstream, and nothing (a `[[publish_on]]` rule) needs hyper's path for it.
+    fn proxies(&self, method: &str, path: &str) -> bool;
     fn header_timeout(&self) -> Duration;
     fn max_header_bytes(&self) -> usize;
     fn max_headers(&self) -> usize;
@@ -86,7 +87,9 @@ pub async fn serve<S: Site, F: Fn() -> S>(
                 live = site();
             }
             let limits = (live.max_header_bytes(), live.max_headers());
-            match prepare(&buf, conn, &mut upstream_head, limits, |p| live.proxies(p)) {
+            match prepare(&buf, conn, &mut upstream_head, limits, |m, p| {
+                live.proxies(m, p)
+            }) {
                 Prepared::Ready(r) => break r,
                 Prepared::NotOurs => return Served::Handoff(buf),
                 Prepared::Partial if buf.len() >= live.max_header_bytes() => {

@@ -23,7 +23,7 @@ pub(super) fn prepare(
     conn: &ConnInfo,
     out: &mut Vec<u8>,
     (max_bytes, max_headers): (usize, usize),
-    proxies: impl Fn(&str) -> bool,
+    proxies: impl Fn(&str, &str) -> bool,
 ) -> Prepared {
     if buf.is_empty() {
         return Prepared::Partial;
@@ -76,7 +76,7 @@ pub(super) fn prepare(
     let Some(host) = host else {
         return Prepared::NotOurs; // hyper answers 400
     };
-    if !proxies(path) {
+    if !proxies(method, path) {
         return Prepared::NotOurs;
     }
     out.clear();
@@ -139,7 +139,7 @@ mod tests {
     fn request_head_is_rewritten() {
         let mut out = Vec::new();
         let raw = b"GET /a?b=1 HTTP/1.1\r\nHost: app.example\r\nConnection: keep-alive, x-secret\r\nX-Secret: 1\r\nKeep-Alive: 5\r\nX-Forwarded-For: 1.1.1.1\r\nX-Forwarded-Proto: https\r\nAccept: */*\r\n\r\nGET /next";
-        let Prepared::Ready(r) = prepare(raw, &conn(), &mut out, LIMITS, |p| p == "/a") else {
+        let Prepared::Ready(r) = prepare(raw, &conn(), &mut out, LIMITS, |_, p| p == "/a") else {
             panic!("must be taken");
         };
         assert_eq!(r.head_len, raw.len() - 9);
@@ -155,7 +155,7 @@ mod tests {
         let mut out = Vec::new();
         let not_ours = |raw: &[u8]| {
             matches!(
-                prepare(raw, &conn(), &mut out.clone(), LIMITS, |_| true),
+                prepare(raw, &conn(), &mut out.clone(), LIMITS, |_, _| true),
                 Prepared::NotOurs
             )
         };
@@ -182,12 +182,18 @@ mod tests {
                 &conn(),
                 &mut out,
                 LIMITS,
-                |p| !p.starts_with("/live/")
+                |_, p| !p.starts_with("/live/")
             ),
             Prepared::NotOurs
         ));
         assert!(matches!(
-            prepare(b"GET / HTTP/1.1\r\nHo", &conn(), &mut out, LIMITS, |_| true),
+            prepare(
+                b"GET / HTTP/1.1\r\nHo",
+                &conn(),
+                &mut out,
+                LIMITS,
+                |_, _| true
+            ),
             Prepared::Partial
         ));
         // Past server.max_headers / max_header_bytes: hyper answers 431.
@@ -195,12 +201,12 @@ mod tests {
         let raw = format!("GET / HTTP/1.1\r\nHost: a\r\n{many}\r\n");
         for limits in [(8192, 5), (40, 64)] {
             assert!(matches!(
-                prepare(raw.as_bytes(), &conn(), &mut out, limits, |_| true),
+                prepare(raw.as_bytes(), &conn(), &mut out, limits, |_, _| true),
                 Prepared::NotOurs
             ));
         }
         assert!(matches!(
-            prepare(raw.as_bytes(), &conn(), &mut out, LIMITS, |_| true),
+            prepare(raw.as_bytes(), &conn(), &mut out, LIMITS, |_, _| true),
             Prepared::Ready(_)
         ));
     }
