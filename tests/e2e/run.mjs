@@ -15,6 +15,9 @@
 //   refuses new ones) while publishing goes on: EventSource (Last-Event-ID, by itself),
 //   crier.json WebSocket (?last_event_id=) and long-poll (If-None-Match) miss nothing and
 //   get nothing twice; the plain WebSocket, which has no ids, gets everything after it is back;
+// - one EventSource on three channels (`/live/a,b,c`): crier.json envelopes naming their channel,
+//   in publish order; after a network cut it resumes by itself with the compound cursor as
+//   Last-Event-ID, and every message arrives exactly once;
 // - the admin status page updates live over SSE, with no polling, and its numbers move;
 // - `crier demo` prints a page and a command, and the message shows up on the page.
 
@@ -215,6 +218,106 @@ async function resume(scheme, fwd) {
   await page.close();
 }
 
+/**
+ * One EventSource on three channels (`/live/a,b,c`): every message arrives as a crier.json
+ * envelope naming its channel, in publish order; the network is cut while publishing goes on,
+ * EventSource reconnects by itself with the compound cursor as Last-Event-ID, and every message
+ * arrives exactly once, in order per channel (and, one node, across channels).
+ */
+async function multiplexed(fwd) {
+  const names = ['mux-news', 'mux-ticker', 'mux-room'];
+  const page = await newPage();
+  const cdp = await browser.newCDPSession(page);
+  await cdp.send('Network.enable');
+  const lastEventIds = []; // the Last-Event-ID of each EventSource request, as Chromium sent it
+  const note = (h) => {
+    const v = Object.entries(h || {}).find(([k]) => k.toLowerCase() === 'last-event-id');
+    return v ? v[1] : null;
+  };
+  const seen = new Map();
+  cdp.on('Network.requestWillBeSent', (e) => {
+    if (e.type === 'EventSource') seen.set(e.requestId, note(e.request.headers));
+  });
+  // Chromium adds Last-Event-ID below the page's view of the request: the extra info has it.
+  cdp.on('Network.requestWillBeSentExtraInfo', (e) => {
+    const v = note(e.headers);
+    if (seen.has(e.requestId) || v) lastEventIds.push({ id: e.requestId, v });
+  });
+  await page.goto(`http://127.0.0.1:${fwd.port}/blank`);
+  await page.evaluate((url) => {
+    const M = window.M = { ev: [], gaps: [], deleted: [], open: false, opens: 0 };
+    const es = new EventSource(url);
+    es.onopen = () => { M.open = true; M.opens += 1; };
+    es.onerror = () => { M.open = false; };
+    es.onmessage = (e) => M.ev.push({ cursor: e.lastEventId, env: JSON.parse(e.data) });
+    es.addEventListener('crier.gap', (e) => M.gaps.push(e.data));
+    es.addEventListener('crier.deleted', (e) => M.deleted.push(e.data));
+  }, `/live/${names.join(',')}`);
+  const subscribedAll = () => waitFor('the EventSource on all three channels', async () => {
+    for (const n of names) {
+      if ((await crier.channel(n))?.subscribers_by_transport?.sse !== 1) return false;
+    }
+    return true;
+  });
+  await subscribedAll();
+  const count = () => page.evaluate(() => M.ev.length);
+  const all = makeMessages(150, 'mux');
+  const sent = [];
+  const publishRange = async (from, to, pauseMs = 0) => {
+    for (let i = from; i < to; i++) {
+      const channel = names[(i * 7 + Math.floor(i / 3)) % 3];
+      const r = await publish(channel, all[i]);
+      sent.push({ ...all[i], channel, id: r.id });
+      if (pauseMs) await sleep(pauseMs);
+    }
+  };
+  await publishRange(0, 50);
+  await waitFor('the first 50 messages', async () => (await count()) >= 50, { timeout: 30000 });
+  const before = await page.evaluate(() => ({ opens: M.opens, cursor: M.ev[M.ev.length - 1].cursor }));
+
+  fwd.cut();
+  await waitFor('the EventSource to see the cut', async () => !(await page.evaluate(() => M.open)), { timeout: 10000 });
+  await publishRange(50, 100, 10);
+  await sleep(500);
+  fwd.restore();
+  await waitFor('the EventSource to reconnect by itself', async () => (await page.evaluate(() => M.open && M.opens)) > before.opens, { timeout: 15000 });
+  await subscribedAll();
+  await publishRange(100, 150);
+  await waitFor('all 150 messages', async () => (await count()) >= 150, { timeout: 30000 });
+  await sleep(300); // a duplicate would arrive now
+  const M = await page.evaluate(() => window.M);
+
+  // What each envelope must be: the channel as named, the message's id, its event, the body
+  // (text as sent, CR included: the envelope is JSON; binary as data_b64).
+  const want = sent.map((m) => {
+    let text = null;
+    try {
+      text = new TextDecoder('utf-8', { fatal: true }).decode(m.body);
+    } catch {}
+    return text !== null ? { channel: m.channel, id: m.id, event: m.event, data: text } : { channel: m.channel, id: m.id, event: m.event, data_b64: m.body.toString('base64') };
+  });
+  assertSame('multiplexed EventSource (envelopes, in publish order, exactly once)', M.ev.map((e) => e.env), want);
+  if (M.gaps.length || M.deleted.length) throw new Error(`unexpected notices: gaps ${JSON.stringify(M.gaps)}, deleted ${JSON.stringify(M.deleted)}`);
+  // Each event's id is the compound cursor: after message k, each channel's part is the id of
+  // its last message so far.
+  const pos = {};
+  for (let k = 0; k < M.ev.length; k++) {
+    pos[sent[k].channel] = sent[k].id;
+    const parts = M.ev[k].cursor.split(',');
+    if (parts.length !== 3) throw new Error(`event ${k}: cursor ${M.ev[k].cursor} has ${parts.length} parts`);
+    names.forEach((n, j) => {
+      if (pos[n] && parts[j] !== pos[n]) throw new Error(`event ${k}: cursor ${M.ev[k].cursor}, part ${j} should be ${pos[n]}`);
+    });
+  }
+  // The reconnect named that cursor itself (no page code is involved).
+  const resumedWith = lastEventIds.map((x) => x.v).filter(Boolean);
+  if (!resumedWith.includes(before.cursor)) {
+    throw new Error(`no EventSource request carried Last-Event-ID ${before.cursor}; seen ${JSON.stringify(resumedWith)}`);
+  }
+  console.log(`    3 channels on one EventSource, ${M.opens} opens, resumed with Last-Event-ID ${before.cursor}`);
+  await page.close();
+}
+
 async function statusPage() {
   const page = await newPage();
   const cdp = await browser.newCDPSession(page);
@@ -320,6 +423,7 @@ async function demo() {
 
 await step('http: 200 messages to EventSource, WebSocket, WebSocket crier.json and long-poll, byte-identical', () => delivery('http', plainFwd));
 await step('http: network cut; every client resumes without loss', () => resume('http', plainFwd));
+await step('http: one EventSource on three channels; network cut; resumes by itself with the compound cursor', () => multiplexed(plainFwd));
 await step('https: 200 messages to every client, SSE and long-poll over HTTP/2', () => delivery('https', tlsFwd));
 await step('https: network cut; every client resumes without loss', () => resume('https', tlsFwd));
 await step('status page: live over SSE, numbers move', statusPage);
