@@ -17,7 +17,8 @@
 //   get nothing twice; the plain WebSocket, which has no ids, gets everything after it is back;
 // - one EventSource on three channels (`/live/a,b,c`): crier.json envelopes naming their channel,
 //   in publish order; after a network cut it resumes by itself with the compound cursor as
-//   Last-Event-ID, and every message arrives exactly once;
+//   Last-Event-ID, and every message arrives exactly once; the README's multiplexed WebSocket
+//   snippet, run as printed, does the same with its own reconnect and a `subscribe`;
 // - the admin status page updates live over SSE, with no polling, and its numbers move;
 // - `crier demo` prints a page and a command, and the message shows up on the page.
 
@@ -318,6 +319,67 @@ async function multiplexed(fwd) {
   await page.close();
 }
 
+/**
+ * The README's multiplexed WebSocket snippet, run as printed (over HTTPS, as its `wss://` says):
+ * two channels, a third added with `{"subscribe"}`, a network cut, the snippet's own reconnect
+ * with the cursor; every message shown exactly once, in publish order.
+ */
+async function readmeWebSocket(fwd) {
+  const readme = fs.readFileSync(path.join(REPO, 'README.md'), 'utf8');
+  const start = readme.indexOf("// WebSocket (crier.json): keep each channel's last id");
+  if (start < 0) throw new Error('the README has no multiplexed WebSocket snippet');
+  const snippet = readme.slice(start, readme.indexOf('```', start));
+  const page = await newPage();
+  await page.goto(`https://127.0.0.1:${fwd.port}/blank`);
+  await page.addScriptTag({
+    content: `window.S = { shown: [], refetched: [] };
+      function show(channel, data) { S.shown.push([channel, data]); }
+      function refetch(channel) { S.refetched.push(channel); }
+      ${snippet}`,
+  });
+  const on = (channel) => waitFor(`the snippet's WebSocket on ${channel}`, async () => (await crier.channel(channel))?.subscribers_by_transport?.websocket === 1);
+  await on('news');
+  await on('ticker');
+  const sent = [];
+  let n = 0;
+  const publishOn = async (names, count, pauseMs = 0) => {
+    for (let i = 0; i < count; i++, n++) {
+      const channel = names[(n * 7 + Math.floor(n / 3)) % names.length];
+      const body = `${channel} #${n} ✓`;
+      await publish(channel, { body: Buffer.from(body), contentType: 'text/plain; charset=utf-8' });
+      sent.push([channel, body]);
+      if (pauseMs) await sleep(pauseMs);
+    }
+  };
+  const shown = (k) => waitFor(`${k} messages shown`, async () => (await page.evaluate(() => S.shown.length)) >= k, { timeout: 30000 });
+  await publishOn(['news', 'ticker'], 30);
+  await shown(30);
+  // What the snippet's "later:" line does: a third channel on the open connection.
+  await page.evaluate(() => ws.send(JSON.stringify({ subscribe: 'room:42', last_event_id: last['room:42'] })));
+  await waitFor('room:42 in the snippet\'s channel list', () => page.evaluate(() => channels.includes('room:42') && !!last['room:42']));
+  const three = ['news', 'ticker', 'room:42'];
+  await publishOn(three, 15);
+  await shown(45);
+
+  fwd.cut();
+  await waitFor('the WebSocket to see the cut', () => page.evaluate(() => ws.readyState === WebSocket.CLOSED), { timeout: 10000 });
+  await publishOn(three, 30, 10);
+  await sleep(500);
+  fwd.restore();
+  await waitFor('the snippet to reconnect', () => page.evaluate(() => ws.readyState === WebSocket.OPEN), { timeout: 15000 });
+  for (const c of three) await on(c);
+  await publishOn(three, 15);
+  await shown(sent.length);
+  await sleep(300); // a duplicate would arrive now
+  const S = await page.evaluate(() => window.S);
+  const url = await page.evaluate(() => ws.url);
+  assertSame('README WebSocket snippet', S.shown.map(([c, d]) => ({ c, d })), sent.map(([c, d]) => ({ c, d })));
+  if (S.refetched.length) throw new Error(`the snippet was told of gaps on ${S.refetched}`);
+  if (!/\/live\/news,ticker,room(:|%3A)42\?last_event_id=[0-9-]+,[0-9-]+,[0-9-]+$/.test(url)) throw new Error(`the snippet reconnected to ${url}`);
+  console.log(`    reconnected to ${new URL(url).pathname}${new URL(url).search}`);
+  await page.close();
+}
+
 async function statusPage() {
   const page = await newPage();
   const cdp = await browser.newCDPSession(page);
@@ -426,6 +488,7 @@ await step('http: network cut; every client resumes without loss', () => resume(
 await step('http: one EventSource on three channels; network cut; resumes by itself with the compound cursor', () => multiplexed(plainFwd));
 await step('https: 200 messages to every client, SSE and long-poll over HTTP/2', () => delivery('https', tlsFwd));
 await step('https: network cut; every client resumes without loss', () => resume('https', tlsFwd));
+await step("https: the README's multiplexed WebSocket snippet, a subscribe, a network cut, its resume", () => readmeWebSocket(tlsFwd));
 await step('status page: live over SSE, numbers move', statusPage);
 await step('crier demo: the printed command shows up on the printed page', demo);
 
