@@ -104,7 +104,7 @@ expand_workloads() {
         issue16) out+=(store-pubrate-1 store-pubrate-32 store-restart) ;;
         issue17) out+=(cluster-fanout cluster-pubrate) ;;
         issue19) out+=(slow-reader slow-reader-throttled proxy-nginxapp) ;;
-        issue20) out+=(mux mux-single) ;;
+        issue20) out+=(mux mux-single mux-single-fanout) ;;
         issue21) out+=(ws-publish-rate ws-publish-fanout) ;;
         issue22) out+=(publish-on-get publish-on-post poll-upstream) ;;
         all) out+=($(expand_workloads "issue5 issue19 issue20 issue17 issue16 issue21 issue22")) ;;
@@ -439,6 +439,10 @@ workload_args() { # workload → generator arguments
     store-fill) echo "--transport sse --subscribers 0 --channels $STORE_CHANNELS --messages $((STORE_CHANNELS * STORE_MSGS)) --size $SIZE --rate 0 --pub-conns $STORE_PUB_CONNS --channel-prefix rs" ;;
     mux) echo "--transport sse --subscribers $MUX_SUBS --channels $MUX_CHANNELS --channels-per-sub $MUX_PER_SUB --messages $MUX_PUBS --size $SIZE --rate 0" ;;
     mux-single) echo "--transport sse --subscribers $MUX_SUBS --channels $MUX_CHANNELS --messages $MUX_PUBS --size $SIZE --rate 0" ;;
+    # As many single-channel subscribers per channel as `mux` has multiplexed ones (MUX_SUBS ×
+    # MUX_PER_SUB / MUX_CHANNELS): the same deliveries per publish, so the cost of a publish to
+    # a channel with N multiplexed subscribers is compared with N single-channel ones.
+    mux-single-fanout) echo "--transport sse --subscribers $MUX_SUBS --channels $((MUX_CHANNELS / MUX_PER_SUB)) --messages $MUX_PUBS --size $SIZE --rate 0" ;;
     ws-publish-rate) echo "--transport sse --subscribers 1 --channels 1 --messages $WSPUB_MSGS --size $SIZE --rate 0 --pub-ws" ;;
     ws-publish-fanout) echo "--transport sse --subscribers $WSPUB_SUBS --channels 1 --messages $MSGS --size $SIZE --rate $RATE --pub-ws" ;;
     poll-upstream) echo "--transport sse --subscribers $POLL_SUBS --channels 1 --channel-prefix scoreboard --messages 0 --settle $POLL_SECONDS --upstream-count http://127.0.0.1:18090/__count" ;;

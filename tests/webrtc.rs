@@ -619,6 +619,121 @@ async fn resume_after_teardown_gets_exactly_the_rest() {
     assert_eq!(s, StatusCode::BAD_REQUEST);
 }
 
+/// The `{"subscribed","id"}` lines a multiplexed session starts with: (name, position).
+fn starts(got: &[serde_json::Value]) -> Vec<(String, String)> {
+    got.iter()
+        .map(|v| {
+            let name = v["subscribed"].as_str().expect("a subscribed line first");
+            let id = v["id"].as_str().expect("its position");
+            (name.to_string(), id.to_string())
+        })
+        .collect()
+}
+
+/// (channel, id, data) of each envelope.
+fn envelopes(got: &[serde_json::Value]) -> Vec<(String, String, String)> {
+    got.iter()
+        .map(|v| {
+            let s = |k: &str| {
+                v[k].as_str()
+                    .unwrap_or_else(|| panic!("{k} in {v}"))
+                    .to_string()
+            };
+            (s("channel"), s("id"), s("data"))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn one_session_carries_several_channels_and_their_cursor_resumes_them_all() {
+    let (_up, c) = start("[channels]\nbuffer_messages = 1000\n").await;
+    let url = c.url("/live/a,b,c");
+    let (mut p, location) = Peer::connect(&url).await;
+    assert!(
+        location.starts_with("/live/a,b,c?webrtc_session="),
+        "{location}"
+    );
+    // Published before ICE: the position is fixed at the POST.
+    let early = c.publish("b", "early").await;
+    p.open().await;
+    let head = p.receive(4).await;
+    let first = starts(&head[..3]);
+    let names: Vec<&str> = first.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["a", "b", "c"], "{head:?}");
+    assert_eq!(
+        envelopes(&head[3..]),
+        [("b".to_string(), early.clone(), "early".to_string())]
+    );
+    // One session, counted once; each channel counts it.
+    assert_eq!(
+        metric(&c, "crier_connections{transport=\"webrtc\"}").await,
+        Some(1.0)
+    );
+    for ch in ["a", "b", "c"] {
+        assert_eq!(channel_info(&c, ch).await.1["subscribers"], 1);
+    }
+
+    // Channel `c` gets nothing before the drop: its part of the cursor is where it started.
+    let mut published = vec![("b".to_string(), early, "early".to_string())];
+    let publish = |ch: &'static str, i: usize| {
+        let c = &c;
+        async move {
+            (
+                ch.to_string(),
+                c.publish(ch, format!("{ch}{i}")).await,
+                format!("{ch}{i}"),
+            )
+        }
+    };
+    for i in 0..40 {
+        published.push(publish(["a", "b"][i % 3 % 2], i).await);
+    }
+    let got = envelopes(&p.receive(40).await);
+    assert_eq!(
+        got,
+        published[1..],
+        "the order crier appended them, each named"
+    );
+    let mut last: std::collections::HashMap<String, String> = first.into_iter().collect();
+    for (ch, id, _) in &got {
+        last.insert(ch.clone(), id.clone());
+    }
+    drop(p); // torn down without a word
+    let mut rest = Vec::new();
+    for i in 40..100 {
+        rest.push(publish(["a", "b", "c"][(i * 7 + i / 3) % 3], i).await);
+    }
+    let cursor = format!("{},{},{}", last["a"], last["b"], last["c"]);
+    let (mut q, _) = Peer::connect(&format!("{url}?last_event_id={cursor}")).await;
+    q.open().await;
+    let again = q.receive(3 + rest.len()).await;
+    let resumed: Vec<(String, String)> = ["a", "b", "c"]
+        .iter()
+        .map(|n| (n.to_string(), last[*n].clone()))
+        .collect();
+    assert_eq!(
+        starts(&again[..3]),
+        resumed,
+        "it starts where the cursor says"
+    );
+    assert_eq!(envelopes(&again[3..]), rest, "exactly the rest, in order");
+    // Nothing more (no duplicate) arrives.
+    q.run_until(Duration::from_millis(500), |_| false).await;
+    assert!(q.received.is_empty(), "{:?}", q.received);
+
+    // A cursor of the wrong length, or one id for several channels, is refused.
+    for bad in [format!("{},{}", last["a"], last["b"]), last["a"].clone()] {
+        let (s, reason) = refused(
+            &format!("{url}?last_event_id={bad}"),
+            new_peer().await.1,
+            &[],
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{reason}");
+    }
+    c.shutdown().await;
+}
+
 #[tokio::test]
 async fn ice_timeout_ends_a_silent_session() {
     let (_up, c) = start("ice_timeout = \"1s\"\n").await;

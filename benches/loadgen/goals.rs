@@ -236,6 +236,33 @@ const GOALS: &[Goal] = &[
             "(vs single-channel subscribers)",
         )
     },
+    // The cost claim: a publish to a channel with N multiplexed subscribers costs what it
+    // costs for N single-channel ones (`mux-single-fanout`: as many subscribers per channel,
+    // the same deliveries per publish).
+    Goal {
+        peer_workload: Some("mux-single-fanout"),
+        ..g(
+            20,
+            "mux",
+            "deliveries/s",
+            "crier",
+            "crier",
+            Info,
+            "(vs as many single-channel subscribers per channel)",
+        )
+    },
+    Goal {
+        peer_workload: Some("mux-single-fanout"),
+        ..g(
+            20,
+            "mux",
+            "server CPU s (publish)",
+            "crier",
+            "crier",
+            Info,
+            "(vs as many single-channel subscribers per channel)",
+        )
+    },
     // Issue 17: two nodes on one Redis.
     g(
         17,

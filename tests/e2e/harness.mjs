@@ -142,7 +142,7 @@ export async function startCrier({ upstream, dir, tls, extra = '' }) {
   return c;
 }
 
-/** The upstream app: serves the test page at `/` (any query), 404 elsewhere. */
+/** The upstream app: serves the test page at `/` (any query), an empty page at `/blank`, 404 elsewhere. */
 export async function startUpstream() {
   const page = fs.readFileSync(path.join(HERE, 'page.html'));
   const server = http.createServer((req, res) => {
@@ -150,6 +150,10 @@ export async function startUpstream() {
     if (p === '/') {
       res.writeHead(200, { 'content-type': 'text/html; charset=utf-8', 'cache-control': 'no-store' });
       res.end(page);
+    } else if (p === '/blank') {
+      // A page of the app's origin with no subscriptions of its own (the test adds them).
+      res.writeHead(200, { 'content-type': 'text/html; charset=utf-8', 'cache-control': 'no-store' });
+      res.end('<!doctype html><html lang="en"><head><meta charset="utf-8"><title>blank</title></head><body></body></html>');
     } else if (p === '/favicon.ico') {
       res.writeHead(204).end();
     } else if (p === '/board' || p === '/order') {

@@ -15,6 +15,10 @@
 //   refuses new ones) while publishing goes on: EventSource (Last-Event-ID, by itself),
 //   crier.json WebSocket (?last_event_id=) and long-poll (If-None-Match) miss nothing and
 //   get nothing twice; the plain WebSocket, which has no ids, gets everything after it is back;
+// - one EventSource on three channels (`/live/a,b,c`): crier.json envelopes naming their channel,
+//   in publish order; after a network cut it resumes by itself with the compound cursor as
+//   Last-Event-ID, and every message arrives exactly once; the README's multiplexed WebSocket
+//   snippet, run as printed, does the same with its own reconnect and a `subscribe`;
 // - the admin status page updates live over SSE, with no polling, and its numbers move;
 // - `crier demo` prints a page and a command, and the message shows up on the page;
 // - [[publish_on]]: a page that only opens an EventSource updates when another tab submits a
@@ -221,6 +225,167 @@ async function resume(scheme, fwd) {
   await page.close();
 }
 
+/**
+ * One EventSource on three channels (`/live/a,b,c`): every message arrives as a crier.json
+ * envelope naming its channel, in publish order; the network is cut while publishing goes on,
+ * EventSource reconnects by itself with the compound cursor as Last-Event-ID, and every message
+ * arrives exactly once, in order per channel (and, one node, across channels).
+ */
+async function multiplexed(fwd) {
+  const names = ['mux-news', 'mux-ticker', 'mux-room'];
+  const page = await newPage();
+  const cdp = await browser.newCDPSession(page);
+  await cdp.send('Network.enable');
+  const lastEventIds = []; // the Last-Event-ID of each EventSource request, as Chromium sent it
+  const note = (h) => {
+    const v = Object.entries(h || {}).find(([k]) => k.toLowerCase() === 'last-event-id');
+    return v ? v[1] : null;
+  };
+  const seen = new Map();
+  cdp.on('Network.requestWillBeSent', (e) => {
+    if (e.type === 'EventSource') seen.set(e.requestId, note(e.request.headers));
+  });
+  // Chromium adds Last-Event-ID below the page's view of the request: the extra info has it.
+  cdp.on('Network.requestWillBeSentExtraInfo', (e) => {
+    const v = note(e.headers);
+    if (seen.has(e.requestId) || v) lastEventIds.push({ id: e.requestId, v });
+  });
+  await page.goto(`http://127.0.0.1:${fwd.port}/blank`);
+  await page.evaluate((url) => {
+    const M = window.M = { ev: [], gaps: [], deleted: [], open: false, opens: 0 };
+    const es = new EventSource(url);
+    es.onopen = () => { M.open = true; M.opens += 1; };
+    es.onerror = () => { M.open = false; };
+    es.onmessage = (e) => M.ev.push({ cursor: e.lastEventId, env: JSON.parse(e.data) });
+    es.addEventListener('crier.gap', (e) => M.gaps.push(e.data));
+    es.addEventListener('crier.deleted', (e) => M.deleted.push(e.data));
+  }, `/live/${names.join(',')}`);
+  const subscribedAll = () => waitFor('the EventSource on all three channels', async () => {
+    for (const n of names) {
+      if ((await crier.channel(n))?.subscribers_by_transport?.sse !== 1) return false;
+    }
+    return true;
+  });
+  await subscribedAll();
+  const count = () => page.evaluate(() => M.ev.length);
+  const all = makeMessages(150, 'mux');
+  const sent = [];
+  const publishRange = async (from, to, pauseMs = 0) => {
+    for (let i = from; i < to; i++) {
+      const channel = names[(i * 7 + Math.floor(i / 3)) % 3];
+      const r = await publish(channel, all[i]);
+      sent.push({ ...all[i], channel, id: r.id });
+      if (pauseMs) await sleep(pauseMs);
+    }
+  };
+  await publishRange(0, 50);
+  await waitFor('the first 50 messages', async () => (await count()) >= 50, { timeout: 30000 });
+  const before = await page.evaluate(() => ({ opens: M.opens, cursor: M.ev[M.ev.length - 1].cursor }));
+
+  fwd.cut();
+  await waitFor('the EventSource to see the cut', async () => !(await page.evaluate(() => M.open)), { timeout: 10000 });
+  await publishRange(50, 100, 10);
+  await sleep(500);
+  fwd.restore();
+  await waitFor('the EventSource to reconnect by itself', async () => (await page.evaluate(() => M.open && M.opens)) > before.opens, { timeout: 15000 });
+  await subscribedAll();
+  await publishRange(100, 150);
+  await waitFor('all 150 messages', async () => (await count()) >= 150, { timeout: 30000 });
+  await sleep(300); // a duplicate would arrive now
+  const M = await page.evaluate(() => window.M);
+
+  // What each envelope must be: the channel as named, the message's id, its event, the body
+  // (text as sent, CR included: the envelope is JSON; binary as data_b64).
+  const want = sent.map((m) => {
+    let text = null;
+    try {
+      text = new TextDecoder('utf-8', { fatal: true }).decode(m.body);
+    } catch {}
+    return text !== null ? { channel: m.channel, id: m.id, event: m.event, data: text } : { channel: m.channel, id: m.id, event: m.event, data_b64: m.body.toString('base64') };
+  });
+  assertSame('multiplexed EventSource (envelopes, in publish order, exactly once)', M.ev.map((e) => e.env), want);
+  if (M.gaps.length || M.deleted.length) throw new Error(`unexpected notices: gaps ${JSON.stringify(M.gaps)}, deleted ${JSON.stringify(M.deleted)}`);
+  // Each event's id is the compound cursor: after message k, each channel's part is the id of
+  // its last message so far.
+  const pos = {};
+  for (let k = 0; k < M.ev.length; k++) {
+    pos[sent[k].channel] = sent[k].id;
+    const parts = M.ev[k].cursor.split(',');
+    if (parts.length !== 3) throw new Error(`event ${k}: cursor ${M.ev[k].cursor} has ${parts.length} parts`);
+    names.forEach((n, j) => {
+      if (pos[n] && parts[j] !== pos[n]) throw new Error(`event ${k}: cursor ${M.ev[k].cursor}, part ${j} should be ${pos[n]}`);
+    });
+  }
+  // The reconnect named that cursor itself (no page code is involved).
+  const resumedWith = lastEventIds.map((x) => x.v).filter(Boolean);
+  if (!resumedWith.includes(before.cursor)) {
+    throw new Error(`no EventSource request carried Last-Event-ID ${before.cursor}; seen ${JSON.stringify(resumedWith)}`);
+  }
+  console.log(`    3 channels on one EventSource, ${M.opens} opens, resumed with Last-Event-ID ${before.cursor}`);
+  await page.close();
+}
+
+/**
+ * The README's multiplexed WebSocket snippet, run as printed (over HTTPS, as its `wss://` says):
+ * two channels, a third added with `{"subscribe"}`, a network cut, the snippet's own reconnect
+ * with the cursor; every message shown exactly once, in publish order.
+ */
+async function readmeWebSocket(fwd) {
+  const readme = fs.readFileSync(path.join(REPO, 'README.md'), 'utf8');
+  const start = readme.indexOf("// WebSocket (crier.json): keep each channel's last id");
+  if (start < 0) throw new Error('the README has no multiplexed WebSocket snippet');
+  const snippet = readme.slice(start, readme.indexOf('```', start));
+  const page = await newPage();
+  await page.goto(`https://127.0.0.1:${fwd.port}/blank`);
+  await page.addScriptTag({
+    content: `window.S = { shown: [], refetched: [] };
+      function show(channel, data) { S.shown.push([channel, data]); }
+      function refetch(channel) { S.refetched.push(channel); }
+      ${snippet}`,
+  });
+  const on = (channel) => waitFor(`the snippet's WebSocket on ${channel}`, async () => (await crier.channel(channel))?.subscribers_by_transport?.websocket === 1);
+  await on('news');
+  await on('ticker');
+  const sent = [];
+  let n = 0;
+  const publishOn = async (names, count, pauseMs = 0) => {
+    for (let i = 0; i < count; i++, n++) {
+      const channel = names[(n * 7 + Math.floor(n / 3)) % names.length];
+      const body = `${channel} #${n} ✓`;
+      await publish(channel, { body: Buffer.from(body), contentType: 'text/plain; charset=utf-8' });
+      sent.push([channel, body]);
+      if (pauseMs) await sleep(pauseMs);
+    }
+  };
+  const shown = (k) => waitFor(`${k} messages shown`, async () => (await page.evaluate(() => S.shown.length)) >= k, { timeout: 30000 });
+  await publishOn(['news', 'ticker'], 30);
+  await shown(30);
+  // What the snippet's "later:" line does: a third channel on the open connection.
+  await page.evaluate(() => ws.send(JSON.stringify({ subscribe: 'room:42', last_event_id: last['room:42'] })));
+  await waitFor('room:42 in the snippet\'s channel list', () => page.evaluate(() => channels.includes('room:42') && !!last['room:42']));
+  const three = ['news', 'ticker', 'room:42'];
+  await publishOn(three, 15);
+  await shown(45);
+
+  fwd.cut();
+  await waitFor('the WebSocket to see the cut', () => page.evaluate(() => ws.readyState === WebSocket.CLOSED), { timeout: 10000 });
+  await publishOn(three, 30, 10);
+  await sleep(500);
+  fwd.restore();
+  await waitFor('the snippet to reconnect', () => page.evaluate(() => ws.readyState === WebSocket.OPEN), { timeout: 15000 });
+  for (const c of three) await on(c);
+  await publishOn(three, 15);
+  await shown(sent.length);
+  await sleep(300); // a duplicate would arrive now
+  const S = await page.evaluate(() => window.S);
+  const url = await page.evaluate(() => ws.url);
+  assertSame('README WebSocket snippet', S.shown.map(([c, d]) => ({ c, d })), sent.map(([c, d]) => ({ c, d })));
+  if (S.refetched.length) throw new Error(`the snippet was told of gaps on ${S.refetched}`);
+  if (!/\/live\/news,ticker,room(:|%3A)42\?last_event_id=[0-9-]+,[0-9-]+,[0-9-]+$/.test(url)) throw new Error(`the snippet reconnected to ${url}`);
+  console.log(`    reconnected to ${new URL(url).pathname}${new URL(url).search}`);
+  await page.close();
+}
+
 async function statusPage() {
   const page = await newPage();
   const cdp = await browser.newCDPSession(page);
@@ -354,8 +519,10 @@ async function publishOn() {
 
 await step('http: 200 messages to EventSource, WebSocket, WebSocket crier.json and long-poll, byte-identical', () => delivery('http', plainFwd));
 await step('http: network cut; every client resumes without loss', () => resume('http', plainFwd));
+await step('http: one EventSource on three channels; network cut; resumes by itself with the compound cursor', () => multiplexed(plainFwd));
 await step('https: 200 messages to every client, SSE and long-poll over HTTP/2', () => delivery('https', tlsFwd));
 await step('https: network cut; every client resumes without loss', () => resume('https', tlsFwd));
+await step("https: the README's multiplexed WebSocket snippet, a subscribe, a network cut, its resume", () => readmeWebSocket(tlsFwd));
 await step('status page: live over SSE, numbers move', statusPage);
 await step('crier demo: the printed command shows up on the printed page', demo);
 await step('publish_on: a page with only an EventSource updates when another tab submits a form', publishOn);

@@ -10,7 +10,9 @@
 // (multi-line, unicode, CR/CRLF, named events, JSON, binary, a 10 KiB one and one near the
 // 64 KiB limit) in order, each one crier.json envelope, byte-exact; after the peer connection
 // is closed, a new one with ?last_event_id= gets exactly the rest; DELETE on the Location ends
-// the session (204, the channel closes) and crier's gauges go back to zero; `crier demo`'s page
+// the session (204, the channel closes) and crier's gauges go back to zero; one data channel
+// on /live/a,b,c says where each channel starts, carries all three (named, in publish order), and
+// after a teardown the compound cursor resumes every channel exactly; `crier demo`'s page
 // shows a published message in all four columns (EventSource, WebSocket, long-poll, WebRTC).
 
 import { execSync, spawn } from 'node:child_process';
@@ -147,6 +149,65 @@ try {
       && (await metric(crier, 'crier_connections{transport="webrtc"}')) === 0);
     const again = await page.evaluate(() => unsubscribe());
     if (again !== 404) throw new Error(`a second DELETE answered ${again}`);
+  });
+
+  await step('one data channel carries three channels; after a teardown their cursor resumes them all', async () => {
+    const names = ['rtc-news', 'rtc-ticker', 'rtc-room'];
+    // A page's multiplexed subscriber: every message is raw crier.json, first each channel's start.
+    const open = (url) => page.evaluate(async (url) => {
+      const X = window.X = { got: [], opened: false, errors: [] };
+      const pc = new RTCPeerConnection({ iceServers: [] });
+      const dc = pc.createDataChannel('crier');
+      dc.onopen = () => { X.opened = true; };
+      dc.onmessage = (e) => X.got.push(JSON.parse(e.data));
+      await pc.setLocalDescription(await pc.createOffer());
+      const r = await fetch(url, { method: 'POST', headers: { 'content-type': 'application/sdp' }, body: pc.localDescription.sdp });
+      if (r.status !== 201) { X.errors.push(`POST answered ${r.status}: ${await r.text()}`); return; }
+      X.resume = r.headers.get('crier-resume');
+      await pc.setRemoteDescription({ type: 'answer', sdp: await r.text() });
+      window.mpc = pc;
+    }, url);
+    const got = (n) => waitFor(`${n} data channel messages`, () => page.evaluate((n) => X.got.length >= n || X.errors.length, n), { timeout: 30000 });
+    const pick = (m) => (m.subscribed !== undefined ? { subscribed: m.subscribed, id: m.id } : { channel: m.channel, id: m.id, data: m.data });
+    const sentTo = [];
+    let n = 0;
+    const publishN = async (k, on) => {
+      const out = [];
+      for (let i = 0; i < k; i++, n++) {
+        const channel = on[(n * 7 + Math.floor(n / 3)) % on.length];
+        const body = `${channel} #${n} ✓`;
+        const { id } = await publish(channel, { body: Buffer.from(body), contentType: 'text/plain; charset=utf-8' });
+        out.push({ channel, id, data: body });
+      }
+      sentTo.push(...out);
+      return out;
+    };
+    await open(`/live/${names.join(',')}`);
+    await waitFor('the data channel to open', () => page.evaluate(() => X.opened || X.errors.length));
+    // `rtc-room` gets nothing before the teardown: its part of the cursor is where it started.
+    const first = await publishN(30, names.slice(0, 2));
+    await got(33);
+    let X = await page.evaluate(() => window.X);
+    if (X.errors.length) throw new Error(X.errors.join('\n'));
+    const starts = X.got.slice(0, 3).map(pick);
+    if (starts.map((s) => s.subscribed).join() !== names.join()) throw new Error(`the session started with ${JSON.stringify(starts)}`);
+    assertSame('webrtc multiplexed', X.got.slice(3).map(pick), first);
+    const last = Object.fromEntries(starts.map((s) => [s.subscribed, s.id]));
+    for (const m of first) last[m.channel] = m.id;
+
+    await page.evaluate(() => window.mpc.close());
+    await waitFor('the session to end', async () => (await metric(crier, 'crier_connections{transport="webrtc"}')) === 0);
+    const rest = await publishN(30, names);
+    const cursor = names.map((c) => last[c]).join(',');
+    await open(`/live/${names.join(',')}?last_event_id=${cursor}`);
+    await got(33);
+    await sleep(500); // a duplicate would arrive now
+    X = await page.evaluate(() => window.X);
+    if (X.errors.length) throw new Error(X.errors.join('\n'));
+    if (X.resume !== 'ok') throw new Error(`Crier-Resume: ${X.resume}`);
+    assertSame('webrtc multiplexed starts on resume', X.got.slice(0, 3).map(pick), names.map((c) => ({ subscribed: c, id: last[c] })));
+    assertSame('webrtc multiplexed resume (exactly the rest)', X.got.slice(3).map(pick), rest);
+    await page.evaluate(() => window.mpc.close());
   });
 
   await step('crier demo: the message shows up in all four columns, WebRTC included', async () => {

@@ -240,6 +240,15 @@ impl Session {
         match e {
             Event::ChannelOpen(cid, _label) if flow.channel.is_none() => {
                 flow.channel = Some(cid);
+                // A multiplexed session first says where each channel starts, as a crier.json
+                // WebSocket does: a client that got nothing on a channel still has its part
+                // of the cursor to resume with. Nothing was taken from the hub before the
+                // channel opened, so these are the start positions and come first.
+                if self.feed.is_multiplexed() {
+                    for i in 0..self.feed.len() {
+                        flow.pending.push_back(subscribed(&self.feed, i));
+                    }
+                }
                 self.shared
                     .metrics
                     .webrtc_handshake
@@ -275,4 +284,17 @@ fn envelope_of(feed: &Feed, item: &Item) -> bytes::Bytes {
             .unwrap_or_default(),
         ),
     }
+}
+
+/// `{"subscribed":"<name>","id":"<position>"}` of channel `chan`: where it starts.
+fn subscribed(feed: &Feed, chan: usize) -> bytes::Bytes {
+    let mut pos = Vec::new();
+    feed.write_position(chan, &mut pos);
+    bytes::Bytes::from(
+        serde_json::to_vec(&serde_json::json!({
+            "subscribed": feed.name(chan),
+            "id": String::from_utf8_lossy(&pos),
+        }))
+        .unwrap_or_default(),
+    )
 }
