@@ -237,6 +237,47 @@ async fn refuse_is_the_default_plain_frames_are_ignored_and_publish_is_an_error(
     c.shutdown().await;
 }
 
+#[tokio::test]
+async fn a_publishing_location_beside_a_reading_one_each_takes_its_own_clients_messages() {
+    let up = Upstream::start().await;
+    // Same channels (no prefix): /live only reads, /room publishes what its clients send.
+    let c = Crier::start(
+        &up.url(),
+        &format!("[[push]]\npath = \"/live/{{channel}}\"\n{ROOM}"),
+    )
+    .await;
+    let mut sse = SseClient::connect(&c.url("/live/both"), None).await;
+    let (mut live, _) = ws_connect(&c.ws_url("/live/both"), &[JSON]).await;
+    let (mut room, _) = ws_connect(&c.ws_url("/room/both"), &[]).await;
+    wait_subscribers(&c, "both", 3).await;
+    let e = next_json_after(&mut live, json!({"publish": "both", "data": "no"})).await;
+    assert!(
+        e["error"].as_str().unwrap().contains("client_messages"),
+        "{e}"
+    );
+    send(&mut room, Message::text("yes")).await;
+    assert_eq!(sse.next_event().await.expect("sse").data, "yes");
+    assert_eq!(next_json(&mut live).await["data"], "yes");
+    assert_eq!(next_text(&mut room).await, "yes");
+    assert_eq!(channel_info(&c, "both").await.1["published"], 1);
+    c.shutdown().await;
+
+    // A channel of a location with a longer prefix follows that location's rules, whichever
+    // path reached it: /live/chat:r publishes like /chat/r does.
+    let c = Crier::start(
+        &up.url(),
+        "[[push]]\npath = \"/live/{channel}\"\n[[push]]\npath = \"/chat/{channel}\"\n\
+         channel_prefix = \"chat:\"\nclient_messages = \"publish\"\n",
+    )
+    .await;
+    let mut sse = SseClient::connect(&c.url("/chat/r"), None).await;
+    let (mut via_live, _) = ws_connect(&c.ws_url("/live/chat:r"), &[]).await;
+    wait_subscribers(&c, "chat:r", 2).await;
+    send(&mut via_live, Message::text("through /live")).await;
+    assert_eq!(sse.next_event().await.expect("sse").data, "through /live");
+    c.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------------------
 // Who may publish.
 

@@ -142,7 +142,7 @@ impl Validator<'_> {
                                 "push.path",
                                 &span_holder,
                                 format!(
-                                    "serves the same channels as {} (channel_prefix {:?}) but checks subscribers or takes client messages differently (allow_origins, auth_request, [push.jwt], client_messages, echo); give one of them its own channel_prefix",
+                                    "serves the same channels as {} (channel_prefix {:?}) but checks subscribers differently (allow_origins, auth_request, [push.jwt]); give one of them its own channel_prefix",
                                     first.path, loc.channel_prefix
                                 ),
                             );

@@ -1,9 +1,11 @@
 //! What a WebSocket client sends (`client_messages`): on a plain WebSocket each text or binary
 //! frame is a message to the connection's channel; on crier.json it is
-//! `{"publish": "c", "data": "..." | "data_b64": "...", "event": "..."}`. The rules of the
-//! location that **owns** the channel apply: `refuse` (the default: ignored on a plain
-//! WebSocket, an error frame on crier.json), `publish` (the hub, exactly like the publish
-//! API) or `forward` (POSTed to the app, see `relay`).
+//! `{"publish": "c", "data": "..." | "data_b64": "...", "event": "..."}`. What a message does
+//! is the `client_messages` of the location the client connected to — or, for a channel a
+//! location with a longer `channel_prefix` owns, of that owner: `refuse` (the default: ignored
+//! on a plain WebSocket, an error frame on crier.json), `publish` (the hub, exactly like the
+//! publish API) or `forward` (POSTed to the app, see `relay`). Who may send is always the
+//! owner's checks, as for subscribing (locations that share a prefix check alike).
 //!
 //! Per connection this keeps: a token bucket (`client_rate`, burst twice the rate), the
 //! channels it was allowed to publish to (the JWT's `crier.publish` or forward auth asked with
@@ -76,7 +78,26 @@ impl Dynamic {
         relay: &Arc<Relay>,
     ) -> Option<Dynamic> {
         let json = super::ws::wants_json(req.headers());
-        if !json && loc.client_messages == ClientMessages::Refuse {
+        let path_channel = match channels {
+            [one] => Some(one.clone()),
+            _ => None,
+        };
+        // A plain WebSocket can only send to its one channel: nothing to keep when that
+        // channel takes no client messages.
+        let takes = |c: &ChannelName| {
+            let owner = admission.owner(c, loc);
+            let rules = if owner.channel_prefix.len() > loc.channel_prefix.len() {
+                owner
+            } else {
+                loc
+            };
+            rules.client_messages != ClientMessages::Refuse
+        };
+        let plain_takes = match &path_channel {
+            Some(c) => takes(c),
+            None => loc.client_messages != ClientMessages::Refuse,
+        };
+        if !json && !plain_takes {
             return None;
         }
         let mut headers = HeaderMap::new();
@@ -102,10 +123,7 @@ impl Dynamic {
                 .to_string(),
             headers,
             json,
-            path_channel: match channels {
-                [one] => Some(one.clone()),
-                _ => None,
-            },
+            path_channel,
             relay: relay.clone(),
             conn_id: connection_id(),
         })
@@ -331,19 +349,14 @@ struct Outgoing {
 
 /// A data frame on a plain WebSocket: a message to the path's channel.
 pub async fn plain(d: &Dynamic, st: &mut Inbound, feed: &Feed, frame: ClientFrame) -> Outcome {
-    let kind = d.loc.client_messages.kind();
-    if d.loc.client_messages == ClientMessages::Refuse {
-        d.hub.metrics().client_message(kind, ClientResult::Ignored);
-        return Outcome::Quiet;
-    }
-    if !st.bucket.take() {
-        d.hub
-            .metrics()
-            .client_message(kind, ClientResult::RateLimited);
-        return Outcome::Close(None, CloseCode::Policy, over_rate(&d.loc));
-    }
+    let metrics = d.hub.metrics();
     let Some(channel) = &d.path_channel else {
-        d.hub.metrics().client_message(kind, ClientResult::Invalid);
+        let kind = d.loc.client_messages.kind();
+        if d.loc.client_messages == ClientMessages::Refuse {
+            metrics.client_message(kind, ClientResult::Ignored);
+            return Outcome::Quiet;
+        }
+        metrics.client_message(kind, ClientResult::Invalid);
         return Outcome::Close(
             None,
             CloseCode::Policy,
@@ -351,6 +364,16 @@ pub async fn plain(d: &Dynamic, st: &mut Inbound, feed: &Feed, frame: ClientFram
                 .into(),
         );
     };
+    let owner = d.admission.owner(channel, &d.loc).clone();
+    let kind = rules(d, &owner).client_messages.kind();
+    if rules(d, &owner).client_messages == ClientMessages::Refuse {
+        metrics.client_message(kind, ClientResult::Ignored);
+        return Outcome::Quiet;
+    }
+    if !st.bucket.take() {
+        metrics.client_message(kind, ClientResult::RateLimited);
+        return Outcome::Close(None, CloseCode::Policy, over_rate(&d.loc));
+    }
     let msg = match frame {
         ClientFrame::Text(body) => Outgoing {
             content_type: HeaderValue::from_static("text/plain"),
@@ -388,7 +411,7 @@ pub async fn publish(d: &Dynamic, st: &mut Inbound, feed: &Feed, cmd: PublishCom
         }
     };
     let owner = d.admission.owner(&channel, &d.loc).clone();
-    let kind = owner.client_messages.kind();
+    let kind = rules(d, &owner).client_messages.kind();
     if check_origin(&d.headers, &owner).is_err() {
         metrics.client_message(kind, ClientResult::Denied);
         return Outcome::Answer(error("origin not allowed"));
@@ -454,13 +477,14 @@ async fn send_on(
     reply: ReplyTo,
 ) -> Result<Sent, Failed> {
     let owner = d.admission.owner(channel, &d.loc).clone();
-    let kind = owner.client_messages.kind();
+    let rules = rules(d, &owner);
+    let kind = rules.client_messages.kind();
     let metrics = d.hub.metrics();
     let fail = |result: ClientResult, code: CloseCode, reason: String| {
         metrics.client_message(kind, result);
         Err(Failed { code, reason })
     };
-    if owner.client_messages == ClientMessages::Refuse {
+    if rules.client_messages == ClientMessages::Refuse {
         return fail(
             ClientResult::Denied,
             CloseCode::Policy,
@@ -477,7 +501,7 @@ async fn send_on(
             Err(refusal) => return fail(ClientResult::Denied, CloseCode::Policy, refusal.reason()),
         }
     }
-    match &owner.client_messages {
+    match &rules.client_messages {
         ClientMessages::Forward(to) => {
             let headers = forward_headers(d, channel, &msg);
             let job = Job {
@@ -497,7 +521,7 @@ async fn send_on(
             };
             match d.hub.publish(channel, new).await {
                 Ok(receipt) => {
-                    if !owner.echo && feed.has(name) {
+                    if !rules.echo && feed.has(name) {
                         if let Ok(id) = receipt.id.parse::<MessageId>() {
                             st.remember_own(id, name);
                         }
@@ -508,6 +532,19 @@ async fn send_on(
                 Err(e) => fail(ClientResult::Error, CloseCode::Error, e.to_string()),
             }
         }
+    }
+}
+
+/// Whose `client_messages` (and `echo`, `forward_to`) apply to a message for a channel that
+/// `owner` owns: the connection's own location, unless the channel belongs to a location of
+/// its own (a longer `channel_prefix`: `/live` naming `chat:room` of `/chat`). Two locations
+/// with the same prefix serve the same channels and check them alike, and each takes the
+/// messages of its own clients: a `/room` that publishes next to a `/live` that only reads.
+fn rules<'a>(d: &'a Dynamic, owner: &'a Arc<PushLocation>) -> &'a PushLocation {
+    if owner.channel_prefix.len() > d.loc.channel_prefix.len() {
+        owner
+    } else {
+        &d.loc
     }
 }
 
