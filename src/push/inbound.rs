@@ -85,13 +85,7 @@ impl Dynamic {
         // A plain WebSocket can only send to its one channel: nothing to keep when that
         // channel takes no client messages.
         let takes = |c: &ChannelName| {
-            let owner = admission.owner(c, loc);
-            let rules = if owner.channel_prefix.len() > loc.channel_prefix.len() {
-                owner
-            } else {
-                loc
-            };
-            rules.client_messages != ClientMessages::Refuse
+            rules(loc, admission.owner(c, loc)).client_messages != ClientMessages::Refuse
         };
         let plain_takes = match &path_channel {
             Some(c) => takes(c),
@@ -364,9 +358,9 @@ pub async fn plain(d: &Dynamic, st: &mut Inbound, feed: &Feed, frame: ClientFram
                 .into(),
         );
     };
-    let owner = d.admission.owner(channel, &d.loc).clone();
-    let kind = rules(d, &owner).client_messages.kind();
-    if rules(d, &owner).client_messages == ClientMessages::Refuse {
+    let rules = rules(&d.loc, d.admission.owner(channel, &d.loc));
+    let kind = rules.client_messages.kind();
+    if rules.client_messages == ClientMessages::Refuse {
         metrics.client_message(kind, ClientResult::Ignored);
         return Outcome::Quiet;
     }
@@ -410,9 +404,9 @@ pub async fn publish(d: &Dynamic, st: &mut Inbound, feed: &Feed, cmd: PublishCom
             return Outcome::Answer(error(&e.to_string()));
         }
     };
-    let owner = d.admission.owner(&channel, &d.loc).clone();
-    let kind = rules(d, &owner).client_messages.kind();
-    if check_origin(&d.headers, &owner).is_err() {
+    let owner = d.admission.owner(&channel, &d.loc);
+    let kind = rules(&d.loc, owner).client_messages.kind();
+    if check_origin(&d.headers, owner).is_err() {
         metrics.client_message(kind, ClientResult::Denied);
         return Outcome::Answer(error("origin not allowed"));
     }
@@ -476,8 +470,8 @@ async fn send_on(
     msg: Outgoing,
     reply: ReplyTo,
 ) -> Result<Sent, Failed> {
-    let owner = d.admission.owner(channel, &d.loc).clone();
-    let rules = rules(d, &owner);
+    let owner = d.admission.owner(channel, &d.loc);
+    let rules = rules(&d.loc, owner);
     let kind = rules.client_messages.kind();
     let metrics = d.hub.metrics();
     let fail = |result: ClientResult, code: CloseCode, reason: String| {
@@ -494,7 +488,7 @@ async fn send_on(
     if !st.may_publish(channel) {
         match d
             .admission
-            .authorize_for(&owner, channel, Action::Publish, d.view())
+            .authorize_for(owner, channel, Action::Publish, d.view())
             .await
         {
             Ok(until) => st.allow(channel, until),
@@ -540,11 +534,11 @@ async fn send_on(
 /// its own (a longer `channel_prefix`: `/live` naming `chat:room` of `/chat`). Two locations
 /// with the same prefix serve the same channels and check them alike, and each takes the
 /// messages of its own clients: a `/room` that publishes next to a `/live` that only reads.
-fn rules<'a>(d: &'a Dynamic, owner: &'a Arc<PushLocation>) -> &'a PushLocation {
-    if owner.channel_prefix.len() > d.loc.channel_prefix.len() {
+fn rules<'a>(loc: &'a PushLocation, owner: &'a PushLocation) -> &'a PushLocation {
+    if owner.channel_prefix.len() > loc.channel_prefix.len() {
         owner
     } else {
-        &d.loc
+        loc
     }
 }
 
