@@ -563,6 +563,76 @@ async fn oversized_frames_close_with_1009_and_a_flood_with_1008() {
     c.shutdown().await;
 }
 
+#[tokio::test]
+async fn a_client_that_only_sends_and_never_reads_is_let_go() {
+    let up = Upstream::start().await;
+    let c = Crier::start(
+        &up.url(),
+        &format!("{ROOM}client_rate = 100000\nkeepalive = \"1s\"\n"),
+    )
+    .await;
+    for json in [false, true] {
+        let headers: &[(&str, &str)] = if json { &[JSON] } else { &[] };
+        let (ws, _) = ws_connect(&c.ws_url("/room/flood"), headers).await;
+        // Every frame comes back (echo; on crier.json an ack too), and this client never
+        // reads: crier's writes to it stall, and it is dropped like any reader that stopped.
+        let (mut sink, stream) = futures_util::StreamExt::split(ws);
+        let flood = tokio::spawn(async move {
+            let data = "x".repeat(15 * 1024);
+            let frame = if json {
+                json!({"publish": "flood", "data": data}).to_string()
+            } else {
+                data
+            };
+            for _ in 0..20_000 {
+                if sink.send(Message::text(frame.clone())).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let dropped = eventually(Duration::from_secs(60), async || {
+            metric(&c, "crier_connections{transport=\"websocket\"}").await == Some(0.0)
+        })
+        .await;
+        assert!(
+            dropped,
+            "the connection (crier.json: {json}) was never let go"
+        );
+        flood.abort();
+        drop(stream);
+    }
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_crier_json_client_that_never_reads_its_acks_is_let_go() {
+    let up = Upstream::start().await;
+    // echo = false: only the acks go back; they alone must not hold the connection.
+    let c = Crier::start(
+        &up.url(),
+        &format!("{ROOM}echo = false\nclient_rate = 1000000\nkeepalive = \"1s\"\n"),
+    )
+    .await;
+    let (ws, _) = ws_connect(&c.ws_url("/room/acks"), &[JSON]).await;
+    let (mut sink, stream) = futures_util::StreamExt::split(ws);
+    let flood = tokio::spawn(async move {
+        let frame = json!({"publish": "acks", "data": "x"}).to_string();
+        for _ in 0..2_000_000 {
+            if sink.send(Message::text(frame.clone())).await.is_err() {
+                return;
+            }
+        }
+    });
+    let dropped = eventually(Duration::from_secs(120), async || {
+        metric(&c, "crier_connections{transport=\"websocket\"}").await == Some(0.0)
+    })
+    .await;
+    assert!(dropped, "the connection was never let go");
+    flood.abort();
+    drop(stream);
+    c.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------------------
 // Forward.
 
