@@ -180,9 +180,12 @@ pub enum ReplyTo {
 
 type InFlight = Pin<Box<dyn Future<Output = (ReplyTo, Result<Reply, RelayError>)> + Send>>;
 
-/// The per-connection state of client messages (see the module's comment). Costs nothing
-/// until the client sends one.
-pub struct Inbound {
+/// The per-connection state of client messages (see the module's comment): nothing but a
+/// pointer until the client sends one, so a subscriber that only reads pays 8 bytes for it.
+#[derive(Default)]
+pub struct Inbound(Option<Box<State>>);
+
+struct State {
     bucket: Bucket,
     /// Channels this connection may publish to, with when the permission ends.
     allowed: VecDeque<(ChannelName, Option<SystemTime>)>,
@@ -191,43 +194,62 @@ pub struct Inbound {
     own: VecDeque<(MessageId, Box<str>)>,
     queue: VecDeque<(ReplyTo, Job)>,
     in_flight: Option<InFlight>,
-    relay: Option<Arc<Relay>>,
+    relay: Arc<Relay>,
 }
 
 impl Inbound {
-    pub fn new(d: Option<&Dynamic>) -> Inbound {
-        Inbound {
-            bucket: Bucket::new(d.map_or(1, |d| d.loc.client_rate)),
-            allowed: VecDeque::new(),
-            own: VecDeque::new(),
-            queue: VecDeque::new(),
-            in_flight: None,
-            relay: d.map(|d| d.relay.clone()),
-        }
+    /// The state, made when the client sends its first message.
+    fn state(&mut self, d: &Dynamic) -> &mut State {
+        self.0.get_or_insert_with(|| {
+            Box::new(State {
+                bucket: Bucket::new(d.loc.client_rate),
+                allowed: VecDeque::new(),
+                own: VecDeque::new(),
+                queue: VecDeque::new(),
+                in_flight: None,
+                relay: d.relay.clone(),
+            })
+        })
     }
 
     /// The forward queue is full: stop reading the client until the app answers.
     pub fn is_full(&self) -> bool {
-        self.queue.len() >= FORWARD_QUEUE
+        self.0
+            .as_ref()
+            .is_some_and(|s| s.queue.len() >= FORWARD_QUEUE)
     }
 
     pub fn is_forwarding(&self) -> bool {
-        self.in_flight.is_some()
+        self.0.as_ref().is_some_and(|s| s.in_flight.is_some())
     }
 
     /// The app's answer to the message in flight; the next queued one is sent at once.
     /// Cancel-safe: nothing changes until the answer is there. Never resolves while nothing
     /// is in flight.
     pub async fn forwarded(&mut self) -> (ReplyTo, Result<Reply, RelayError>) {
-        let Some(f) = self.in_flight.as_mut() else {
+        let Some(st) = self.0.as_mut() else {
+            return std::future::pending().await;
+        };
+        let Some(f) = st.in_flight.as_mut() else {
             return std::future::pending().await;
         };
         let out = f.await;
-        self.in_flight = None;
-        self.start_next();
+        st.in_flight = None;
+        st.start_next();
         out
     }
 
+    /// Whether `item` is this connection's own message that `echo = false` keeps from it.
+    /// Free when it has published nothing (the usual case): one check per delivery.
+    pub fn is_own(&mut self, feed: &Feed, item: &Item) -> bool {
+        match self.0.as_mut() {
+            Some(st) if !st.own.is_empty() => st.is_own(feed, item),
+            _ => false,
+        }
+    }
+}
+
+impl State {
     fn enqueue(&mut self, reply: ReplyTo, job: Job) {
         self.queue.push_back((reply, job));
         if self.in_flight.is_none() {
@@ -236,19 +258,14 @@ impl Inbound {
     }
 
     fn start_next(&mut self) {
-        let (Some(relay), Some((reply, job))) = (&self.relay, self.queue.pop_front()) else {
+        let Some((reply, job)) = self.queue.pop_front() else {
             return;
         };
-        let relay = relay.clone();
+        let relay = self.relay.clone();
         self.in_flight = Some(Box::pin(async move { (reply, relay.post(job).await) }));
     }
 
-    /// Whether `item` is this connection's own message that `echo = false` keeps from it.
-    /// Free when it has published nothing (the usual case): one length check per delivery.
-    pub fn is_own(&mut self, feed: &Feed, item: &Item) -> bool {
-        if self.own.is_empty() {
-            return false;
-        }
+    fn is_own(&mut self, feed: &Feed, item: &Item) -> bool {
         let Item::Message { msg, chan, .. } = item else {
             return false;
         };
@@ -343,6 +360,7 @@ struct Outgoing {
 
 /// A data frame on a plain WebSocket: a message to the path's channel.
 pub async fn plain(d: &Dynamic, st: &mut Inbound, feed: &Feed, frame: ClientFrame) -> Outcome {
+    let st = st.state(d);
     let metrics = d.hub.metrics();
     let Some(channel) = &d.path_channel else {
         let kind = d.loc.client_messages.kind();
@@ -390,6 +408,7 @@ pub async fn plain(d: &Dynamic, st: &mut Inbound, feed: &Feed, frame: ClientFram
 /// A crier.json `publish` command: an ack `{"published", "id"}` (or, forwarded, the app's
 /// answer later), else `{"error", "channel"}`; over the rate, that error and a 1008 close.
 pub async fn publish(d: &Dynamic, st: &mut Inbound, feed: &Feed, cmd: PublishCommand) -> Outcome {
+    let st = st.state(d);
     let error = |reason: &str| serde_json::json!({ "error": reason, "channel": cmd.channel });
     let metrics = d.hub.metrics();
     if !st.bucket.take() {
@@ -463,7 +482,7 @@ fn over_rate(loc: &PushLocation) -> String {
 /// channel's owner, once the connection may publish there.
 async fn send_on(
     d: &Dynamic,
-    st: &mut Inbound,
+    st: &mut State,
     feed: &Feed,
     channel: &ChannelName,
     name: &str,

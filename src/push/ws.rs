@@ -352,7 +352,7 @@ async fn run(
             return;
         }
     }
-    let mut inbound = Inbound::new(dynamic.as_ref());
+    let mut inbound = Inbound::default();
     let close: Option<(CloseCode, String)> = loop {
         tokio::select! {
             // A full forward queue stops reading the client (TCP slows it down) until the app
