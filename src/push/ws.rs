@@ -42,9 +42,9 @@ const CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// `max_client`: the location's `max_client_message`; a larger frame is refused with 1009.
 fn ws_config(max_client: usize) -> WebSocketConfig {
     // Small buffers: a subscriber connection mostly idles, and subscribers send small frames
-    // (control frames, commands, chat lines). Frames of one wake-up are gathered up to 4 KiB and written together at the
-    // flush after the batch (one syscall, not one per frame); the buffer a busy subscriber
-    // keeps stays about that size.
+    // (control frames, commands, chat lines). Frames of one wake-up are gathered up to 4 KiB
+    // and written together at the flush after the batch (one syscall, not one per frame); the
+    // buffer a busy subscriber keeps stays about that size.
     WebSocketConfig::default()
         .read_buffer_size(512)
         .write_buffer_size(4 * 1024)
