@@ -29,6 +29,24 @@ pub const SERVICE_WORKER: &str = include_str!("demo_sw.js");
 /// The channel the demo page subscribes to.
 pub const CHANNEL: &str = "demo";
 
+/// The push location of the page's chat box: its WebSocket clients publish what they type
+/// (`client_messages = "publish"`), on channels of their own.
+pub const CHAT_LOCATION: &str = "[[push]]\npath = \"/demo-chat/{channel}\"\nchannel_prefix = \"demo-chat:\"\n\
+                                 client_messages = \"publish\"\ntransports = [\"websocket\", \"sse\"]\n";
+
+/// Gives the demo page's chat box its location (see [`CHAT_LOCATION`]) unless the config
+/// already has one at that path.
+pub fn enable_chat(config: &mut Config) {
+    let Ok(chat) = Config::from_toml(CHAT_LOCATION, None) else {
+        return;
+    };
+    for loc in chat.push {
+        if config.push.iter().all(|l| l.path != loc.path) {
+            config.push.push(loc);
+        }
+    }
+}
+
 /// Gives the demo its WebRTC column when the config has no `[webrtc]`: a UDP socket on this
 /// host's own address (browsers refuse or filter 127.0.0.1 candidates; the address a default
 /// route leaves from is one they take), on a free port, and "webrtc" on every push location

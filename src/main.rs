@@ -265,6 +265,7 @@ fn demo(mut config: Config, config_arg: Option<&std::path::Path>) -> ExitCode {
         }
     };
     crier::demo::enable_webrtc(&mut config);
+    crier::demo::enable_chat(&mut config);
     let bin = std::env::args()
         .next()
         .filter(|a| a.contains('/'))

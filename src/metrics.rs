@@ -44,6 +44,33 @@ pub enum AuthResult {
     Error,
 }
 
+/// What became of a frame a WebSocket client sent (`crier_client_messages_total{result}`).
+#[derive(Debug, Clone, Copy)]
+pub enum ClientResult {
+    /// Published to the channel.
+    Published,
+    /// POSTed to the upstream, which answered 2xx.
+    Forwarded,
+    /// Not taken: the location refuses client messages (the frame is ignored).
+    Ignored,
+    /// The JWT or forward auth does not allow publishing, or the channel is not this
+    /// location's to publish to.
+    Denied,
+    /// Larger than `max_client_message` (closed with 1009).
+    TooBig,
+    /// Over `client_rate` (closed with 1008).
+    RateLimited,
+    /// The upstream failed, refused or did not answer in time (forward).
+    UpstreamError,
+    /// Malformed (bad channel name, data or event; several channels and a plain frame).
+    Invalid,
+    /// The hub could not take it (shutting down, too many channels, the store down).
+    Error,
+}
+
+/// The `location_kind` labels of `crier_client_messages_total`, in `ClientMessages` order.
+const CLIENT_KINDS: [&str; 3] = ["refuse", "publish", "forward"];
+
 pub struct Metrics {
     pub registry: Registry,
     connections: [IntGauge; Transport::COUNT],
@@ -92,6 +119,8 @@ pub struct Metrics {
     pub upstream_up: IntGauge,
     /// 1 from the start of the draining shutdown.
     pub draining: IntGauge,
+    /// [location kind][result], see [`ClientResult`].
+    client_messages: [[IntCounter; 9]; 3],
 }
 
 /// Why a publish (`POST`/`PUT /pub/...`) was refused, for `crier_publish_rejected_total`.
@@ -330,6 +359,31 @@ impl Metrics {
         )
         .with_label_values(&[env!("CARGO_PKG_VERSION")])
         .set(1);
+        let client_vec = IntCounterVec::new(
+            Opts::new(
+                "client_messages_total",
+                "Frames WebSocket clients sent, by the client_messages mode of the location that took them and by result.",
+            )
+            .namespace("crier"),
+            &["location_kind", "result"],
+        )
+        .expect("valid metric"); // ok: constant names
+        r.register(Box::new(client_vec.clone()))
+            .expect("unique metric"); // ok: registered once
+        let client_messages = CLIENT_KINDS.map(|k| {
+            [
+                "published",
+                "forwarded",
+                "ignored",
+                "denied",
+                "too_big",
+                "rate_limited",
+                "upstream_error",
+                "invalid",
+                "error",
+            ]
+            .map(|res| client_vec.with_label_values(&[k, res]))
+        });
 
         let m = Metrics {
             connections,
@@ -399,6 +453,7 @@ impl Metrics {
                 "draining",
                 "1 from the start of the draining shutdown (SIGTERM), else 0.",
             ),
+            client_messages,
             registry: r,
         };
         m.registry
@@ -467,6 +522,13 @@ impl Metrics {
 
     pub fn auth_check(&self, method: AuthMethod, result: AuthResult) {
         self.auth_checks[method as usize][result as usize].inc();
+    }
+
+    /// One client frame at a location whose `client_messages` is `kind` ("refuse",
+    /// "publish", "forward").
+    pub fn client_message(&self, kind: &str, result: ClientResult) {
+        let k = CLIENT_KINDS.iter().position(|c| *c == kind).unwrap_or(0);
+        self.client_messages[k][result as usize].inc();
     }
 
     pub fn proxy_response(&self, status: u16) {

@@ -263,6 +263,7 @@ async fn auth_request_carries_credentials_and_context_and_nothing_else() {
         "crier's value, not the client's"
     );
     assert_eq!(h("x-original-uri"), "/rooms/a1?last_event_id=earliest&x=1");
+    assert_eq!(h("x-crier-action"), "subscribe");
     assert!(
         seen.headers.get("x-evil").is_none(),
         "no other client header"

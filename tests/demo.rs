@@ -1,6 +1,7 @@
 //! `crier demo`: what it prints works as printed. The page it names arrives through crier
 //! from the built-in demo app and subscribes to `/live/demo`; the publish command it prints
-//! reaches that channel. The browser suite (tests/e2e) does the same in Chromium.
+//! reaches that channel; its chat box's WebSocket location publishes what clients send. The
+//! browser suite (tests/e2e) does the same in Chromium.
 
 mod common;
 
@@ -147,5 +148,21 @@ async fn the_printed_page_shows_what_the_printed_command_publishes() {
         .expect("the stream is open");
     assert_eq!(ev.data, "hello");
     drop(sse);
+
+    // The page's chat box: a crier.json WebSocket that publishes what it sends.
+    let ws_url = format!("{}demo-chat/room", page_url.replacen("http", "ws", 1));
+    let (mut a, _) = ws_connect(&ws_url, &[("sec-websocket-protocol", "crier.json")]).await;
+    let (mut b, _) = ws_connect(&ws_url, &[("sec-websocket-protocol", "crier.json")]).await;
+    use futures_util::SinkExt;
+    a.send(tokio_tungstenite::tungstenite::Message::text(
+        r#"{"publish":"room","data":"hi from a"}"#,
+    ))
+    .await
+    .unwrap();
+    let ack = ws_json(&ws_next(&mut a).await.expect("an ack"));
+    assert_eq!(ack["published"], "room", "{ack}");
+    let m = ws_json(&ws_next(&mut b).await.expect("the message"));
+    assert_eq!((&m["data"], &m["id"]), (&"hi from a".into(), &ack["id"]));
+    drop((a, b));
     assert_eq!(demo.terminate(), Some(0), "crier demo exits 0 on SIGTERM");
 }

@@ -269,6 +269,33 @@ async fn a_thousand_messages_arrive_signed_and_in_publish_order() {
 }
 
 #[tokio::test]
+async fn a_websocket_clients_message_is_a_message_event_like_a_publish() {
+    let rx = Receiver::start().await;
+    let (c, _up, _dir) = start(
+        &rx,
+        "[[push]]\npath = \"/room/{channel}\"\nclient_messages = \"publish\"\n",
+    )
+    .await;
+    let (mut ws, _) = ws_connect(&c.ws_url("/room/orders"), &[]).await;
+    futures_util::SinkExt::send(
+        &mut ws,
+        tokio_tungstenite::tungstenite::Message::text("from a websocket"),
+    )
+    .await
+    .expect("send");
+    let hits = rx.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(hits.len(), 1);
+    assert!(hits[0].signed);
+    let data = &hits[0].json["data"];
+    assert_eq!(hits[0].json["type"], "message");
+    assert_eq!(data["channel"], "orders");
+    assert_eq!(data["body"], "from a websocket");
+    assert_eq!(data["content_type"], "text/plain");
+    assert_eq!(data["id"], channel_info(&c, "orders").await.1["last_id"]);
+    c.shutdown().await;
+}
+
+#[tokio::test]
 async fn binary_bodies_go_as_base64_and_channels_filter() {
     let rx = Receiver::start().await;
     let (c, _up, _dir) = start(&rx, "channels = [\"orders.*\", \"alerts\"]").await;

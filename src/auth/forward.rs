@@ -2,7 +2,8 @@
 //! decides whether a subscription may start.
 //!
 //! The request is built from scratch, not copied: it carries `Host`, `Cookie`, `Authorization`,
-//! `X-Forwarded-For/-Proto/-Host` (as the proxy sends them), `X-Crier-Channel` and
+//! `X-Forwarded-For/-Proto/-Host` (as the proxy sends them), `X-Crier-Channel`,
+//! `X-Crier-Action` (`subscribe`, or `publish` for a WebSocket client's message) and
 //! `X-Original-URI`, and nothing else, so a client cannot smuggle a header the app might trust.
 //! The whole exchange (connect, response, a denial's body) is bounded by `auth_timeout`.
 
@@ -17,7 +18,7 @@ use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::client::legacy::Client;
 use parking_lot::Mutex;
 
-use super::{Ask, Denial};
+use super::{Action, Ask, Denial};
 use crate::config::{ForwardAuthConfig, UpstreamConfig};
 use crate::log_limit::{held_back_note, LogLimit};
 use crate::proxy::{self, UpstreamConnector};
@@ -161,6 +162,10 @@ impl ForwardAuth {
         if let Ok(v) = HeaderValue::from_str(channel) {
             h.insert("x-crier-channel", v);
         }
+        h.insert(
+            "x-crier-action",
+            HeaderValue::from_static(ask.action.as_str()),
+        );
         if let Ok(v) = HeaderValue::from_str(ask.target) {
             h.insert("x-original-uri", v);
         }
@@ -175,8 +180,9 @@ impl ForwardAuth {
 /// never memory.
 pub const MAX_CACHE_ENTRIES: usize = 10_000;
 
-/// `auth_cache_ttl`: the app's 2xx/401/403 per (credentials, channel), for a short time.
-/// Errors are never cached. The key is a SHA-256 of `Cookie`, `Authorization` and the channel,
+/// `auth_cache_ttl`: the app's 2xx/401/403 per (credentials, channel, action), for a short
+/// time. Errors are never cached. The key is a SHA-256 of `Cookie`, `Authorization`, the
+/// channel and the action,
 /// so the cache holds no credentials and its entries have a fixed size.
 pub struct AuthCache {
     ttl: Duration,
@@ -227,9 +233,9 @@ impl AuthCache {
     }
 }
 
-/// SHA-256 over the `Cookie` values, the `Authorization` values and the channel, each
-/// length-prefixed so that no two different inputs run together into the same bytes.
-pub fn cache_key(h: &HeaderMap, channel: &str) -> [u8; 32] {
+/// SHA-256 over the `Cookie` values, the `Authorization` values, the channel and the action,
+/// each length-prefixed so that no two different inputs run together into the same bytes.
+pub fn cache_key(h: &HeaderMap, channel: &str, action: Action) -> [u8; 32] {
     let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     let mut field = |b: &[u8]| {
         ctx.update(&(b.len() as u64).to_be_bytes());
@@ -244,6 +250,8 @@ pub fn cache_key(h: &HeaderMap, channel: &str) -> [u8; 32] {
     }
     field(b"channel");
     field(channel.as_bytes());
+    field(b"action");
+    field(action.as_str().as_bytes());
     let mut out = [0u8; 32];
     out.copy_from_slice(ctx.finish().as_ref());
     out
@@ -263,16 +271,22 @@ mod tests {
 
     #[test]
     fn cache_key_separates_credentials_and_channels() {
-        let a = cache_key(&headers(&[("cookie", "s=1")]), "c");
-        assert_eq!(a, cache_key(&headers(&[("cookie", "s=1")]), "c"));
-        assert_ne!(a, cache_key(&headers(&[("cookie", "s=2")]), "c"));
-        assert_ne!(a, cache_key(&headers(&[("cookie", "s=1")]), "d"));
-        assert_ne!(a, cache_key(&headers(&[("authorization", "s=1")]), "c"));
-        assert_ne!(a, cache_key(&headers(&[]), "c"));
+        const S: Action = Action::Subscribe;
+        let a = cache_key(&headers(&[("cookie", "s=1")]), "c", S);
+        assert_eq!(a, cache_key(&headers(&[("cookie", "s=1")]), "c", S));
+        assert_ne!(a, cache_key(&headers(&[("cookie", "s=2")]), "c", S));
+        assert_ne!(a, cache_key(&headers(&[("cookie", "s=1")]), "d", S));
+        assert_ne!(a, cache_key(&headers(&[("authorization", "s=1")]), "c", S));
+        assert_ne!(a, cache_key(&headers(&[]), "c", S));
         // A cookie cannot be split across fields to collide.
         assert_ne!(
-            cache_key(&headers(&[("cookie", "ab")]), "c"),
-            cache_key(&headers(&[("cookie", "a"), ("cookie", "b")]), "c")
+            cache_key(&headers(&[("cookie", "ab")]), "c", S),
+            cache_key(&headers(&[("cookie", "a"), ("cookie", "b")]), "c", S)
+        );
+        assert_ne!(
+            a,
+            cache_key(&headers(&[("cookie", "s=1")]), "c", Action::Publish),
+            "a subscribe answer never says whether publishing is allowed"
         );
     }
 

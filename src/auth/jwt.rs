@@ -1,5 +1,6 @@
 //! JWT subscriber tokens (`[push.jwt]`): the key and algorithm fixed by config, `exp` required,
-//! `nbf` checked, and the claim `crier.subscribe` listing the channels a token may read.
+//! `nbf` checked, and the claims `crier.subscribe` and `crier.publish` listing the channels a
+//! token may read and those it may publish to (a WebSocket client's messages).
 //!
 //! Verification is `jsonwebtoken` on aws-lc-rs (the crypto rustls already brings in): the
 //! algorithm list holds exactly the configured algorithm, so `alg: none` (not even a variant of
@@ -13,6 +14,7 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, Validation};
 use serde::Deserialize;
 
+use super::Action;
 use crate::config::JwtAlgorithm;
 use crate::keys::JwtKey;
 use crate::model::pattern_matches;
@@ -54,6 +56,9 @@ pub enum JwtRejection {
     /// A valid token whose `crier.subscribe` claim does not name the channel (403).
     #[error("token does not allow this channel")]
     ChannelNotAllowed,
+    /// A valid token whose `crier.publish` claim does not name the channel (403).
+    #[error("token does not allow publishing to this channel (crier.publish)")]
+    PublishNotAllowed,
 }
 
 impl JwtVerifier {
@@ -69,13 +74,20 @@ impl JwtVerifier {
         JwtVerifier { key, validation }
     }
 
-    /// Verifies `token` and checks that its claim allows `channel`. Returns when a stream
-    /// opened with it must end: its `exp` plus the leeway.
-    pub fn verify(&self, token: &str, channel: &str) -> Result<SystemTime, JwtRejection> {
+    /// Verifies `token` and checks that its claim for `action` allows `channel`. Returns when
+    /// a stream opened with it must end: its `exp` plus the leeway.
+    pub fn verify(
+        &self,
+        token: &str,
+        channel: &str,
+        action: Action,
+    ) -> Result<SystemTime, JwtRejection> {
         let data = jsonwebtoken::decode::<Claims>(token, self.key.decoding_key(), &self.validation)
             .map_err(|e| JwtRejection::Invalid(reason(e.kind())))?;
-        if data.claims.allows(channel) {
+        if data.claims.allows(channel, action) {
             Ok(UNIX_EPOCH + Duration::from_secs(data.claims.exp + self.validation.leeway))
+        } else if action == Action::Publish {
+            Err(JwtRejection::PublishNotAllowed)
         } else {
             Err(JwtRejection::ChannelNotAllowed)
         }
@@ -98,9 +110,10 @@ fn reason(kind: &ErrorKind) -> &'static str {
     }
 }
 
-/// The claims crier reads; the others are the app's. Both spellings of the channel list are
-/// accepted: a top-level key `"crier.subscribe"` and `{"crier": {"subscribe": [...]}}`.
-/// A claim of another shape allows nothing.
+/// The claims crier reads; the others are the app's. Both spellings of each channel list are
+/// accepted: a top-level key `"crier.subscribe"` (`"crier.publish"`) and
+/// `{"crier": {"subscribe": [...], "publish": [...]}}`. A claim of another shape allows
+/// nothing; a token may publish only where `crier.publish` says (subscribing does not imply it).
 #[derive(Deserialize)]
 struct Claims {
     /// Required by the validation: when the token (and a stream opened with it) ends.
@@ -108,14 +121,20 @@ struct Claims {
     exp: u64,
     #[serde(rename = "crier.subscribe", default)]
     flat: Option<serde_json::Value>,
+    #[serde(rename = "crier.publish", default)]
+    flat_publish: Option<serde_json::Value>,
     #[serde(default)]
     crier: Option<serde_json::Value>,
 }
 
 impl Claims {
-    fn allows(&self, channel: &str) -> bool {
-        let nested = self.crier.as_ref().and_then(|c| c.get("subscribe"));
-        [self.flat.as_ref(), nested]
+    fn allows(&self, channel: &str, action: Action) -> bool {
+        let (flat, key) = match action {
+            Action::Subscribe => (self.flat.as_ref(), "subscribe"),
+            Action::Publish => (self.flat_publish.as_ref(), "publish"),
+        };
+        let nested = self.crier.as_ref().and_then(|c| c.get(key));
+        [flat, nested]
             .into_iter()
             .flatten()
             .filter_map(serde_json::Value::as_array)
@@ -133,14 +152,34 @@ mod tests {
     fn both_claim_spellings() {
         let flat: Claims =
             serde_json::from_str(r#"{"crier.subscribe":["a","b.*"]}"#).expect("test setup");
-        assert!(flat.allows("a") && flat.allows("b.1") && !flat.allows("c"));
+        let sub = Action::Subscribe;
+        assert!(flat.allows("a", sub) && flat.allows("b.1", sub) && !flat.allows("c", sub));
         let nested: Claims =
             serde_json::from_str(r#"{"crier":{"subscribe":["orders.*"]}}"#).expect("test setup");
-        assert!(nested.allows("orders.7") && !nested.allows("orders"));
+        assert!(nested.allows("orders.7", sub) && !nested.allows("orders", sub));
         let none: Claims = serde_json::from_str(r#"{"sub":"u1"}"#).expect("test setup");
-        assert!(!none.allows("a"));
+        assert!(!none.allows("a", sub));
         let wrong_shape: Claims =
             serde_json::from_str(r#"{"crier.subscribe":"*"}"#).expect("test setup");
-        assert!(!wrong_shape.allows("a"), "a string is not a list");
+        assert!(!wrong_shape.allows("a", sub), "a string is not a list");
+    }
+
+    #[test]
+    fn publishing_needs_its_own_claim() {
+        let pubs = Action::Publish;
+        let read_only: Claims =
+            serde_json::from_str(r#"{"crier.subscribe":["*"]}"#).expect("test setup");
+        assert!(
+            !read_only.allows("a", pubs),
+            "subscribe does not imply publish"
+        );
+        let flat: Claims =
+            serde_json::from_str(r#"{"crier.subscribe":["a"],"crier.publish":["chat.*"]}"#)
+                .expect("test setup");
+        assert!(flat.allows("chat.1", pubs) && !flat.allows("a", pubs));
+        assert!(!flat.allows("chat.1", Action::Subscribe));
+        let nested: Claims =
+            serde_json::from_str(r#"{"crier":{"publish":["room"]}}"#).expect("test setup");
+        assert!(nested.allows("room", pubs) && !nested.allows("room", Action::Subscribe));
     }
 }

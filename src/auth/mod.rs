@@ -2,10 +2,14 @@
 //!
 //! A push location may ask two questions before a subscription starts, both once per
 //! subscription (WebSocket and SSE at connect, long-poll at every request), never per message:
-//! - JWT (`[push.jwt]`, `jwt.rs`): a signed token that names the channels it may read;
+//! - JWT (`[push.jwt]`, `jwt.rs`): a signed token that names the channels it may read
+//!   (`crier.subscribe`) and those it may publish to (`crier.publish`);
 //! - forward auth (`auth_request`, `forward.rs`): a GET to the upstream app with the subscriber's
 //!   credentials; the app's 2xx allows, its 401/403 reach the subscriber as they are, and
 //!   anything else (an error, no answer in time) is 503: never an open door.
+//!
+//! A WebSocket client that sends a message (`client_messages`) is asked the same questions
+//! for the action `publish`, once per channel and connection.
 //!
 //! The Origin check runs before both (in `push::admission`), so a cross-site page never makes
 //! crier send the victim's cookies to the app. The keys (JWT verification keys) come from
@@ -30,8 +34,28 @@ use crate::response::{self, Body};
 use forward::{AuthCache, ForwardAuth};
 use jwt::{JwtRejection, JwtVerifier};
 
+/// What a check is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Reading a channel: every subscription.
+    Subscribe,
+    /// Publishing to it: a WebSocket client's message (`client_messages`).
+    Publish,
+}
+
+impl Action {
+    /// As forward auth says it (`X-Crier-Action`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Subscribe => "subscribe",
+            Action::Publish => "publish",
+        }
+    }
+}
+
 /// What the checks see of a subscriber's request.
 pub struct Ask<'a> {
+    pub action: Action,
     pub headers: &'a HeaderMap,
     /// The request target as the client sent it: path and query.
     pub target: &'a str,
@@ -160,7 +184,7 @@ impl Gatekeeper {
             let token = find_token(ask.headers, ask.query, j.cookie.as_deref());
             let verdict = match token {
                 None => Err(JwtRejection::Missing),
-                Some(t) => verifier.verify(&t, channel),
+                Some(t) => verifier.verify(&t, channel, ask.action),
             };
             match verdict {
                 Err(e) => {
@@ -173,7 +197,7 @@ impl Gatekeeper {
         }
         if let Some(fa) = &loc.forward_auth {
             let cache = self.caches.get(&loc.path);
-            let key = cache.map(|_| forward::cache_key(ask.headers, channel));
+            let key = cache.map(|_| forward::cache_key(ask.headers, channel, ask.action));
             if let (Some(cache), Some(key)) = (cache, &key) {
                 if let Some(v) = cache.get(key) {
                     self.metrics.auth_cache_hits.inc();
@@ -208,7 +232,7 @@ fn jwt_denial(e: &JwtRejection) -> Denial {
             &e.to_string(),
             "Bearer realm=\"crier\", error=\"invalid_token\"",
         ),
-        JwtRejection::ChannelNotAllowed => Denial::bearer(
+        JwtRejection::ChannelNotAllowed | JwtRejection::PublishNotAllowed => Denial::bearer(
             StatusCode::FORBIDDEN,
             &e.to_string(),
             "Bearer realm=\"crier\", error=\"insufficient_scope\"",

@@ -201,6 +201,55 @@ pub struct PushLocation {
     pub forward_auth: Option<ForwardAuthConfig>,
     /// `[push.jwt]`: require a signed token that names the channel.
     pub jwt: Option<JwtConfig>,
+    /// What a WebSocket client's own frames do here (`client_messages`, `forward_to`).
+    pub client_messages: ClientMessages,
+    /// The largest frame a WebSocket client may send (`max_client_message`): 1009 past it.
+    pub max_client_message: usize,
+    /// Client messages per second per connection (`client_rate`; a burst of twice as many).
+    pub client_rate: u32,
+    /// `echo`: a publishing client receives its own messages too.
+    pub echo: bool,
+}
+
+/// `client_messages`: what the text and binary frames a WebSocket client sends do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientMessages {
+    /// Ignored (the default): subscribers only read.
+    Refuse,
+    /// Published to the channel, as the publish API would.
+    Publish,
+    /// POSTed to the upstream app at `forward_to`.
+    Forward(ForwardTo),
+}
+
+impl ClientMessages {
+    /// The `location_kind` label of `crier_client_messages_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ClientMessages::Refuse => "refuse",
+            ClientMessages::Publish => "publish",
+            ClientMessages::Forward(_) => "forward",
+        }
+    }
+}
+
+/// `forward_to`: a path (and query) on the upstream, perhaps naming `{channel}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardTo {
+    /// The template split at `{channel}` (None: the template does not name it).
+    pub prefix: String,
+    pub suffix: Option<String>,
+}
+
+impl ForwardTo {
+    /// The target for a client message on `channel` (a channel name needs no escaping: its
+    /// characters are all allowed in a path and a query).
+    pub fn target(&self, channel: &str) -> String {
+        match &self.suffix {
+            None => self.prefix.clone(),
+            Some(s) => format!("{}{channel}{s}", self.prefix),
+        }
+    }
 }
 
 /// `auth_request` and its knobs.
@@ -289,6 +338,8 @@ impl PushLocation {
 
     /// Whether two locations check subscribers the same way (Origin, forward auth, JWT): the
     /// condition for sharing a `channel_prefix`, since the channels' owner's checks apply.
+    /// (What a client's messages do may differ: that follows the location it connected to,
+    /// see `push::inbound`.)
     pub fn checks_like(&self, other: &PushLocation) -> bool {
         self.allow_origins == other.allow_origins
             && self.forward_auth == other.forward_auth
@@ -689,6 +740,83 @@ mod tests {
             lines[2].starts_with("c.toml:5:16: push.auth_timeout"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn client_message_keys() {
+        let d = Config::default();
+        assert_eq!(d.push[0].client_messages, ClientMessages::Refuse);
+        assert_eq!(d.push[0].max_client_message, 16 * 1024);
+        assert_eq!((d.push[0].client_rate, d.push[0].echo), (20, true));
+        let c = Config::from_toml(
+            "[[push]]\npath = \"/room/{channel}\"\nclient_messages = \"publish\"\nmax_client_message = \"4KiB\"\nclient_rate = 5\necho = false\n[[push]]\npath = \"/doc/{channel}\"\nchannel_prefix = \"doc:\"\nclient_messages = \"forward\"\nforward_to = \"/ws-in/{channel}?v=1\"\n",
+            None,
+        )
+        .expect("test setup");
+        let room = &c.push[0];
+        assert_eq!(room.client_messages, ClientMessages::Publish);
+        assert_eq!(
+            (room.max_client_message, room.client_rate, room.echo),
+            (4096, 5, false)
+        );
+        let ClientMessages::Forward(to) = &c.push[1].client_messages else {
+            panic!("forward: {:?}", c.push[1].client_messages);
+        };
+        assert_eq!(to.target("doc:a"), "/ws-in/doc:a?v=1");
+
+        let e = errs("[[push]]\npath = \"/a/{channel}\"\nclient_messages = \"shout\"\nforward_to = \"/in\"\nclient_rate = 0\necho = false\n");
+        let lines: Vec<_> = e.lines().collect();
+        assert_eq!(lines.len(), 4, "{e}");
+        assert!(
+            lines[0].starts_with("c.toml:3:19: push.client_messages: \"shout\" is not one of"),
+            "{e}"
+        );
+        assert!(
+            lines[1].starts_with(
+                "c.toml:4:14: push.forward_to: only applies with client_messages = \"forward\""
+            ),
+            "{e}"
+        );
+        assert!(
+            lines[2].starts_with("c.toml:5:15: push.client_rate: 0 is out of range"),
+            "{e}"
+        );
+        assert!(
+            lines[3].starts_with(
+                "c.toml:6:8: push.echo: only applies with client_messages = \"publish\""
+            ),
+            "{e}"
+        );
+        let e = errs("[[push]]\npath = \"/a/{channel}\"\nclient_messages = \"forward\"\n");
+        assert!(
+            e.starts_with("c.toml:3:19: push.client_messages: \"forward\" needs forward_to"),
+            "{e}"
+        );
+        let e = errs("[[push]]\npath = \"/a/{channel}\"\nclient_messages = \"forward\"\nforward_to = \"in/{channel}/{channel}\"\n");
+        assert!(
+            e.starts_with("c.toml:4:14: push.forward_to: is a path"),
+            "{e}"
+        );
+        let e = errs("[[push]]\npath = \"/a/{channel}\"\nclient_messages = \"publish\"\nmax_client_message = \"2MiB\"\nclient_rate = 0\n");
+        let lines: Vec<_> = e.lines().collect();
+        assert_eq!(lines.len(), 2, "{e}");
+        assert!(
+            lines[0].contains("push.max_client_message: is larger than channels.max_message_size"),
+            "{e}"
+        );
+        assert!(
+            lines[1].contains("push.client_rate: 0 is out of range"),
+            "{e}"
+        );
+        let e = errs("[[push]]\npath = \"/a/{channel}\"\nmax_client_message = \"1GiB\"\n");
+        assert!(
+            e.contains("push.max_client_message: at most \"16MiB\""),
+            "{e}"
+        );
+        // A publishing location beside a reading one on the same channels (the issue's
+        // example next to the default /live): allowed, each takes its own clients' messages.
+        let c = Config::from_toml("[[push]]\npath = \"/live/{channel}\"\n[[push]]\npath = \"/room/{channel}\"\nclient_messages = \"publish\"\n", None);
+        assert!(c.is_ok(), "{:?}", c.err());
     }
 
     #[test]

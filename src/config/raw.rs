@@ -101,6 +101,11 @@ pub(super) struct RawPush {
     pub(super) auth_timeout: Option<S<String>>,
     pub(super) auth_cache_ttl: Option<S<String>>,
     pub(super) jwt: Option<S<RawJwt>>,
+    pub(super) client_messages: Option<S<String>>,
+    pub(super) forward_to: Option<S<String>>,
+    pub(super) max_client_message: Option<S<String>>,
+    pub(super) client_rate: Option<S<i64>>,
+    pub(super) echo: Option<S<bool>>,
 }
 
 #[derive(Deserialize)]

@@ -128,12 +128,7 @@ impl Validator<'_> {
                 let mut out: Vec<PushLocation> = Vec::new();
                 for p in list.into_inner() {
                     let span_holder = Spanned::clone(&p.get_ref().path);
-                    let loc = self.push_location(
-                        p.into_inner(),
-                        &channels.buffer,
-                        base,
-                        webrtc.is_some(),
-                    );
+                    let loc = self.push_location(p.into_inner(), &channels, base, webrtc.is_some());
                     if let Some(loc) = loc {
                         if !seen.insert(loc.path.clone()) {
                             self.err("push.path", &span_holder, "the same path is used twice");
@@ -467,14 +462,16 @@ impl Validator<'_> {
         }
     }
 
-    /// `defaults`: the `[channels]` buffer policy, for the half a location does not override.
+    /// `channels`: the `[channels]` defaults (the buffer policy, for the half a location does
+    /// not override; the message size a client message may not exceed).
     fn push_location(
         &mut self,
         raw: RawPush,
-        defaults: &BufferPolicy,
+        channels: &ChannelDefaults,
         base: &Path,
         webrtc: bool,
     ) -> Option<PushLocation> {
+        let defaults = &channels.buffer;
         let path = raw.path.get_ref().clone();
         let mut ok = true;
         let (prefix, suffix) = match path.split_once("{channel}") {
@@ -605,6 +602,14 @@ impl Validator<'_> {
         let forward_auth =
             self.forward_auth(raw.auth_request, raw.auth_timeout, raw.auth_cache_ttl);
         let jwt = raw.jwt.and_then(|j| self.jwt(j, base));
+        let client = self.client_messages(
+            raw.client_messages,
+            raw.forward_to,
+            raw.max_client_message,
+            raw.client_rate,
+            raw.echo,
+            channels.max_message_size,
+        );
         ok.then_some(PushLocation {
             path,
             prefix,
@@ -620,7 +625,133 @@ impl Validator<'_> {
             allow_origins,
             forward_auth,
             jwt,
+            client_messages: client.mode,
+            max_client_message: client.max,
+            client_rate: client.rate,
+            echo: client.echo,
         })
+    }
+
+    /// `client_messages` and the keys that go with it; each key that only applies to another
+    /// mode is an error (it would silently do nothing).
+    fn client_messages(
+        &mut self,
+        mode: Option<S<String>>,
+        forward_to: Option<S<String>>,
+        max: Option<S<String>>,
+        rate: Option<S<i64>>,
+        echo: Option<S<bool>>,
+        max_message_size: usize,
+    ) -> ClientSettings {
+        let mut out = ClientSettings {
+            mode: ClientMessages::Refuse,
+            max: DEFAULT_MAX_CLIENT_MESSAGE,
+            rate: DEFAULT_CLIENT_RATE,
+            echo: true,
+        };
+        let named = mode.as_ref().map(|m| m.get_ref().as_str());
+        match named {
+            None | Some("refuse") => {}
+            Some("publish") => out.mode = ClientMessages::Publish,
+            Some("forward") => match &forward_to {
+                None => {
+                    if let Some(m) = &mode {
+                        self.err(
+                            "push.client_messages",
+                            m,
+                            "\"forward\" needs forward_to, the upstream path each client message is POSTed to (e.g. \"/ws-in/{channel}\")",
+                        );
+                    }
+                }
+                Some(t) => {
+                    if let Some(f) = self.forward_to(t) {
+                        out.mode = ClientMessages::Forward(f);
+                    }
+                }
+            },
+            Some(other) => {
+                if let Some(m) = &mode {
+                    self.err(
+                        "push.client_messages",
+                        m,
+                        format!("{other:?} is not one of \"refuse\", \"publish\", \"forward\""),
+                    );
+                }
+            }
+        }
+        let mode_name = named.unwrap_or("refuse");
+        if let (Some(t), false) = (&forward_to, mode_name == "forward") {
+            self.err(
+                "push.forward_to",
+                t,
+                "only applies with client_messages = \"forward\"",
+            );
+        }
+        if let (Some(r), "refuse") = (&rate, mode_name) {
+            self.err(
+                "push.client_rate",
+                r,
+                "only applies with client_messages = \"publish\" or \"forward\"",
+            );
+        }
+        if let Some(e) = &echo {
+            if mode_name != "publish" {
+                self.err(
+                    "push.echo",
+                    e,
+                    "only applies with client_messages = \"publish\"",
+                );
+            }
+            out.echo = *e.get_ref();
+        }
+        out.rate = self.count("push.client_rate", rate, (1, 1_000_000), out.rate as usize) as u32;
+        let at = max.clone();
+        out.max = self.size("push.max_client_message", max, out.max);
+        if let Some(at) = at {
+            if out.max > MAX_CLIENT_MESSAGE_LIMIT {
+                self.err(
+                    "push.max_client_message",
+                    &at,
+                    "at most \"16MiB\" (crier holds a client's frame in memory while it reads it)",
+                );
+                out.max = DEFAULT_MAX_CLIENT_MESSAGE;
+            } else if mode_name == "publish" && out.max > max_message_size {
+                self.err(
+                    "push.max_client_message",
+                    &at,
+                    format!("is larger than channels.max_message_size ({max_message_size} bytes), which a published message may not exceed"),
+                );
+            }
+        }
+        out
+    }
+
+    /// `forward_to`: a path (and query) on the upstream, naming `{channel}` at most once.
+    fn forward_to(&mut self, t: &S<String>) -> Option<ForwardTo> {
+        let s = t.get_ref();
+        let f = match s.split_once("{channel}") {
+            None => ForwardTo {
+                prefix: s.clone(),
+                suffix: None,
+            },
+            Some((p, rest)) => ForwardTo {
+                prefix: p.to_string(),
+                suffix: Some(rest.to_string()),
+            },
+        };
+        let valid = s.starts_with('/')
+            && !s.contains('#')
+            && f.suffix.as_ref().is_none_or(|r| !r.contains("{channel}"))
+            && f.target("c").parse::<http::uri::PathAndQuery>().is_ok();
+        if !valid {
+            self.err(
+                "push.forward_to",
+                t,
+                "is a path on the upstream app naming {channel} at most once, like \"/ws-in/{channel}\"",
+            );
+            return None;
+        }
+        Some(f)
     }
 
     fn forward_auth(
@@ -782,7 +913,26 @@ pub(super) fn default_push_location(channels: &ChannelDefaults, webrtc: bool) ->
         allow_origins: Vec::new(),
         forward_auth: None,
         jwt: None,
+        client_messages: ClientMessages::Refuse,
+        max_client_message: DEFAULT_MAX_CLIENT_MESSAGE,
+        client_rate: DEFAULT_CLIENT_RATE,
+        echo: true,
     }
+}
+
+/// `max_client_message` unless set: client frames are small (commands, chat lines).
+pub(super) const DEFAULT_MAX_CLIENT_MESSAGE: usize = 16 * 1024;
+/// The largest `max_client_message`: tungstenite holds a frame whole while it reads it.
+const MAX_CLIENT_MESSAGE_LIMIT: usize = 16 << 20;
+/// `client_rate` unless set: messages per second per connection.
+pub(super) const DEFAULT_CLIENT_RATE: u32 = 20;
+
+/// What `client_messages` and its keys come to.
+pub(super) struct ClientSettings {
+    mode: ClientMessages,
+    max: usize,
+    rate: u32,
+    echo: bool,
 }
 
 pub(super) fn resolve(base: &Path, p: &str) -> PathBuf {

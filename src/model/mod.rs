@@ -12,3 +12,14 @@ pub use channel::{
 };
 pub use conn::ConnInfo;
 pub use transport::Transport;
+
+/// A message's event name, wherever a publisher names one (the publish API's `Crier-Event`,
+/// a WebSocket client's `"event"`): 1 to 64 characters of `A-Z a-z 0-9 . _ - :`, which every
+/// transport can carry as they are (an SSE `event:` line included).
+pub fn is_event_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':'))
+}

@@ -185,12 +185,7 @@ fn event_name(req: &Request<Incoming>) -> Result<Option<Box<str>>, &'static str>
         (None, Some(q)) => q.as_ref(),
         (None, None) => return Ok(None),
     };
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':'));
-    if !ok {
+    if !crate::model::is_event_name(name) {
         return Err("event name: 1 to 64 characters of A-Z a-z 0-9 . _ - :");
     }
     Ok(Some(name.into()))

@@ -11,7 +11,7 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Response, StatusCode};
 
 use super::locations::Locations;
-use crate::auth::{Ask, Denial, Gatekeeper};
+use crate::auth::{Action, Ask, Denial, Gatekeeper};
 use crate::config::{FirstMessage, PushLocation};
 use crate::hub::{HubError, MessageId, Start};
 use crate::model::{ChannelName, ConnInfo, Transport};
@@ -231,10 +231,24 @@ impl Admission {
         channel: &ChannelName,
         req: RequestView<'_>,
     ) -> Result<Option<std::time::SystemTime>, Refusal> {
+        self.authorize_for(owner, channel, Action::Subscribe, req)
+            .await
+    }
+
+    /// The same checks for `action`: `Publish` for a WebSocket client's message (the JWT's
+    /// `crier.publish`, forward auth asked with `X-Crier-Action: publish`).
+    pub async fn authorize_for(
+        &self,
+        owner: &PushLocation,
+        channel: &ChannelName,
+        action: Action,
+        req: RequestView<'_>,
+    ) -> Result<Option<std::time::SystemTime>, Refusal> {
         if !Gatekeeper::guards(owner) {
             return Ok(None);
         }
         let ask = Ask {
+            action,
             headers: req.headers,
             target: req.target,
             query: req.query(),

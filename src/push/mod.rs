@@ -9,8 +9,10 @@
 pub mod admission;
 pub mod envelope;
 pub mod feed;
+pub mod inbound;
 pub mod locations;
 pub mod longpoll;
+pub mod relay;
 pub mod sse;
 pub mod webrtc;
 pub mod ws;
@@ -48,6 +50,8 @@ pub struct PushContext<'a> {
     pub admission: Admission,
     /// The `[webrtc]` socket and sessions, when configured.
     pub webrtc: Option<&'a webrtc::WebRtc>,
+    /// Where `client_messages = "forward"` POSTs a WebSocket client's messages.
+    pub relay: &'a Arc<relay::Relay>,
 }
 
 /// Serves one request at a push location `loc` whose path names `channels` (one, or the
@@ -124,7 +128,14 @@ pub async fn serve(
                 Ok(feed) => match t {
                     Transport::Sse => sse::respond(feed, loc, ctx.conn_stop),
                     Transport::WebSocket => {
-                        let dynamic = ws::Dynamic::new(&ctx.admission, loc, ctx.hub, &req);
+                        let dynamic = ws::Dynamic::new(
+                            &ctx.admission,
+                            loc,
+                            ctx.hub,
+                            &req,
+                            &admitted.channels,
+                            ctx.relay,
+                        );
                         ws::respond(&mut req, feed, loc, ctx.ws_tasks, dynamic)
                     }
                     _ => longpoll::respond(feed, loc, &admitted.position).await,

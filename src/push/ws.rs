@@ -6,14 +6,14 @@
 //! subprotocol, and on every multiplexed stream, each frame is a crier.json envelope (which
 //! can say `"gap": true`). A crier.json client may also `{"subscribe": "c"}` and
 //! `{"unsubscribe": "c"}`; each subscribe passes the same checks as a new connection.
+//! What else a client sends (`client_messages`: publish or forward) is `inbound`'s.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http::header::{self, HeaderMap, HeaderValue};
-use http::{Method, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use hyper_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
@@ -22,34 +22,35 @@ use hyper_tungstenite::HyperWebsocketStream;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::task::TaskTracker;
 
-use super::admission::{check_origin, Admission, RequestView};
+use super::admission::check_origin;
 use super::feed::{Feed, Item, Next, BATCH};
+pub use super::inbound::Dynamic;
+use super::inbound::{self, ClientFrame, Inbound, Outcome, PublishCommand, ReplyTo};
+use super::relay::{truncate, RelayError, Reply};
 use super::{envelope, record_batch, resume_value, Position, RESUME_HEADER};
 use crate::config::{OnLag, PushLocation};
-use crate::hub::{CloseReason, Hub, Message, MessageId, Start};
-use crate::metrics::DropReason;
+use crate::hub::{CloseReason, Message, MessageId, Start};
+use crate::metrics::{ClientResult, DropReason, Metrics};
 use crate::model::{ChannelName, Transport};
 use crate::response::{self, Body};
 
 /// The subprotocol whose frames carry ids: `{"id","event","data"|"data_b64"}`.
 pub const JSON_PROTOCOL: &str = "crier.json";
-/// Subscribers send only control frames and crier.json commands; anything bigger is refused
-/// with 1009.
-pub const MAX_CLIENT_MESSAGE: usize = 16 * 1024;
 /// How long a close handshake may take before the connection is dropped.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
-fn ws_config() -> WebSocketConfig {
-    // Small buffers: a subscriber connection mostly idles, and subscribers send only control
-    // frames. Frames of one wake-up are gathered up to 4 KiB and written together at the
-    // flush after the batch (one syscall, not one per frame); the buffer a busy subscriber
-    // keeps stays about that size.
+/// `max_client`: the location's `max_client_message`; a larger frame is refused with 1009.
+fn ws_config(max_client: usize) -> WebSocketConfig {
+    // Small buffers: a subscriber connection mostly idles, and subscribers send small frames
+    // (control frames, commands, chat lines). Frames of one wake-up are gathered up to 4 KiB
+    // and written together at the flush after the batch (one syscall, not one per frame); the
+    // buffer a busy subscriber keeps stays about that size.
     WebSocketConfig::default()
         .read_buffer_size(512)
         .write_buffer_size(4 * 1024)
         .max_write_buffer_size(4 << 20)
-        .max_message_size(Some(MAX_CLIENT_MESSAGE))
-        .max_frame_size(Some(MAX_CLIENT_MESSAGE))
+        .max_message_size(Some(max_client))
+        .max_frame_size(Some(max_client))
 }
 
 /// Whether the handshake asks for the `crier.json` subprotocol.
@@ -61,53 +62,7 @@ pub fn wants_json(h: &HeaderMap) -> bool {
         .any(|p| p.trim() == JSON_PROTOCOL)
 }
 
-/// What a crier.json connection keeps to check its later `subscribe`s like a new connection:
-/// the checks, its location, and the parts of the handshake the checks read (the target for
-/// `access_token`, and the headers forward auth and the Origin check look at).
-pub struct Dynamic {
-    admission: Admission,
-    loc: Arc<PushLocation>,
-    hub: Hub,
-    target: String,
-    headers: HeaderMap,
-}
-
 impl Dynamic {
-    /// For a crier.json handshake; None for a plain WebSocket (it cannot send commands).
-    pub fn new(
-        admission: &Admission,
-        loc: &Arc<PushLocation>,
-        hub: &Hub,
-        req: &Request<Incoming>,
-    ) -> Option<Dynamic> {
-        if !wants_json(req.headers()) {
-            return None;
-        }
-        let mut headers = HeaderMap::new();
-        for name in [
-            header::HOST,
-            header::ORIGIN,
-            header::COOKIE,
-            header::AUTHORIZATION,
-            header::HeaderName::from_static("x-forwarded-for"),
-        ] {
-            for v in req.headers().get_all(&name) {
-                headers.append(name.clone(), v.clone());
-            }
-        }
-        Some(Dynamic {
-            admission: admission.clone(),
-            loc: loc.clone(),
-            hub: hub.clone(),
-            target: req
-                .uri()
-                .path_and_query()
-                .map_or("/", |p| p.as_str())
-                .to_string(),
-            headers,
-        })
-    }
-
     /// Subscribes to the channel the client calls `name`: the same checks as a connection
     /// (the owner's Origin, JWT and forward auth), then the hub. Returns the channel's
     /// position (the id it starts after), or the one-line reason it was refused.
@@ -130,12 +85,11 @@ impl Dynamic {
         }
         let owner = self.admission.owner(&channel, &self.loc).clone();
         check_origin(&self.headers, &owner).map_err(|_| "origin not allowed".to_string())?;
-        let view = RequestView {
-            method: &Method::GET,
-            target: &self.target,
-            headers: &self.headers,
-        };
-        if let Err(refusal) = self.admission.authorize(&owner, &channel, view).await {
+        if let Err(refusal) = self
+            .admission
+            .authorize(&owner, &channel, self.view())
+            .await
+        {
             return Err(refusal.reason());
         }
         let start = match last_event_id {
@@ -167,15 +121,16 @@ pub fn respond(
     dynamic: Option<Dynamic>,
 ) -> Response<Body> {
     let json = wants_json(req.headers());
-    let (resp, pending) = match hyper_tungstenite::upgrade(&mut *req, Some(ws_config())) {
-        Ok(pair) => pair,
-        Err(e) => {
-            return response::text(
-                StatusCode::BAD_REQUEST,
-                &format!("bad websocket handshake: {e}"),
-            )
-        }
-    };
+    let (resp, pending) =
+        match hyper_tungstenite::upgrade(&mut *req, Some(ws_config(loc.max_client_message))) {
+            Ok(pair) => pair,
+            Err(e) => {
+                return response::text(
+                    StatusCode::BAD_REQUEST,
+                    &format!("bad websocket handshake: {e}"),
+                )
+            }
+        };
     let resume = resume_value(feed.started_with_gap());
     let keepalive = loc.keepalive;
     tasks.spawn(async move {
@@ -245,6 +200,126 @@ struct Command {
     subscribe: Option<String>,
     unsubscribe: Option<String>,
     last_event_id: Option<String>,
+    publish: Option<String>,
+    data: Option<String>,
+    data_b64: Option<String>,
+    event: Option<String>,
+}
+
+impl Command {
+    /// Takes a `publish` that comes with no other command.
+    fn take_publish(&mut self) -> Option<PublishCommand> {
+        if self.subscribe.is_some() || self.unsubscribe.is_some() {
+            return None;
+        }
+        Some(PublishCommand {
+            channel: self.publish.take()?,
+            data: self.data.take(),
+            data_b64: self.data_b64.take(),
+            event: self.event.take(),
+        })
+    }
+}
+
+/// Sends a frame that answers the client (an ack, an error, the app's reply), bounded like a
+/// delivery: a client that only sends and never reads is let go after two keepalive
+/// intervals. False when the connection is over.
+async fn answer(
+    ws: &mut HyperWebsocketStream,
+    m: WsMessage,
+    feed: &Feed,
+    keepalive: Duration,
+) -> bool {
+    match tokio::time::timeout(keepalive * 2, ws.send(m)).await {
+        Ok(Ok(())) => true,
+        Ok(Err(_)) => false,
+        Err(_) => {
+            feed.metrics().dropped(DropReason::Timeout);
+            false
+        }
+    }
+}
+
+/// What a text or binary frame from a client that may send some asks for: a crier.json
+/// command (subscribe, unsubscribe, publish) or, on a plain WebSocket, a message.
+async fn take_frame(d: &Dynamic, inbound: &mut Inbound, feed: &mut Feed, m: WsMessage) -> Outcome {
+    match m {
+        WsMessage::Text(t) if d.json => {
+            let mut cmd = serde_json::from_str::<Command>(t.as_str()).ok();
+            match cmd.as_mut().and_then(Command::take_publish) {
+                Some(p) => inbound::publish(d, inbound, feed, p).await,
+                None => Outcome::Answer(command(d, feed, cmd).await),
+            }
+        }
+        // crier.json commands are text; a binary frame only shows the peer lives.
+        WsMessage::Binary(_) if d.json => Outcome::Quiet,
+        WsMessage::Text(t) => inbound::plain(d, inbound, feed, ClientFrame::Text(t.into())).await,
+        WsMessage::Binary(b) => inbound::plain(d, inbound, feed, ClientFrame::Binary(b)).await,
+        _ => Outcome::Quiet,
+    }
+}
+
+/// The app's answer to a forwarded message, counted: the frame to send (if any), or the
+/// close of a plain WebSocket whose message the app did not take (1011).
+fn forward_answer(
+    to: &ReplyTo,
+    r: Result<Reply, RelayError>,
+    metrics: &Metrics,
+) -> Result<Option<WsMessage>, (CloseCode, String)> {
+    match r {
+        Ok(reply) => {
+            metrics.client_message("forward", ClientResult::Forwarded);
+            Ok(reply_frame(to, reply))
+        }
+        Err(e) => {
+            metrics.client_message("forward", ClientResult::UpstreamError);
+            tracing::debug!("forwarding a client message: {e}");
+            match to {
+                ReplyTo::Json(c) => Ok(Some(json_value(
+                    serde_json::json!({ "error": e.to_string(), "channel": &**c }),
+                ))),
+                ReplyTo::Plain => Err((CloseCode::Error, e.to_string())),
+            }
+        }
+    }
+}
+
+/// The frame that carries the app's answer to a forwarded message: None for an empty answer
+/// on a plain WebSocket (nothing to say).
+fn reply_frame(to: &ReplyTo, r: Reply) -> Option<WsMessage> {
+    let textual = r.content_type.as_ref().is_none_or(|ct| {
+        let ct = ct
+            .to_str()
+            .unwrap_or("")
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        ct.starts_with("text/") || ct == "application/json" || ct.ends_with("+json")
+    });
+    match to {
+        ReplyTo::Plain if r.body.is_empty() => None,
+        ReplyTo::Plain => Some(match Utf8Bytes::try_from(r.body.clone()) {
+            Ok(t) if textual => WsMessage::Text(t),
+            _ => WsMessage::Binary(r.body),
+        }),
+        ReplyTo::Json(c) => {
+            let mut v = serde_json::json!({ "forwarded": &**c });
+            if !r.body.is_empty() {
+                match std::str::from_utf8(&r.body) {
+                    Ok(s) => v["data"] = s.into(),
+                    Err(_) => {
+                        use base64::Engine;
+                        v["data_b64"] = base64::engine::general_purpose::STANDARD
+                            .encode(&r.body)
+                            .into();
+                    }
+                }
+            }
+            Some(json_value(v))
+        }
+    }
 }
 
 async fn run(
@@ -277,21 +352,40 @@ async fn run(
             return;
         }
     }
-    let close = loop {
+    let mut inbound = Inbound::default();
+    let close: Option<(CloseCode, String)> = loop {
         tokio::select! {
-            frame = ws.next() => match frame {
+            // A full forward queue stops reading the client (TCP slows it down) until the app
+            // answers.
+            frame = ws.next(), if !inbound.is_full() => match frame {
                 None => return,
                 Some(Ok(WsMessage::Close(_))) => {
                     // tungstenite queued the reply; flush it and let the peer close.
                     let _ = tokio::time::timeout(CLOSE_WAIT, ws.close(None)).await;
                     return;
                 }
-                Some(Ok(WsMessage::Text(t))) => {
+                Some(Ok(m @ (WsMessage::Text(_) | WsMessage::Binary(_)))) => {
                     last_heard = Instant::now();
-                    if let Some(d) = &dynamic {
-                        let answer = command(d, &mut feed, t.as_str()).await;
-                        if ws.send(json_value(answer)).await.is_err() {
-                            return;
+                    let Some(d) = &dynamic else {
+                        // The location refuses client messages: ignored, as it always was.
+                        feed.metrics().client_message("refuse", ClientResult::Ignored);
+                        continue;
+                    };
+                    let outcome = take_frame(d, &mut inbound, &mut feed, m).await;
+                    match outcome {
+                        Outcome::Quiet => {}
+                        Outcome::Answer(v) => {
+                            if !answer(&mut ws, json_value(v), &feed, keepalive).await {
+                                return;
+                            }
+                        }
+                        Outcome::Close(v, code, reason) => {
+                            if let Some(v) = v {
+                                if !answer(&mut ws, json_value(v), &feed, keepalive).await {
+                                    return;
+                                }
+                            }
+                            break Some((code, reason));
                         }
                     }
                 }
@@ -299,15 +393,32 @@ async fn run(
                 Some(Ok(_)) => last_heard = Instant::now(),
                 Some(Err(tungstenite::Error::Capacity(_))) => {
                     feed.metrics().dropped(DropReason::Oversized);
-                    break Some((CloseCode::Size, "message too big"));
+                    let kind = dynamic.as_ref().map_or("refuse", |d| d.loc.client_messages.kind());
+                    feed.metrics().client_message(kind, ClientResult::TooBig);
+                    break Some((CloseCode::Size, "message too big".into()));
                 }
                 Some(Err(_)) => return,
             },
+            (to, r) = inbound.forwarded(), if inbound.is_forwarding() => {
+                let frame = match forward_answer(&to, r, feed.metrics()) {
+                    Ok(f) => f,
+                    Err(close) => break Some(close),
+                };
+                if let Some(f) = frame {
+                    if !answer(&mut ws, f, &feed, keepalive).await {
+                        return;
+                    }
+                }
+            }
             r = feed.next(&mut items, BATCH) => match r {
                 Next::Items => {
                     record_batch(&feed, &items);
                     for item in items.drain(..) {
                         feed.delivered(&item);
+                        // `echo = false`: the sender does not get its own message back.
+                        if inbound.is_own(&feed, &item) {
+                            continue;
+                        }
                         frames.push(item_frame(&feed, &item, json));
                     }
                     let write = async {
@@ -329,7 +440,7 @@ async fn run(
                         },
                         _ = feed.fell_behind(), if disconnect_on_lag => {
                             feed.metrics().dropped(DropReason::Lagged);
-                            break Some((CloseCode::Again, "fell behind the buffer; reconnect"));
+                            break Some((CloseCode::Again, "fell behind the buffer; reconnect".into()));
                         }
                         _ = tokio::time::sleep(keepalive * 2) => {
                             feed.metrics().dropped(DropReason::Timeout);
@@ -337,18 +448,20 @@ async fn run(
                         }
                     }
                 }
-                Next::Lagged => break Some((CloseCode::Again, "fell behind the buffer; reconnect")),
-                Next::Closed(CloseReason::Deleted) => break Some((CloseCode::Normal, "channel deleted")),
-                Next::Closed(CloseReason::ShuttingDown) => break Some((CloseCode::Away, "server shutting down")),
+                Next::Lagged => break Some((CloseCode::Again, "fell behind the buffer; reconnect".into())),
+                Next::Closed(CloseReason::Deleted) => break Some((CloseCode::Normal, "channel deleted".into())),
+                Next::Closed(CloseReason::ShuttingDown) => break Some((CloseCode::Away, "server shutting down".into())),
                 Next::Expired => {
                     feed.metrics().dropped(DropReason::Expired);
-                    break Some((CloseCode::Policy, "token expired; reconnect with a new one"));
+                    break Some((CloseCode::Policy, "token expired; reconnect with a new one".into()));
                 }
             },
             _ = ping.tick() => {
-                if last_heard.elapsed() > keepalive * 2 {
+                // While the forward queue holds its reading, the client's pongs wait unread:
+                // not the client's fault.
+                if last_heard.elapsed() > keepalive * 2 && !inbound.is_full() {
                     feed.metrics().dropped(DropReason::Timeout);
-                    break Some((CloseCode::Away, "no pong"));
+                    break Some((CloseCode::Away, "no pong".into()));
                 }
                 match tokio::time::timeout(keepalive, ws.send(WsMessage::Ping(Bytes::new()))).await {
                     Ok(Ok(())) => {}
@@ -363,9 +476,10 @@ async fn run(
     };
     drop(feed);
     if let Some((code, reason)) = close {
+        // A close reason is at most 123 bytes (RFC 6455 §5.5).
         let frame = CloseFrame {
             code,
-            reason: reason.into(),
+            reason: truncate(&reason, 123).into(),
         };
         // Send our close and wait (bounded) for the peer's, so it sees a clean close.
         let _ = tokio::time::timeout(CLOSE_WAIT, async {
@@ -378,16 +492,19 @@ async fn run(
 }
 
 /// Answers one crier.json command: `{"subscribed"}`/`{"unsubscribed"}`, or `{"error",
-/// "channel"}` (the connection stays).
-async fn command(d: &Dynamic, feed: &mut Feed, text: &str) -> serde_json::Value {
-    let cmd: Command = match serde_json::from_str(text) {
-        Ok(c) => c,
-        Err(_) => {
-            return serde_json::json!({
-                "error": "not a command: {\"subscribe\": \"c\"} or {\"unsubscribe\": \"c\"}"
-            })
-        }
+/// "channel"}` (the connection stays). None: the frame was not a command.
+async fn command(d: &Dynamic, feed: &mut Feed, cmd: Option<Command>) -> serde_json::Value {
+    let Some(cmd) = cmd else {
+        return serde_json::json!({
+            "error": "not a command: {\"subscribe\": \"c\"}, {\"unsubscribe\": \"c\"} or {\"publish\": \"c\", \"data\": \"...\"}"
+        });
     };
+    if cmd.publish.is_some() {
+        // `take_publish` took every lone publish: this one came with another command.
+        return serde_json::json!({
+            "error": "a command names one of subscribe, unsubscribe or publish"
+        });
+    }
     match (cmd.subscribe, cmd.unsubscribe) {
         (Some(c), None) => match d.subscribe(feed, &c, cmd.last_event_id.as_deref()).await {
             Ok(after) => serde_json::json!({ "subscribed": c, "id": after.to_string() }),
@@ -401,7 +518,7 @@ async fn command(d: &Dynamic, feed: &mut Feed, text: &str) -> serde_json::Value 
             }
         }
         _ => serde_json::json!({
-            "error": "a command names one of subscribe or unsubscribe"
+            "error": "a command names one of subscribe, unsubscribe or publish"
         }),
     }
 }

@@ -93,6 +93,8 @@ struct Live {
     proxy: Proxy,
     /// Subscriber checks (forward auth, JWT) of this config; its caches go with it on reload.
     gatekeeper: Arc<Gatekeeper>,
+    /// The upstream client of forwarded WebSocket client messages (`client_messages`).
+    relay: Arc<crate::push::relay::Relay>,
     http: Arc<HttpBuilders>,
     tls: Option<TlsAcceptor>,
     /// `[[ingress]]` paths, answered before the push locations.
@@ -118,6 +120,7 @@ impl Live {
             locations: Arc::new(Locations::new(&config)),
             proxy: Proxy::new(&config.upstream, state_metrics.clone(), upgraded.clone()),
             gatekeeper: Arc::new(Gatekeeper::new(&config, keys, state_metrics.clone())),
+            relay: Arc::new(crate::push::relay::Relay::new(&config.upstream)),
             http: Arc::new(HttpBuilders::new(&config.server)),
             tls,
             ingress: crate::webhook::Ingress::new(&config.ingress, keys),

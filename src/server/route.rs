@@ -106,6 +106,7 @@ async fn public(
                 conn_stop: stop,
                 admission,
                 webrtc: state.webrtc.as_ref(),
+                relay: &live.relay,
             };
             push::serve(ctx, req, &location, channels).await
         }

@@ -20,7 +20,8 @@
 //   Last-Event-ID, and every message arrives exactly once; the README's multiplexed WebSocket
 //   snippet, run as printed, does the same with its own reconnect and a `subscribe`;
 // - the admin status page updates live over SSE, with no polling, and its numbers move;
-// - `crier demo` prints a page and a command, and the message shows up on the page;
+// - `crier demo` prints a page and a command, and the message shows up on the page; two
+//   pages chat through its chat box (a WebSocket location with client_messages = "publish");
 // - [[publish_on]]: a page that only opens an EventSource updates when another tab submits a
 //   form through crier (the app has no push code).
 
@@ -482,6 +483,30 @@ async function demo() {
     await sleep(1300); // let the new-message highlight fade
     await screenshot(page, 'demo.png');
 
+    // The chat box: two pages, each a crier.json WebSocket that publishes what is typed
+    // (client_messages = "publish"); each line reaches both pages once, with one id.
+    const other = await newPage();
+    await other.goto(pageUrl);
+    for (const p of [page, other]) {
+      await waitFor('the chat box to connect', async () => (await p.textContent('#state-chat')).includes('connected'), { timeout: 10000 });
+    }
+    const say = async (p, text) => {
+      await p.fill('#chat-input', text);
+      await p.click('#chat-form button');
+    };
+    const lines = async (p) => p.$$eval('#messages-chat li', (lis) => lis.map((li) => [li.dataset.id, li.textContent]).reverse());
+    await say(page, 'hello from page one');
+    await say(other, 'and hello from page two');
+    for (const p of [page, other]) {
+      await waitFor('both chat lines on both pages', async () => (await lines(p)).length === 2, { timeout: 10000 });
+    }
+    const [one, two] = [await lines(page), await lines(other)];
+    const texts = JSON.stringify(one.map((l) => l[1]).sort());
+    if (texts !== JSON.stringify(['and hello from page two', 'hello from page one'])) throw new Error(`chat lines: ${texts}`);
+    if (JSON.stringify(one) !== JSON.stringify(two)) throw new Error(`the pages differ: ${JSON.stringify(one)} vs ${JSON.stringify(two)}`);
+    if (one.some((l) => !l[0])) throw new Error(`a chat line without an id: ${JSON.stringify(one)}`);
+    await other.close();
+
     const statusUrl = await waitFor('the status page address on stdout', () => /status page\s+(\S+)/.exec(text())?.[1], { timeout: 1000 });
     const status = await newPage();
     await status.goto(statusUrl);
@@ -524,7 +549,7 @@ await step('https: 200 messages to every client, SSE and long-poll over HTTP/2',
 await step('https: network cut; every client resumes without loss', () => resume('https', tlsFwd));
 await step("https: the README's multiplexed WebSocket snippet, a subscribe, a network cut, its resume", () => readmeWebSocket(tlsFwd));
 await step('status page: live over SSE, numbers move', statusPage);
-await step('crier demo: the printed command shows up on the printed page', demo);
+await step('crier demo: the printed command shows up on the printed page; two pages chat', demo);
 await step('publish_on: a page with only an EventSource updates when another tab submits a form', publishOn);
 
 await browser.close();
