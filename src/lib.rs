@@ -12,6 +12,7 @@
 //! The whole map, the seams and how to extend them: `docs/ARCHITECTURE.md`, shown below.
 #![doc = include_str!("../docs/ARCHITECTURE.md")]
 
+pub(crate) mod access_log;
 pub(crate) mod admin;
 pub(crate) mod auth;
 pub mod config;

@@ -518,3 +518,119 @@ async fn upstream_that_stops_reading_is_504() {
     );
     c.shutdown().await;
 }
+
+/// Lines of the access log (stdout) until `n` arrived or `within` passed.
+fn access_lines(p: &CrierProcess, n: usize, within: Duration) -> Vec<String> {
+    let end = Instant::now() + within;
+    let mut got = Vec::new();
+    while got.len() < n {
+        match p
+            .stdout
+            .recv_timeout(end.saturating_duration_since(Instant::now()))
+        {
+            Ok(l) => got.push(l),
+            Err(_) => break,
+        }
+    }
+    got
+}
+
+/// `server.access_log`: one Combined Log Format line per proxied request on both proxy paths
+/// (with the body bytes sent), and a line per subscriber connect and disconnect; on stdout,
+/// apart from crier's own log; off by default.
+#[tokio::test]
+async fn the_access_log_names_proxied_requests_and_subscribers() {
+    let up = Upstream::start().await;
+    let p = CrierProcess::start(&up.url(), "access_log = \"combined\"\n");
+
+    // The fast path (a plain GET on HTTP/1.1).
+    let mut raw = RawConn::connect(p.public).await;
+    raw.send(
+        "GET /echo?q=%22x HTTP/1.1\r\nHost: app\r\nUser-Agent: probe/1\r\n\
+         Referer: https://ref.example/\r\n\r\n",
+    )
+    .await;
+    let fast = raw.read_response().await;
+    assert_eq!(fast.status, 200, "{}", fast.head);
+    // The hyper path (a POST).
+    let r = client()
+        .post(p.url("/echo"))
+        .header("user-agent", "probe/2")
+        .body("hello")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let posted = r.bytes().await.unwrap().len();
+    // A multiplexed SSE subscriber that connects and goes.
+    let sse = client()
+        .get(p.url("/live/acc,other"))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sse.status(), 200);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // SIGTERM ends the stream: the disconnect line is written before crier exits.
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(p.pid() as i32, libc::SIGTERM) };
+    let _ = sse.bytes().await;
+
+    let lines = access_lines(&p, 4, Duration::from_secs(10));
+    let find = |needle: &str| {
+        lines
+            .iter()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no line with {needle:?} in {lines:#?}"))
+            .clone()
+    };
+    let line = find("\"GET /echo");
+    assert!(line.starts_with("127.0.0.1 - - ["), "{line}");
+    assert!(
+        line.contains(&format!(
+            "\"GET /echo?q=%22x HTTP/1.1\" 200 {} \"https://ref.example/\" \"probe/1\"",
+            fast.body.len()
+        )),
+        "{line}"
+    );
+    let line = find("\"POST /echo");
+    assert!(
+        line.ends_with(&format!(
+            "\"POST /echo HTTP/1.1\" 200 {posted} \"-\" \"probe/2\""
+        )),
+        "{line}"
+    );
+    let line = find("subscriber connect");
+    assert!(
+        line.ends_with("subscriber connect transport=sse channels=acc,other"),
+        "{line}"
+    );
+    let line = find("subscriber disconnect");
+    assert!(
+        line.contains("transport=sse channels=acc,other duration="),
+        "{line}"
+    );
+    drop(p);
+
+    // JSON, one object per line; and off by default: nothing on stdout.
+    let p = CrierProcess::start(&up.url(), "access_log = \"json\"\n");
+    let mut raw = RawConn::connect(p.public).await;
+    assert_eq!(raw.get("/echo").await.status, 200);
+    let lines = access_lines(&p, 1, Duration::from_secs(10));
+    let v: Value = serde_json::from_str(&lines[0]).expect("a JSON line");
+    assert_eq!(v["kind"], "proxy");
+    assert_eq!(v["method"], "GET");
+    assert_eq!(v["target"], "/echo");
+    assert_eq!(v["status"], 200);
+    assert_eq!(v["complete"], true);
+    assert!(v["duration_ms"].as_f64().is_some(), "{v}");
+    drop(p);
+    let p = CrierProcess::start(&up.url(), "");
+    let mut raw = RawConn::connect(p.public).await;
+    assert_eq!(raw.get("/echo").await.status, 200);
+    // The request's line would be out well within a second (flushed when the queue empties).
+    assert!(
+        access_lines(&p, 1, Duration::from_secs(1)).is_empty(),
+        "the access log is off by default"
+    );
+}

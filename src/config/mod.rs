@@ -76,6 +76,20 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
     /// Runtime worker threads; 0 = one per core.
     pub worker_threads: usize,
+    /// Proxied requests and subscriber connects/disconnects on stdout.
+    pub access_log: AccessLogFormat,
+}
+
+/// `server.access_log`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AccessLogFormat {
+    #[default]
+    Off,
+    /// The Combined Log Format of Apache and nginx; subscriber lines as key=value after the
+    /// same address and time.
+    Combined,
+    /// One JSON object per line.
+    Json,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -259,6 +259,7 @@ impl Validator<'_> {
             h2_max_concurrent_streams: None,
             shutdown_timeout: None,
             worker_threads: None,
+            access_log: None,
         });
         let tls = raw.tls.map(|t| {
             let t = t.into_inner();
@@ -301,6 +302,22 @@ impl Validator<'_> {
                 Duration::from_secs(30),
             ),
             worker_threads: self.count("server.worker_threads", raw.worker_threads, (0, 1024), 0),
+            access_log: match raw.access_log {
+                None => AccessLogFormat::Off,
+                Some(v) => match v.get_ref().as_str() {
+                    "off" => AccessLogFormat::Off,
+                    "combined" => AccessLogFormat::Combined,
+                    "json" => AccessLogFormat::Json,
+                    other => {
+                        self.err(
+                            "server.access_log",
+                            &v,
+                            format!("{other:?}: one of \"off\", \"combined\", \"json\""),
+                        );
+                        AccessLogFormat::Off
+                    }
+                },
+            },
         }
     }
 

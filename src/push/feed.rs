@@ -115,6 +115,15 @@ pub struct Feed {
     scratch: Vec<Arc<Message>>,
     /// When the permission ends (boxed: most feeds have none).
     expiry: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Who to name in the access log's disconnect line (boxed; None with the log off).
+    access: Option<Box<Accessed>>,
+}
+
+/// A subscriber connection as the access log names it.
+struct Accessed {
+    peer: std::net::SocketAddr,
+    channels: Box<str>,
+    since: std::time::Instant,
 }
 
 enum Kind {
@@ -166,6 +175,20 @@ impl Feed {
             transport,
             scratch: Vec::new(),
             expiry: None,
+            access: None,
+        }
+    }
+
+    /// Logs the connect in the access log (when it is on), and the disconnect when the feed
+    /// is dropped.
+    pub fn log_access(&mut self, peer: std::net::SocketAddr, channels: &str) {
+        if crate::access_log::on() {
+            crate::access_log::subscriber(peer, self.transport, channels, None);
+            self.access = Some(Box::new(Accessed {
+                peer,
+                channels: channels.into(),
+                since: std::time::Instant::now(),
+            }));
         }
     }
 
@@ -372,6 +395,10 @@ impl Feed {
 impl Drop for Feed {
     fn drop(&mut self) {
         self.metrics.subscriber_disconnected(self.transport);
+        if let Some(a) = self.access.take() {
+            let d = a.since.elapsed();
+            crate::access_log::subscriber(a.peer, self.transport, &a.channels, Some(d));
+        }
     }
 }
 

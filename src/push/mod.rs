@@ -184,6 +184,10 @@ pub async fn open_feed(
         hub.metrics().clone(),
     );
     feed.expire_at(admitted.expires);
+    if crate::access_log::on() {
+        let names: Vec<&str> = admitted.channels.iter().map(|c| c.as_str()).collect();
+        feed.log_access(peer, &names.join(","));
+    }
     Ok(feed)
 }
 

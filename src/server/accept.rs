@@ -120,7 +120,12 @@ async fn serve_public(
     match first {
         FirstBytes::Nothing | FirstBytes::Answered => {}
         FirstBytes::Sse(fast) => {
-            crate::push::sse::serve_h1(stream, fast.feed, fast.cors, fast.keepalive).await
+            let super::fast_sse::FastSse {
+                feed,
+                cors,
+                keepalive,
+            } = *fast;
+            crate::push::sse::serve_h1(stream, feed, cors, keepalive).await
         }
         FirstBytes::H2 => {
             let stop = CancellationToken::new();

@@ -125,11 +125,12 @@ pub(super) async fn admit(
                     if stream.read_exact(&mut buf[..head.len]).await.is_err() {
                         return FirstBytes::Nothing;
                     }
-                    return FirstBytes::Sse(FastSse {
+                    // Boxed: the feed is large next to the other answers of the sniff.
+                    return FirstBytes::Sse(Box::new(FastSse {
                         feed,
                         cors: a.cors,
                         keepalive: head.location.keepalive,
-                    });
+                    }));
                 }
                 Err(e) => {
                     let mut r = hub_error(e);

@@ -252,6 +252,7 @@ impl ServerHandle {
         }
         st.hub.set_config(config.clone());
         st.live.store(Arc::new(live));
+        crate::access_log::configure(config.server.access_log);
         st.polls.apply(&config);
         st.webhooks.install(webhooks);
         listeners.retain(|l| {
@@ -325,6 +326,7 @@ impl Server {
         let upgraded = TaskTracker::new();
         let hub = Hub::new(config.clone(), metrics.clone());
         let live = Live::new(config.clone(), &keys, &metrics, &upgraded)?;
+        crate::access_log::configure(config.server.access_log);
         let webhooks = crate::webhook::Webhooks::new(hub.clone(), metrics.clone());
         let endpoints = webhooks.prepare(&config, &keys)?;
         let bound = bind_keys(listen_keys(&config).iter(), &config.publish)?;
@@ -453,6 +455,9 @@ impl Server {
                 let _ = std::fs::remove_file(p);
             }
         }
+        // The access log's last lines (the subscribers just closed) reach stdout before exit.
+        let _ =
+            tokio::task::spawn_blocking(|| crate::access_log::flush(Duration::from_secs(2))).await;
         tracing::info!("stopped");
     }
 }

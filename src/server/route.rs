@@ -87,13 +87,18 @@ async fn public(
             Box::pin(crate::webpush::api::handle(wp, &admission, req, &rest)).await
         }
         PublicRoute::Push(Route::Proxy) => {
-            match live.publish_on.find(req.method(), req.uri().path()) {
+            let logged = crate::access_log::Request::of(&req, conn.peer);
+            let resp = match live.publish_on.find(req.method(), req.uri().path()) {
                 None => live.proxy.forward(req, &conn).await,
                 Some(m) => {
                     let max = live.config.channels.max_message_size;
                     crate::publish::publish_on::forward(&state.hub, &live.proxy, m, req, &conn, max)
                         .await
                 }
+            };
+            match logged {
+                None => resp,
+                Some(l) => l.watch(resp),
             }
         }
         PublicRoute::Push(Route::BadChannel(reason)) => {

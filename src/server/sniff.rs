@@ -15,7 +15,7 @@ pub(super) enum FirstBytes {
     Nothing,
     H2,
     /// An SSE subscription the fast path serves (its request head already consumed).
-    Sse(FastSse),
+    Sse(Box<FastSse>),
     /// The fast path answered the request itself (a refusal) and closed.
     Answered,
     H1,

@@ -45,6 +45,8 @@ pub struct CrierProcess {
     child: Child,
     pub public: SocketAddr,
     pub config_path: PathBuf,
+    /// Lines crier writes on stdout (the access log), read on a thread.
+    pub stdout: mpsc::Receiver<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -62,10 +64,17 @@ impl CrierProcess {
             .args(["--log-format", "json"])
             .env("CRIER_LOG", "info")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn crier");
+        let out = child.stdout.take().expect("stdout");
+        let (out_tx, stdout) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = out_tx.send(line);
+            }
+        });
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -97,6 +106,7 @@ impl CrierProcess {
             child,
             public,
             config_path,
+            stdout,
             _dir: dir,
         }
     }

@@ -115,11 +115,18 @@ pub async fn serve<S: Site, F: Fn() -> S>(
                 Ok(Ok(_)) => {}
             }
         };
+        let logged = crate::access_log::on()
+            .then(|| AccessHead::parse(&buf[..req.head_len], conn.peer))
+            .flatten();
         buf.drain(..req.head_len);
-        let keep = live
+        let ex = live
             .proxy()
             .exchange(&upstream_head, &mut client_head, stream, &req)
             .await;
+        if let Some(l) = logged {
+            l.log(&ex);
+        }
+        let keep = ex.keep;
         if !keep || req.close || drain.is_cancelled() {
             let _ = stream.shutdown().await;
             return Served::Closed;
@@ -139,16 +146,81 @@ struct Request {
     close: bool,
 }
 
+/// How one exchange went: for the connection (keep) and the access log.
+struct Exchanged {
+    /// The client connection can carry another request.
+    keep: bool,
+    status: u16,
+    /// Body bytes written to the client.
+    bytes: u64,
+    /// The whole response went out.
+    complete: bool,
+}
+
+/// The request line and the headers the access log names, read again from the head only
+/// when the log is on.
+struct AccessHead {
+    peer: std::net::SocketAddr,
+    method: String,
+    target: String,
+    version: &'static str,
+    referer: String,
+    user_agent: String,
+    started: Instant,
+}
+
+impl AccessHead {
+    fn parse(head: &[u8], peer: std::net::SocketAddr) -> Option<AccessHead> {
+        let mut headers = [httparse::EMPTY_HEADER; 128];
+        let mut req = httparse::Request::new(&mut headers);
+        req.parse(head).ok()?;
+        let find = |name: &str| {
+            req.headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case(name))
+                .map(|h| String::from_utf8_lossy(h.value).into_owned())
+                .unwrap_or_default()
+        };
+        Some(AccessHead {
+            peer,
+            method: req.method?.to_string(),
+            target: req.path?.to_string(),
+            version: if req.version == Some(0) {
+                "HTTP/1.0"
+            } else {
+                "HTTP/1.1"
+            },
+            referer: find("referer"),
+            user_agent: find("user-agent"),
+            started: Instant::now(),
+        })
+    }
+
+    fn log(&self, ex: &Exchanged) {
+        crate::access_log::proxied(&crate::access_log::Proxied {
+            peer: self.peer,
+            method: &self.method,
+            target: &self.target,
+            version: self.version,
+            status: ex.status,
+            bytes: ex.bytes,
+            referer: &self.referer,
+            user_agent: &self.user_agent,
+            duration: self.started.elapsed(),
+            complete: ex.complete,
+        });
+    }
+}
+
 impl Proxy {
-    /// One request over the fast path: send, relay the response. Returns whether the client
-    /// connection can carry another request.
+    /// One request over the fast path: send, relay the response.
     async fn exchange(
         &self,
         upstream_head: &[u8],
         client_head: &mut Vec<u8>,
         client: &mut TcpStream,
         req: &Request,
-    ) -> bool {
+    ) -> Exchanged {
         let started = Instant::now();
         let (mut up, head) = match self.send_h1(upstream_head, req, client_head).await {
             Ok(pair) => pair,
@@ -158,7 +230,14 @@ impl Proxy {
                     .observe(started.elapsed().as_secs_f64());
                 f.count(&self.metrics);
                 self.metrics.proxy_response(f.status().as_u16());
-                return write_error(client, f.status(), &f.reason()).await.is_ok();
+                let reason = f.reason();
+                let sent = write_error(client, f.status(), &reason).await.is_ok();
+                return Exchanged {
+                    keep: sent,
+                    status: f.status().as_u16(),
+                    bytes: reason.len() as u64,
+                    complete: sent,
+                };
             }
         };
         self.metrics
@@ -166,20 +245,27 @@ impl Proxy {
             .observe(started.elapsed().as_secs_f64());
         self.metrics.proxy_response(head.status);
         up.pos += head.head_len;
+        let mut bytes = 0;
         let relayed = self
-            .relay_body(&mut up, head.framing, client_head, client)
+            .relay_body(&mut up, head.framing, client_head, client, &mut bytes)
             .await;
-        match relayed {
+        let (keep, complete) = match relayed {
             Ok(rest_ok) => {
                 if rest_ok && head.reusable {
                     self.fast.checkin(up);
                 }
-                !matches!(head.framing, Framing::UntilClose)
+                (!matches!(head.framing, Framing::UntilClose), true)
             }
             Err(e) => {
                 tracing::debug!("proxied response cut short: {e}");
-                false
+                (false, false)
             }
+        };
+        Exchanged {
+            keep,
+            status: head.status,
+            bytes,
+            complete,
         }
     }
 
@@ -225,6 +311,7 @@ impl Proxy {
         framing: Framing,
         client_head: &mut Vec<u8>,
         client: &mut TcpStream,
+        sent: &mut u64,
     ) -> io::Result<bool> {
         // The head goes out with whatever part of the body came with it: one write.
         let mut scanner = ChunkScanner::default();
@@ -256,6 +343,7 @@ impl Proxy {
                 client.write_all(&unread[..take]).await?;
             }
             up.pos += take;
+            *sent += take as u64;
             if done {
                 // Bytes past the end of the response: the upstream is out of step.
                 return Ok(up.unread().is_empty());
