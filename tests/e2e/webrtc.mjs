@@ -210,7 +210,7 @@ try {
     await page.evaluate(() => window.mpc.close());
   });
 
-  await step('crier demo: the message shows up in all four columns, WebRTC included', async () => {
+  await step('crier demo: the message shows up in all four columns, WebRTC included; all four come back after a restart', async () => {
     const demoDir = tempDir('webrtc-demo');
     const config = path.join(demoDir, 'demo.toml');
     fs.writeFileSync(config, [
@@ -218,7 +218,7 @@ try {
       '[publish]', `unix = "${path.join(demoDir, 'publish.sock')}"`, 'listen = ["127.0.0.1:0"]',
       '[admin]', 'listen = "127.0.0.1:0"',
     ].join('\n'));
-    const proc = spawn(crierBin(), ['demo', '--config', config], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, CRIER_LOG: 'warn' } });
+    let proc = spawn(crierBin(), ['demo', '--config', config], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, CRIER_LOG: 'warn' } });
     const out = [];
     const errs = [];
     readline.createInterface({ input: proc.stderr }).on('line', (l) => errs.push(l));
@@ -238,6 +238,32 @@ try {
       execSync(command, { cwd: demoDir, timeout: 10000, encoding: 'utf8' });
       for (const col of ['#messages', '#messages-ws', '#messages-lp', '#messages-rtc']) {
         await waitFor(`"hello" in ${col}`, async () => (await demo.textContent(col)).includes('hello'), { timeout: 10000 });
+      }
+      // A restart on the same address: every column, WebRTC too, notices and comes back.
+      const addr = new URL(pageUrl).host;
+      proc.kill('SIGTERM');
+      await new Promise((r) => (proc.exitCode !== null ? r() : proc.once('exit', r)));
+      await waitFor('the WebRTC column to notice', async () => (await demo.textContent('#state-rtc')) !== 'connected', { timeout: 10000 });
+      // Down for longer than a retry's wait: the first tries find nobody (a real restart).
+      await sleep(4500);
+      fs.writeFileSync(config, [
+        '[server]', `listen = ["${addr}"]`,
+        '[publish]', `unix = "${path.join(demoDir, 'publish.sock')}"`, 'listen = ["127.0.0.1:0"]',
+        '[admin]', 'listen = "127.0.0.1:0"',
+      ].join('\n'));
+      out.length = 0;
+      proc = spawn(crierBin(), ['demo', '--config', config], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, CRIER_LOG: 'warn' } });
+      readline.createInterface({ input: proc.stderr }).on('line', (l) => errs.push(l));
+      readline.createInterface({ input: proc.stdout }).on('line', (l) => out.push(l));
+      const again = await waitFor('the publish command after the restart', () => /2\. publish\s+(.+)/.exec(text())?.[1].trim(), { timeout: 10000 });
+      await waitFor('every column to reconnect', async () =>
+        (await demo.textContent('#state')).includes('connected')
+        && (await demo.textContent('#state-ws')) === 'connected'
+        && (await demo.textContent('#state-rtc')) === 'connected', { timeout: 20000 });
+      await sleep(300);
+      execSync(again.replace(/"hello"$/, '"after the restart"'), { cwd: demoDir, timeout: 10000, encoding: 'utf8' });
+      for (const col of ['#messages', '#messages-ws', '#messages-lp', '#messages-rtc']) {
+        await waitFor(`the message after the restart in ${col}`, async () => (await demo.textContent(col)).includes('after the restart'), { timeout: 15000 });
       }
       await demo.close();
     } catch (e) {
