@@ -21,6 +21,8 @@ struct Node {
     child: Child,
     public: SocketAddr,
     publish: SocketAddr,
+    /// Its log lines after the addresses.
+    log: mpsc::Receiver<String>,
 }
 
 fn config_in(dir: &Path, extra: &str) -> PathBuf {
@@ -85,6 +87,20 @@ impl Node {
             child,
             public: public.expect("public address"),
             publish: publish.expect("publish address"),
+            log: rx,
+        }
+    }
+
+    /// Waits (at most 20 s) for a log line containing `text`.
+    fn wait_log(&self, text: &str) {
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.log.recv_timeout(left) {
+                Ok(line) if line.contains(text) => return,
+                Ok(_) => {}
+                Err(_) => panic!("no log line with {text:?}"),
+            }
         }
     }
 
@@ -424,4 +440,40 @@ async fn the_store_file_is_private_and_bounded() {
         .await;
         assert_eq!(got.len(), 10);
     }
+}
+
+#[tokio::test]
+async fn a_reload_keeps_the_store_until_the_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = client();
+    let node = Node::start(dir.path(), "");
+    let first = publish(&c, &node, "h", "1".into(), "text/plain", None).await;
+    // The same config without `store`: SIGHUP applies the rest, the store stays open.
+    let config = dir.path().join("crier.toml");
+    let without: String = std::fs::read_to_string(&config)
+        .expect("config")
+        .lines()
+        .filter(|l| !l.starts_with("store = "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&config, without).expect("rewrite config");
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(node.child.id() as libc::pid_t, libc::SIGHUP) };
+    node.wait_log("channels.store changed: it takes effect when crier restarts");
+    node.wait_log("config reloaded");
+    let second = publish(&c, &node, "h", "2".into(), "text/plain", None).await;
+    node.stop(libc::SIGKILL);
+    let node = Node::start(dir.path(), ""); // writes the config with `store` again
+    let (_, got) = sse_read(
+        &format!("{}?last_event_id=earliest", node.live("h")),
+        None,
+        2,
+    )
+    .await;
+    let ids: Vec<_> = got.iter().filter_map(|e| e.id.clone()).collect();
+    assert_eq!(
+        ids,
+        [first.id, second.id],
+        "both stored: the reload did not drop the store"
+    );
 }
