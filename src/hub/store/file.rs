@@ -639,12 +639,12 @@ impl Writer {
 
     /// Group commit of one batch: ids, one transaction, then the local tails and answers.
     fn commit(&mut self, batch: Vec<Op>) {
-        let config = batch.iter().find_map(|op| match op {
-            Op::Publish { hub, .. } | Op::Delete { hub, .. } => Some(hub.config()),
-            Op::Stop => None,
-        });
-        if let Some(c) = &config {
-            if !self.recover(c) {
+        if self.stale {
+            let config = batch.iter().find_map(|op| match op {
+                Op::Publish { hub, .. } | Op::Delete { hub, .. } => Some(hub.config()),
+                Op::Stop => None,
+            });
+            if !config.is_some_and(|c| self.recover(&c)) {
                 return fail(batch, "the file cannot be read");
             }
         }
