@@ -157,6 +157,9 @@ pub struct ChannelDefaults {
     pub buffer: BufferPolicy,
     pub max_message_size: usize,
     pub max_channels: usize,
+    /// `store`: the file that keeps every channel's buffer across restarts (redb). None: the
+    /// buffers live in memory only. Read at start; a reload that changes it waits for a restart.
+    pub store: Option<PathBuf>,
 }
 
 /// `[webrtc]`: one UDP socket (ICE-lite) for every WebRTC DataChannel subscriber.
@@ -585,6 +588,27 @@ mod tests {
         assert_eq!(c.push[0].prefix, "/live/");
         assert_eq!(c.channels.buffer.buffer_messages, 100);
         assert_eq!(c.upstream.response_timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn channels_store_is_a_file_next_to_the_config() {
+        assert_eq!(Config::default().channels.store, None, "memory by default");
+        let c = Config::from_toml(
+            "[channels]\nstore = \"state/channels.redb\"\n",
+            Some(Path::new("/etc/crier/crier.toml")),
+        )
+        .expect("test setup");
+        assert_eq!(
+            c.channels.store.as_deref(),
+            Some(Path::new("/etc/crier/state/channels.redb"))
+        );
+        for bad in ["\"\"", "\"/var/lib/crier/\""] {
+            let e = errs(&format!("[channels]\nstore = {bad}\n"));
+            assert!(
+                e.contains("channels.store") && e.contains("must name a file"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -82,6 +82,7 @@ pub(super) struct RawChannels {
     pub(super) buffer_ttl: Option<S<String>>,
     pub(super) max_message_size: Option<S<String>>,
     pub(super) max_channels: Option<S<i64>>,
+    pub(super) store: Option<S<String>>,
 }
 
 #[derive(Deserialize)]

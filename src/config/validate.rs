@@ -119,7 +119,7 @@ impl Validator<'_> {
         let server = self.server(raw.server.map(Spanned::into_inner), base);
         let upstream = self.upstream(raw.upstream.map(Spanned::into_inner));
         let publish = self.publish(raw.publish.map(Spanned::into_inner), base);
-        let channels = self.channels(raw.channels.map(Spanned::into_inner));
+        let channels = self.channels(raw.channels.map(Spanned::into_inner), base);
         let webrtc = raw.webrtc.map(|w| self.webrtc(w));
         let push = match raw.push {
             None => vec![default_push_location(&channels, webrtc.is_some())],
@@ -444,14 +444,28 @@ impl Validator<'_> {
         }
     }
 
-    fn channels(&mut self, raw: Option<RawChannels>) -> ChannelDefaults {
+    fn channels(&mut self, raw: Option<RawChannels>, base: &Path) -> ChannelDefaults {
         let raw = raw.unwrap_or(RawChannels {
             buffer_messages: None,
             buffer_ttl: None,
             max_message_size: None,
             max_channels: None,
+            store: None,
         });
+        let store = match raw.store {
+            None => None,
+            Some(s) if s.get_ref().is_empty() || s.get_ref().ends_with('/') => {
+                self.err(
+                    "channels.store",
+                    &s,
+                    "must name a file, like \"/var/lib/crier/channels.redb\"",
+                );
+                None
+            }
+            Some(s) => Some(resolve(base, s.get_ref())),
+        };
         ChannelDefaults {
+            store,
             buffer: BufferPolicy {
                 buffer_messages: self.count(
                     "channels.buffer_messages",

@@ -179,6 +179,12 @@ impl Channel {
         &self.notify
     }
 
+    /// The buffer bound and TTL this channel was made with (a storage engine trims its copy
+    /// of the tail by the same policy).
+    pub fn policy(&self) -> BufferPolicy {
+        self.policy
+    }
+
     /// Appends one message, with the next id, and wakes every waiting subscriber. Returns None
     /// when the channel was removed from the hub meanwhile (the caller retries on the new
     /// channel).

@@ -142,6 +142,11 @@ impl Hub {
         &self.inner.metrics
     }
 
+    /// The config in force (replaced on reload).
+    pub(crate) fn config(&self) -> Arc<Config> {
+        self.inner.config.read().clone()
+    }
+
     /// Installs (or with None removes) the observer registered under `key`.
     pub fn set_observer(&self, key: &'static str, observer: Option<Arc<dyn HubObserver>>) {
         let mut obs = self.inner.observers.write();
@@ -257,6 +262,94 @@ impl Hub {
                 subscribers: chan.subscriber_count(),
                 buffered: out.buffered,
             });
+        }
+    }
+
+    /// Appends a message a storage engine has already stored (its id assigned by the engine,
+    /// above the channel's last) to the local tail of `chan`, or of the channel of that name
+    /// made again if `chan` left the hub meanwhile, and wakes its subscribers and observers.
+    /// Called in id order per channel (the engine's writer does).
+    pub(crate) fn append_stored(
+        &self,
+        name: &ChannelName,
+        mut chan: Arc<Channel>,
+        msg: Arc<Message>,
+        headers: &http::HeaderMap,
+    ) -> PublishReceipt {
+        let now = Instant::now();
+        let observers = self.observers();
+        let buffered = loop {
+            let told = observers.as_ref().map(|obs| {
+                |m: &Arc<Message>| {
+                    let p = Published {
+                        channel: name.as_str(),
+                        message: m,
+                        headers,
+                    };
+                    obs.iter().for_each(|o| o.message(&p));
+                }
+            });
+            match chan.append_assigned(msg.clone(), now, told) {
+                Assigned::Appended(out) => break out.buffered,
+                // Not reachable while the engine assigns ids above the tail's; the message
+                // is stored either way, so the publish stands.
+                Assigned::Stale => break chan.stats().buffered,
+                Assigned::Removed => match self.get_or_create(name, None) {
+                    Ok((c, _)) => chan = c,
+                    Err(e) => {
+                        // Stored (it is there after a restart) but not on the local tail now:
+                        // the publish stands, as answering an error would make a client repeat it.
+                        tracing::warn!(channel = name.as_str(), "stored message not buffered: {e}");
+                        break 0;
+                    }
+                },
+            }
+        };
+        self.inner.metrics.messages_published.inc();
+        chan.count_fanout(&self.inner.metrics, msg.body.len());
+        PublishReceipt {
+            id: msg.id.to_string(),
+            channel: name.as_str().to_string(),
+            subscribers: chan.subscriber_count(),
+            buffered,
+        }
+    }
+
+    /// Puts a channel read back from a storage engine at start into the hub, whatever
+    /// `max_channels` says now (the limit is for new channels): `floor` is the newest id that
+    /// had left its buffer, `messages` its tail in id order. Observers are not told (these
+    /// messages were published before).
+    pub(crate) fn restore(&self, name: Arc<str>, floor: MessageId, messages: Vec<Arc<Message>>) {
+        let config = self.inner.config.read().clone();
+        let c = Channel::new(
+            name.clone(),
+            config.buffer_policy_for(&name),
+            floor,
+            self.inner.expiries.clone(),
+        );
+        let now = Instant::now();
+        for m in messages {
+            c.append_assigned(m, now, None::<fn(&Arc<Message>)>);
+        }
+        let mut map = self.inner.channels.write();
+        map.insert(name, c);
+        self.inner.metrics.channels.set(map.len() as i64);
+    }
+
+    /// Remembers the last id of a channel that has no messages now (a storage engine's
+    /// tombstone read back at start), as if it had been freed here.
+    pub(crate) fn restore_tombstone(&self, name: Arc<str>, last: MessageId) {
+        self.inner
+            .tombstones
+            .lock()
+            .insert(name, (last, Instant::now()));
+    }
+
+    /// Resolves once the storage engine has finished what it had in flight and released its
+    /// files (after [`Hub::close_all`]).
+    pub async fn engine_closed(&self) {
+        if let Some(f) = self.inner.engine.closed() {
+            f.await;
         }
     }
 

@@ -82,6 +82,8 @@ pub enum StartError {
     WebPush(#[from] crate::webpush::WebPushError),
     #[error("{0}")]
     WebRtc(#[from] crate::push::webrtc::WebRtcError),
+    #[error("{0}")]
+    Store(#[from] crate::hub::store::FileError),
 }
 
 /// The parts of the server that a config reload replaces as a whole. Connections accepted
@@ -243,6 +245,9 @@ impl ServerHandle {
                 }
             }
         }
+        if config.channels.store != old.config.channels.store {
+            tracing::warn!("channels.store changed: it takes effect when crier restarts (the buffers stay where they are until then)");
+        }
         match &st.webpush {
             Some(wp) => wp.reload(config.webpush.as_ref(), keys.vapid.as_ref()),
             None if config.webpush.is_some() => {
@@ -324,7 +329,19 @@ impl Server {
         let metrics = Arc::new(Metrics::new());
         let config = Arc::new(config);
         let upgraded = TaskTracker::new();
-        let hub = Hub::new(config.clone(), metrics.clone());
+        let hub = match &config.channels.store {
+            None => Hub::new(config.clone(), metrics.clone()),
+            Some(path) => {
+                let (file, restored) = crate::hub::store::File::open(path, &config)?;
+                let hub = Hub::with_engine(config.clone(), metrics.clone(), Arc::new(file));
+                let (channels, messages) = restored.into_hub(&hub);
+                tracing::info!(
+                    "channels.store {}: {messages} messages in {channels} channels read back",
+                    path.display()
+                );
+                hub
+            }
+        };
         let live = Live::new(config.clone(), &keys, &metrics, &upgraded)?;
         crate::access_log::configure(config.server.access_log);
         let webhooks = crate::webhook::Webhooks::new(hub.clone(), metrics.clone());
@@ -446,6 +463,14 @@ impl Server {
         state.webhooks.drain(deadline).await;
         sweeper.abort();
         prober.abort();
+        // The message store's last commit (publishes already acknowledged are on disk; this
+        // releases the file for the next start).
+        if tokio::time::timeout(deadline, state.hub.engine_closed())
+            .await
+            .is_err()
+        {
+            tracing::warn!("channels.store: the writer did not finish within shutdown_timeout");
+        }
         if let Some(wp) = &state.webpush {
             wp.close(); // stops deliveries and releases the store file
         }

@@ -21,12 +21,14 @@
 
 #[cfg(test)]
 pub(crate) mod contract;
+mod file;
 mod memory;
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+pub use file::{File, FileError};
 pub use memory::Memory;
 
 use super::{Channel, ChannelStats, Hub, HubError, NewMessage, PublishReceipt};
@@ -75,5 +77,11 @@ pub trait Engine: Send + Sync + 'static {
     ) -> EngineFuture<'a, Result<Option<ChannelStats>, HubError>>;
 
     /// The hub is shutting down: finish what is in flight (a last commit), release files.
+    /// Does not block: [`Engine::closed`] says when it is done.
     fn close(&self) {}
+
+    /// Resolves once what [`Engine::close`] started is over (None: nothing to wait for).
+    fn closed(&self) -> Option<EngineFuture<'_, ()>> {
+        None
+    }
 }
