@@ -23,6 +23,19 @@ use crate::model::Transport;
 /// this many in one write.
 pub const BATCH: usize = 256;
 
+/// Slots a connection's batch buffers keep between wake-ups. A subscriber that once caught
+/// up with a large batch must not hold that batch's peak for the rest of its life: 10,000
+/// subscribers × 256 slots of frames and items is over 100 MiB (measured in fanout-ws-max).
+const KEPT_SLOTS: usize = 16;
+
+/// Empties a batch buffer, giving back what a large batch made it grow to.
+pub fn release<T>(v: &mut Vec<T>) {
+    v.clear();
+    if v.capacity() > KEPT_SLOTS {
+        v.shrink_to(KEPT_SLOTS);
+    }
+}
+
 /// One thing to send.
 #[derive(Debug)]
 pub enum Item {

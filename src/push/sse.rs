@@ -155,7 +155,8 @@ impl EventStream {
         record_batch(&self.feed, &self.items);
         let mux = self.feed.is_multiplexed();
         let mut own = BytesMut::new();
-        for item in self.items.drain(..) {
+        let mut items = std::mem::take(&mut self.items);
+        for item in items.drain(..) {
             match &item {
                 Item::Message { msg, chan, gap } => {
                     if *gap {
@@ -190,6 +191,8 @@ impl EventStream {
                 }
             }
         }
+        super::feed::release(&mut items);
+        self.items = items;
     }
 
     pub fn feed(&self) -> &Feed {
@@ -231,7 +234,7 @@ pub fn respond(feed: Feed, loc: &PushLocation, conn_stop: &CancellationToken) ->
         (events, Vec::new(), 0usize, progress),
         |(mut events, mut pending, mut next, progress)| async move {
             if next == pending.len() {
-                pending.clear();
+                super::feed::release(&mut pending);
                 next = 0;
                 // Waiting for the feed, not for the reader.
                 progress.waiting(true);
@@ -358,7 +361,7 @@ pub async fn serve_h1(
                     }
                     Wrote::Closed => return,
                 }
-                frames.clear();
+                super::feed::release(&mut frames);
             }
             // The peer sends nothing on an SSE stream; readable means it closed (or broke
             // protocol): either way the subscription ends.

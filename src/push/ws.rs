@@ -330,7 +330,6 @@ async fn run(
     dynamic: Option<Dynamic>,
 ) {
     let mut items: Vec<Item> = Vec::new();
-    let mut frames: Vec<WsMessage> = Vec::new();
     let mut ping = tokio::time::interval_at(Instant::now() + keepalive, keepalive);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
@@ -413,17 +412,15 @@ async fn run(
             r = feed.next(&mut items, BATCH) => match r {
                 Next::Items => {
                     record_batch(&feed, &items);
-                    for item in items.drain(..) {
-                        feed.delivered(&item);
-                        // `echo = false`: the sender does not get its own message back.
-                        if inbound.is_own(&feed, &item) {
-                            continue;
-                        }
-                        frames.push(item_frame(&feed, &item, json));
+                    for item in &items {
+                        feed.delivered(item);
                     }
+                    // `echo = false`: the sender does not get its own message back.
+                    items.retain(|item| !inbound.is_own(&feed, item));
+                    // Each frame is made as tungstenite takes it: no second buffer of frames.
                     let write = async {
-                        for f in frames.drain(..) {
-                            ws.feed(f).await?;
+                        for item in &items {
+                            ws.feed(item_frame(&feed, item, json)).await?;
                         }
                         ws.flush().await
                     };
@@ -447,6 +444,7 @@ async fn run(
                             return;
                         }
                     }
+                    super::feed::release(&mut items);
                 }
                 Next::Lagged => break Some((CloseCode::Again, "fell behind the buffer; reconnect".into())),
                 Next::Closed(CloseReason::Deleted) => break Some((CloseCode::Normal, "channel deleted".into())),
