@@ -44,6 +44,10 @@ use crate::model::ConnInfo;
 use crate::response::{self, Body, BoxError};
 use rewrite::strip_hop_by_hop;
 
+/// The `Allow` of a refused CONNECT: every method the proxy forwards is the app's to
+/// answer, so this names the usual ones.
+const PROXIED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
+
 pub struct Proxy {
     client: Client<UpstreamConnector, UpstreamBody>,
     /// `http://host:port` (or `http://localhost` for a Unix socket): the prefix of every
@@ -83,6 +87,11 @@ impl Proxy {
         conn: &ConnInfo,
         copy: Option<tee::Tee>,
     ) -> Response<Body> {
+        // A reverse proxy is no tunnel: CONNECT would ask the upstream app to open one (as
+        // nginx, answer 405 and never forward it).
+        if req.method() == http::Method::CONNECT {
+            return self.finish(response::method_not_allowed(PROXIED_METHODS, false));
+        }
         let started = Instant::now();
         let upgrade = wants_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));

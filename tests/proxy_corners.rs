@@ -1,0 +1,164 @@
+//! Protocol corners of the proxy (issue 18 part 3), each on both engines where both exist: the
+//! HTTP/1.1 fast path (a body-less GET over plain TCP) and hyper's (a POST, or anything the fast
+//! path hands over), against a scripted upstream that writes exact bytes.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::raw::RawConn;
+use common::*;
+use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// One thing the scripted upstream does for a request.
+#[derive(Clone)]
+enum Step {
+    Write(Vec<u8>),
+}
+
+/// An upstream that answers every request with the steps the script gives for it, and
+/// records each request it read (head and Content-Length body).
+struct Scripted {
+    addr: std::net::SocketAddr,
+    requests: Arc<Mutex<Vec<String>>>,
+}
+
+impl Scripted {
+    async fn start(script: impl Fn(&str) -> Vec<Step> + Send + Sync + 'static) -> Scripted {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let script = Arc::new(script);
+        let reqs = requests.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let (script, reqs) = (script.clone(), reqs.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    while let Some(req) = read_request(&mut s, &mut buf).await {
+                        reqs.lock().push(req.clone());
+                        for step in script(&req) {
+                            match step {
+                                Step::Write(b) => {
+                                    if s.write_all(&b).await.is_err() {
+                                        return;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Scripted { addr, requests }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn requests(&self) -> Vec<String> {
+        self.requests.lock().clone()
+    }
+}
+
+async fn read_request(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end + 4]).into_owned();
+            let len: usize = head
+                .lines()
+                .filter_map(|l| l.split_once(':'))
+                .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+                .and_then(|(_, v)| v.trim().parse().ok())
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned();
+                buf.drain(..end + 4 + len);
+                return Some(head + &body);
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+fn ok(body: &str) -> Vec<Step> {
+    vec![Step::Write(
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes(),
+    )]
+}
+
+/// The value of a header in a recorded request (the first one), and how many there were.
+fn req_header<'a>(req: &'a str, name: &str) -> (Option<&'a str>, usize) {
+    let all: Vec<&str> = req
+        .split("\r\n\r\n")
+        .next()
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.trim())
+        .collect();
+    (all.first().copied(), all.len())
+}
+
+/// A POST on the hyper path: the fast path takes no request with a body.
+fn post(path: &str, host: &str, extra: &str) -> String {
+    format!("POST {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Content-Length: 2\r\n\r\nhi")
+}
+
+#[tokio::test]
+async fn connect_is_answered_405_and_never_forwarded() {
+    let up = Scripted::start(|_| ok("upstream")).await;
+    let c = Crier::start(&up.url(), "").await;
+    for target in ["other.example:443", "/"] {
+        let mut conn = RawConn::connect(c.public).await;
+        conn.send(format!(
+            "CONNECT {target} HTTP/1.1\r\nHost: other.example:443\r\n\r\n"
+        ))
+        .await;
+        let r = conn.read_response().await;
+        assert_eq!(r.status, 405, "{target}: {}", r.head);
+        let allow = r.header("allow").expect("Allow");
+        assert!(
+            allow.contains("GET") && !allow.contains("CONNECT"),
+            "{allow}"
+        );
+    }
+    assert!(up.requests().is_empty(), "{:?}", up.requests());
+    // A normal request on the same proxy still goes through.
+    let mut conn = RawConn::connect(c.public).await;
+    assert_eq!(conn.get("/x").await.text(), "upstream");
+    assert_eq!(up.requests().len(), 1);
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn connection_host_never_strips_host_on_either_path() {
+    let up = Scripted::start(|_| ok("ok")).await;
+    let c = Crier::start(&up.url(), "").await;
+    let mut conn = RawConn::connect(c.public).await;
+    // The fast path (GET), then hyper's (POST).
+    conn.send("GET /fast HTTP/1.1\r\nHost: app.example\r\nConnection: host\r\n\r\n")
+        .await;
+    assert_eq!(conn.read_response().await.status, 200);
+    conn.send(post("/hyper", "app.example", "Connection: host\r\n"))
+        .await;
+    assert_eq!(conn.read_response().await.status, 200);
+    let reqs = up.requests();
+    assert_eq!(reqs.len(), 2);
+    for r in &reqs {
+        assert_eq!(req_header(r, "host"), (Some("app.example"), 1), "{r}");
+    }
+    c.shutdown().await;
+}
