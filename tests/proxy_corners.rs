@@ -162,3 +162,31 @@ async fn connection_host_never_strips_host_on_either_path() {
     }
     c.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_absolute_form_target_names_the_upstream_host() {
+    let up = Scripted::start(|_| ok("ok")).await;
+    let c = Crier::start(&up.url(), "").await;
+    let mut conn = RawConn::connect(c.public).await;
+    // A GET the fast path hands to hyper, then a POST hyper takes from the start.
+    conn.send("GET http://other.example/path?q=1 HTTP/1.1\r\nHost: wrong.example\r\n\r\n")
+        .await;
+    assert_eq!(conn.read_response().await.status, 200);
+    conn.send(post("http://other.example:8080/up", "wrong.example", ""))
+        .await;
+    assert_eq!(conn.read_response().await.status, 200);
+    let reqs = up.requests();
+    assert_eq!(reqs.len(), 2);
+    assert!(
+        reqs[0].starts_with("GET /path?q=1 HTTP/1.1\r\n"),
+        "{}",
+        reqs[0]
+    );
+    assert_eq!(req_header(&reqs[0], "host"), (Some("other.example"), 1));
+    assert!(reqs[1].starts_with("POST /up HTTP/1.1\r\n"), "{}", reqs[1]);
+    assert_eq!(
+        req_header(&reqs[1], "host"),
+        (Some("other.example:8080"), 1)
+    );
+    c.shutdown().await;
+}

@@ -189,12 +189,12 @@ impl Proxy {
                 .headers
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         }
-        // h2 clients name the host in :authority; HTTP/1.1 upstreams want it in Host.
-        if !parts.headers.contains_key(header::HOST) {
-            if let Some(a) = &client_authority {
-                if let Ok(v) = HeaderValue::from_str(a.as_str()) {
-                    parts.headers.insert(header::HOST, v);
-                }
+        // The target's authority, when there is one, is the host: an absolute-form target
+        // overrides any Host header (RFC 9112 §3.2.2) and h2 clients name the host in
+        // :authority; an HTTP/1.1 upstream reads it in Host.
+        if let Some(a) = &client_authority {
+            if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+                parts.headers.insert(header::HOST, v);
             }
         }
         add_forwarded_headers(&mut parts.headers, conn);
