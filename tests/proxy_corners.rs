@@ -190,3 +190,33 @@ async fn an_absolute_form_target_names_the_upstream_host() {
     );
     c.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_malformed_chunked_request_body_is_a_client_error() {
+    let up = Scripted::start(|_| ok("ok")).await;
+    let c = Crier::start(&up.url(), "").await;
+    let mut conn = RawConn::connect(c.public).await;
+    conn.send(
+        "POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\n",
+    )
+    .await;
+    let r = conn.read_response().await;
+    assert_eq!(r.status, 400, "{}", r.head);
+    let errors = [
+        "crier_upstream_errors_total{kind=\"connect\"}",
+        "crier_upstream_errors_total{kind=\"timeout\"}",
+        "crier_upstream_errors_total{kind=\"other\"}",
+    ];
+    for e in errors {
+        assert_eq!(metric(&c, e).await, Some(0.0), "{e}");
+    }
+    assert_eq!(
+        metric(&c, "crier_proxy_requests_total{code_class=\"4xx\"}").await,
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&c, "crier_proxy_requests_total{code_class=\"5xx\"}").await,
+        Some(0.0)
+    );
+    c.shutdown().await;
+}

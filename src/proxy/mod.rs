@@ -14,7 +14,7 @@
 //! headers, send, rewrite the response headers, map failures to 502/504.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -99,12 +99,21 @@ impl Proxy {
             Ok(r) => r,
             Err(reason) => return self.finish(response::text(StatusCode::BAD_REQUEST, reason)),
         };
-        let sent = self.send(req, copy).await;
+        let progress = Arc::new(BodyProgress::new());
+        let sent = self.send(req, copy, &progress).await;
         self.metrics
             .proxy_duration
             .observe(started.elapsed().as_secs_f64());
         let resp = match sent {
             None => return self.fail(UpstreamFailure::NoAnswer(self.response_timeout)),
+            // The client's body broke (bad chunked framing, a reset mid-upload): hyper-util
+            // reports it like an upstream failure, but the fault is the client's.
+            Some(Err(_)) if progress.client_failed() => {
+                return self.finish(response::text(
+                    StatusCode::BAD_REQUEST,
+                    "malformed request body",
+                ))
+            }
             Some(Err(e)) => return self.fail(UpstreamFailure::from_client(&e)),
             Some(Ok(resp)) => resp,
         };
@@ -135,8 +144,8 @@ impl Proxy {
         &self,
         req: Request<Incoming>,
         copy: Option<tee::Tee>,
+        progress: &Arc<BodyProgress>,
     ) -> Option<Result<Response<Incoming>, hyper_util::client::legacy::Error>> {
-        let progress = Arc::new(BodyProgress::new());
         let req = req.map(|inner| UpstreamBody {
             inner,
             progress: progress.clone(),
@@ -253,6 +262,8 @@ struct BodyProgress {
     start: Instant,
     /// Milliseconds after `start`.
     last_ms: AtomicU64,
+    /// The client's body ended in an error (set by the body, read after the send failed).
+    client_failed: AtomicBool,
 }
 
 impl BodyProgress {
@@ -260,12 +271,17 @@ impl BodyProgress {
         BodyProgress {
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
+            client_failed: AtomicBool::new(false),
         }
     }
 
     fn mark(&self) {
         let ms = self.start.elapsed().as_millis() as u64;
         self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn client_failed(&self) -> bool {
+        self.client_failed.load(Ordering::Relaxed)
     }
 
     fn last(&self) -> Instant {
@@ -292,6 +308,9 @@ impl http_body::Body for UpstreamBody {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         if polled.is_ready() {
             self.progress.mark();
+        }
+        if let Poll::Ready(Some(Err(_))) = &polled {
+            self.progress.client_failed.store(true, Ordering::Relaxed);
         }
         if let Some(copy) = &self.copy {
             match &polled {
