@@ -220,3 +220,29 @@ async fn a_malformed_chunked_request_body_is_a_client_error() {
     );
     c.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_response_with_length_and_chunked_follows_the_chunks_on_both_paths() {
+    // Content-Length says 3; the chunked body is longer, and is the one that counts.
+    let up = Scripted::start(|_| {
+        vec![Step::Write(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n7\r\n, world\r\n0\r\n\r\n".to_vec(),
+        )]
+    })
+    .await;
+    let c = Crier::start(&up.url(), "").await;
+    let mut conn = RawConn::connect(c.public).await;
+    for req in [
+        "GET /fast HTTP/1.1\r\nHost: a\r\n\r\n".to_string(),
+        post("/hyper", "a", ""),
+    ] {
+        conn.send(&req).await;
+        let r = conn.read_response().await;
+        assert_eq!(r.status, 200, "{}", r.head);
+        assert!(!r.has_header("content-length"), "{}", r.head);
+        assert_eq!(r.text(), "hello, world", "{req}");
+    }
+    // The connection is still in step: nothing left over from either body.
+    assert_eq!(conn.get("/again").await.text(), "hello, world");
+    c.shutdown().await;
+}
