@@ -246,3 +246,90 @@ async fn a_response_with_length_and_chunked_follows_the_chunks_on_both_paths() {
     assert_eq!(conn.get("/again").await.text(), "hello, world");
     c.shutdown().await;
 }
+
+/// Upgrades a raw connection to a WebSocket on crier's own push location.
+async fn raw_ws(c: &Crier, path: &str) -> RawConn {
+    let mut conn = RawConn::connect(c.public).await;
+    conn.send(format!(
+        "GET {path} HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ))
+    .await;
+    let r = conn.read_response().await;
+    assert_eq!(r.status, 101, "{}", r.head);
+    conn
+}
+
+/// A client frame: FIN, the opcode, masked (or not) with a fixed key; payloads < 126 bytes.
+fn frame(opcode: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+    let key = [0x11, 0x22, 0x33, 0x44];
+    let mut f = vec![
+        0x80 | opcode,
+        payload.len() as u8 | if masked { 0x80 } else { 0 },
+    ];
+    if masked {
+        f.extend_from_slice(&key);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    } else {
+        f.extend_from_slice(payload);
+    }
+    f
+}
+
+/// Reads one server frame: (opcode, payload).
+async fn next_frame(conn: &mut RawConn) -> (u8, Vec<u8>) {
+    let head = conn.read_bytes(2).await;
+    assert_eq!(head[1] & 0x80, 0, "server frames are not masked");
+    let len = match head[1] & 0x7f {
+        126 => {
+            let l = conn.read_bytes(2).await;
+            u16::from_be_bytes([l[0], l[1]]) as usize
+        }
+        127 => panic!("no frame this large expected"),
+        n => n as usize,
+    };
+    (head[0] & 0x0f, conn.read_bytes(len).await)
+}
+
+/// Reads server frames until a close frame; its status code.
+async fn close_code(conn: &mut RawConn) -> u16 {
+    loop {
+        let (opcode, payload) = next_frame(conn).await;
+        if opcode == 0x8 {
+            assert!(payload.len() >= 2, "a close frame with a code");
+            return u16::from_be_bytes([payload[0], payload[1]]);
+        }
+    }
+}
+
+#[tokio::test]
+async fn websocket_protocol_errors_close_with_1002_or_1007() {
+    let up = Scripted::start(|_| ok("ok")).await;
+    let c = Crier::start(&up.url(), "").await;
+    let cases: [(&str, Vec<u8>, u16); 4] = [
+        ("reserved control opcode", frame(0xb, b"", true), 1002),
+        ("bad utf-8", frame(0x1, b"ok \xff\xfe", true), 1007),
+        ("unmasked", frame(0x1, b"hello", false), 1002),
+        ("reserved data opcode", frame(0x3, b"", true), 1002),
+    ];
+    for (what, bytes, want) in cases {
+        let mut conn = raw_ws(&c, "/live/corner").await;
+        conn.send(&bytes).await;
+        assert_eq!(close_code(&mut conn).await, want, "{what}");
+    }
+    // A valid frame keeps the connection (the location ignores client messages): a message
+    // published after it still arrives.
+    let mut conn = raw_ws(&c, "/live/fine").await;
+    conn.send(frame(0x1, b"hello", true)).await;
+    wait_subscribers(&c, "fine", 1).await;
+    c.publish("fine", "after").await;
+    loop {
+        let (opcode, payload) = next_frame(&mut conn).await;
+        assert_ne!(opcode, 0x8, "closed: {payload:?}");
+        if opcode == 0x1 {
+            assert_eq!(payload, b"after");
+            break;
+        }
+    }
+    c.shutdown().await;
+}
