@@ -5,8 +5,9 @@
 mod common;
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use common::raw::RawConn;
+use common::raw::{RawConn, ReadEnd};
 use common::*;
 use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -16,6 +17,7 @@ use tokio::net::TcpListener;
 #[derive(Clone)]
 enum Step {
     Write(Vec<u8>),
+    Sleep(Duration),
 }
 
 /// An upstream that answers every request with the steps the script gives for it, and
@@ -46,6 +48,7 @@ impl Scripted {
                                         return;
                                     }
                                 }
+                                Step::Sleep(d) => tokio::time::sleep(d).await,
                             }
                         }
                     }
@@ -330,6 +333,78 @@ async fn websocket_protocol_errors_close_with_1002_or_1007() {
             assert_eq!(payload, b"after");
             break;
         }
+    }
+    c.shutdown().await;
+}
+
+/// A chunked response that sends its head and a first chunk, then what `rest` says.
+fn partial_then(rest: Vec<Step>) -> Vec<Step> {
+    let mut steps = vec![Step::Write(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n".to_vec(),
+    )];
+    steps.extend(rest);
+    steps
+}
+
+/// The request that reaches the stalling or trickling upstream, on each engine.
+fn both_paths(path: &str) -> [String; 2] {
+    [
+        format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n"),
+        post(path, "a", ""),
+    ]
+}
+
+#[tokio::test]
+async fn an_upstream_body_idle_past_read_timeout_is_cut_on_both_paths() {
+    let up = Scripted::start(|_| partial_then(vec![Step::Sleep(Duration::from_secs(60))])).await;
+    let c = Crier::start(&up.url(), "[upstream]\nread_timeout = \"1s\"\n").await;
+    for req in both_paths("/stall") {
+        let mut conn = RawConn::connect(c.public).await;
+        conn.send(&req).await;
+        // Cut within the read limit of the harness (15 s), long before the upstream's 60 s.
+        match conn.read_until_closed(Duration::from_secs(15)).await {
+            ReadEnd::Closed(got) => {
+                let got = String::from_utf8_lossy(&got).into_owned();
+                assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+                assert!(got.contains("first"), "{got}");
+                // Cut, not ended: no last chunk.
+                assert!(!got.ends_with("0\r\n\r\n"), "{got}");
+            }
+            ReadEnd::StillOpen(got) => {
+                panic!("{req}: not cut: {:?}", String::from_utf8_lossy(&got))
+            }
+        }
+    }
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_upstream_body_that_keeps_trickling_is_never_cut() {
+    // Silences of 2.5 s: longer than response_timeout (2 s in the harness, which the fast path
+    // used to apply between reads), shorter than read_timeout.
+    let up = Scripted::start(|_| {
+        let mut rest = Vec::new();
+        for _ in 0..2 {
+            rest.push(Step::Sleep(Duration::from_millis(2500)));
+            rest.push(Step::Write(b"1\r\n.\r\n".to_vec()));
+        }
+        rest.push(Step::Write(b"0\r\n\r\n".to_vec()));
+        partial_then(rest)
+    })
+    .await;
+    let c = Crier::start(&up.url(), "[upstream]\nread_timeout = \"5s\"\n").await;
+    let [fast, hyper] = both_paths("/trickle").map(|req| {
+        let addr = c.public;
+        tokio::spawn(async move {
+            let mut conn = RawConn::connect(addr).await;
+            conn.send(&req).await;
+            (req, conn.read_response().await)
+        })
+    });
+    for t in [fast, hyper] {
+        let (req, r) = t.await.expect("request task");
+        assert_eq!(r.status, 200, "{req}");
+        assert_eq!(r.text(), "first..", "{req}");
     }
     c.shutdown().await;
 }

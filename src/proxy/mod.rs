@@ -13,6 +13,7 @@
 //! One function per step, called in order from [`Proxy::forward`]: rewrite the request
 //! headers, send, rewrite the response headers, map failures to 502/504.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -54,6 +55,8 @@ pub struct Proxy {
     /// upstream URI; the client's `Host` header is sent as it came.
     base: String,
     response_timeout: Duration,
+    /// Longest wait between two frames of a response body (both engines).
+    read_timeout: Duration,
     metrics: Arc<Metrics>,
     /// Tunnelled WebSocket connections, so shutdown can wait for them within its deadline.
     tunnels: TaskTracker,
@@ -68,6 +71,7 @@ impl Proxy {
             client,
             base,
             response_timeout: cfg.response_timeout,
+            read_timeout: cfg.read_timeout,
             metrics,
             tunnels,
             fast: fast::Pool::new(cfg),
@@ -122,7 +126,7 @@ impl Proxy {
                 return self.finish(self.tunnel(resp, client_upgrade));
             }
         }
-        self.finish(downstream_response(resp))
+        self.finish(downstream_response(resp, self.read_timeout))
     }
 
     fn finish(&self, resp: Response<Body>) -> Response<Body> {
@@ -237,7 +241,7 @@ impl Proxy {
 }
 
 /// Step 3: the upstream's response as the client sees it; the body streams through.
-fn downstream_response(resp: Response<Incoming>) -> Response<Body> {
+fn downstream_response(resp: Response<Incoming>, read_timeout: Duration) -> Response<Body> {
     let (mut parts, body) = resp.into_parts();
     // hyper decoded the transfer coding; a Content-Length beside it is void (RFC 9112 §6.3)
     // and must not make hyper frame (and cut) the body by it.
@@ -248,7 +252,54 @@ fn downstream_response(resp: Response<Incoming>) -> Response<Body> {
     // hyper frames the response for the client's own protocol; an HTTP/1.0 upstream must
     // not downgrade the client connection.
     parts.version = Version::HTTP_11;
-    Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync())
+    let body = IdleTimeout {
+        inner: body,
+        limit: read_timeout,
+        sleep: Box::pin(tokio::time::sleep(read_timeout)),
+    };
+    Response::from_parts(parts, body.boxed_unsync())
+}
+
+/// A response body cut when the upstream sends nothing for `limit` (`upstream.read_timeout`),
+/// as the fast path does between reads: an app's long-poll behaves the same on both engines.
+struct IdleTimeout {
+    inner: Incoming,
+    limit: Duration,
+    /// Reset on each frame; one timer per body, not one per frame.
+    sleep: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl http_body::Body for IdleTimeout {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(r) => {
+                let next = tokio::time::Instant::now() + self.limit;
+                self.sleep.as_mut().reset(next);
+                Poll::Ready(r.map(|f| f.map_err(BoxError::from)))
+            }
+            Poll::Pending => match self.sleep.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "upstream read timeout",
+                ))))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 fn wants_upgrade(h: &http::HeaderMap) -> bool {
