@@ -124,6 +124,10 @@ pub struct UpstreamConfig {
     /// Time from the request (head and whole body) sent to the upstream's response headers;
     /// past it 504. An upload still moving is never cut (see `Proxy::send`).
     pub response_timeout: Duration,
+    /// Longest wait between two reads of an upstream response body (nginx's
+    /// `proxy_read_timeout`), on both engines; past it the response is cut. Defaults to
+    /// `response_timeout`.
+    pub read_timeout: Duration,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle: usize,
 }
@@ -588,6 +592,7 @@ mod tests {
         assert_eq!(c.push[0].prefix, "/live/");
         assert_eq!(c.channels.buffer.buffer_messages, 100);
         assert_eq!(c.upstream.response_timeout, Duration::from_secs(60));
+        assert_eq!(c.upstream.read_timeout, c.upstream.response_timeout);
     }
 
     #[test]

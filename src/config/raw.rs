@@ -61,6 +61,7 @@ pub(super) struct RawUpstream {
     pub(super) url: Option<S<String>>,
     pub(super) connect_timeout: Option<S<String>>,
     pub(super) response_timeout: Option<S<String>>,
+    pub(super) read_timeout: Option<S<String>>,
     pub(super) pool_idle_timeout: Option<S<String>>,
     pub(super) pool_max_idle: Option<S<i64>>,
 }

@@ -326,6 +326,7 @@ impl Validator<'_> {
             url: None,
             connect_timeout: None,
             response_timeout: None,
+            read_timeout: None,
             pool_idle_timeout: None,
             pool_max_idle: None,
         });
@@ -343,6 +344,11 @@ impl Validator<'_> {
                 }
             },
         };
+        let response_timeout = self.duration(
+            "upstream.response_timeout",
+            raw.response_timeout,
+            Duration::from_secs(60),
+        );
         UpstreamConfig {
             url,
             connect_timeout: self.duration(
@@ -350,10 +356,11 @@ impl Validator<'_> {
                 raw.connect_timeout,
                 Duration::from_secs(2),
             ),
-            response_timeout: self.duration(
-                "upstream.response_timeout",
-                raw.response_timeout,
-                Duration::from_secs(60),
+            response_timeout,
+            read_timeout: self.duration(
+                "upstream.read_timeout",
+                raw.read_timeout,
+                response_timeout,
             ),
             pool_idle_timeout: self.duration(
                 "upstream.pool_idle_timeout",

@@ -13,8 +13,9 @@
 //! One function per step, called in order from [`Proxy::forward`]: rewrite the request
 //! headers, send, rewrite the response headers, map failures to 502/504.
 
+use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -44,12 +45,18 @@ use crate::model::ConnInfo;
 use crate::response::{self, Body, BoxError};
 use rewrite::strip_hop_by_hop;
 
+/// The `Allow` of a refused CONNECT: every method the proxy forwards is the app's to
+/// answer, so this names the usual ones.
+const PROXIED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
+
 pub struct Proxy {
     client: Client<UpstreamConnector, UpstreamBody>,
     /// `http://host:port` (or `http://localhost` for a Unix socket): the prefix of every
     /// upstream URI; the client's `Host` header is sent as it came.
     base: String,
     response_timeout: Duration,
+    /// Longest wait between two frames of a response body (both engines).
+    read_timeout: Duration,
     metrics: Arc<Metrics>,
     /// Tunnelled WebSocket connections, so shutdown can wait for them within its deadline.
     tunnels: TaskTracker,
@@ -64,6 +71,7 @@ impl Proxy {
             client,
             base,
             response_timeout: cfg.response_timeout,
+            read_timeout: cfg.read_timeout,
             metrics,
             tunnels,
             fast: fast::Pool::new(cfg),
@@ -83,6 +91,11 @@ impl Proxy {
         conn: &ConnInfo,
         copy: Option<tee::Tee>,
     ) -> Response<Body> {
+        // A reverse proxy is no tunnel: CONNECT would ask the upstream app to open one (as
+        // nginx, answer 405 and never forward it).
+        if req.method() == http::Method::CONNECT {
+            return self.finish(response::method_not_allowed(PROXIED_METHODS, false));
+        }
         let started = Instant::now();
         let upgrade = wants_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -90,12 +103,21 @@ impl Proxy {
             Ok(r) => r,
             Err(reason) => return self.finish(response::text(StatusCode::BAD_REQUEST, reason)),
         };
-        let sent = self.send(req, copy).await;
+        let progress = Arc::new(BodyProgress::new());
+        let sent = self.send(req, copy, &progress).await;
         self.metrics
             .proxy_duration
             .observe(started.elapsed().as_secs_f64());
         let resp = match sent {
             None => return self.fail(UpstreamFailure::NoAnswer(self.response_timeout)),
+            // The client's body broke (bad chunked framing, a reset mid-upload): hyper-util
+            // reports it like an upstream failure, but the fault is the client's.
+            Some(Err(_)) if progress.client_failed() => {
+                return self.finish(response::text(
+                    StatusCode::BAD_REQUEST,
+                    "malformed request body",
+                ))
+            }
             Some(Err(e)) => return self.fail(UpstreamFailure::from_client(&e)),
             Some(Ok(resp)) => resp,
         };
@@ -104,7 +126,7 @@ impl Proxy {
                 return self.finish(self.tunnel(resp, client_upgrade));
             }
         }
-        self.finish(downstream_response(resp))
+        self.finish(downstream_response(resp, self.read_timeout))
     }
 
     fn finish(&self, resp: Response<Body>) -> Response<Body> {
@@ -126,8 +148,8 @@ impl Proxy {
         &self,
         req: Request<Incoming>,
         copy: Option<tee::Tee>,
+        progress: &Arc<BodyProgress>,
     ) -> Option<Result<Response<Incoming>, hyper_util::client::legacy::Error>> {
-        let progress = Arc::new(BodyProgress::new());
         let req = req.map(|inner| UpstreamBody {
             inner,
             progress: progress.clone(),
@@ -180,12 +202,12 @@ impl Proxy {
                 .headers
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         }
-        // h2 clients name the host in :authority; HTTP/1.1 upstreams want it in Host.
-        if !parts.headers.contains_key(header::HOST) {
-            if let Some(a) = &client_authority {
-                if let Ok(v) = HeaderValue::from_str(a.as_str()) {
-                    parts.headers.insert(header::HOST, v);
-                }
+        // The target's authority, when there is one, is the host: an absolute-form target
+        // overrides any Host header (RFC 9112 §3.2.2) and h2 clients name the host in
+        // :authority; an HTTP/1.1 upstream reads it in Host.
+        if let Some(a) = &client_authority {
+            if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+                parts.headers.insert(header::HOST, v);
             }
         }
         add_forwarded_headers(&mut parts.headers, conn);
@@ -219,7 +241,7 @@ impl Proxy {
 }
 
 /// Step 3: the upstream's response as the client sees it; the body streams through.
-fn downstream_response(resp: Response<Incoming>) -> Response<Body> {
+fn downstream_response(resp: Response<Incoming>, read_timeout: Duration) -> Response<Body> {
     let (mut parts, body) = resp.into_parts();
     // hyper decoded the transfer coding; a Content-Length beside it is void (RFC 9112 §6.3)
     // and must not make hyper frame (and cut) the body by it.
@@ -230,7 +252,54 @@ fn downstream_response(resp: Response<Incoming>) -> Response<Body> {
     // hyper frames the response for the client's own protocol; an HTTP/1.0 upstream must
     // not downgrade the client connection.
     parts.version = Version::HTTP_11;
-    Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync())
+    let body = IdleTimeout {
+        inner: body,
+        limit: read_timeout,
+        sleep: Box::pin(tokio::time::sleep(read_timeout)),
+    };
+    Response::from_parts(parts, body.boxed_unsync())
+}
+
+/// A response body cut when the upstream sends nothing for `limit` (`upstream.read_timeout`),
+/// as the fast path does between reads: an app's long-poll behaves the same on both engines.
+struct IdleTimeout {
+    inner: Incoming,
+    limit: Duration,
+    /// Reset on each frame; one timer per body, not one per frame.
+    sleep: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl http_body::Body for IdleTimeout {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(r) => {
+                let next = tokio::time::Instant::now() + self.limit;
+                self.sleep.as_mut().reset(next);
+                Poll::Ready(r.map(|f| f.map_err(BoxError::from)))
+            }
+            Poll::Pending => match self.sleep.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "upstream read timeout",
+                ))))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 fn wants_upgrade(h: &http::HeaderMap) -> bool {
@@ -244,6 +313,8 @@ struct BodyProgress {
     start: Instant,
     /// Milliseconds after `start`.
     last_ms: AtomicU64,
+    /// The client's body ended in an error (set by the body, read after the send failed).
+    client_failed: AtomicBool,
 }
 
 impl BodyProgress {
@@ -251,12 +322,17 @@ impl BodyProgress {
         BodyProgress {
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
+            client_failed: AtomicBool::new(false),
         }
     }
 
     fn mark(&self) {
         let ms = self.start.elapsed().as_millis() as u64;
         self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn client_failed(&self) -> bool {
+        self.client_failed.load(Ordering::Relaxed)
     }
 
     fn last(&self) -> Instant {
@@ -283,6 +359,9 @@ impl http_body::Body for UpstreamBody {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         if polled.is_ready() {
             self.progress.mark();
+        }
+        if let Poll::Ready(Some(Err(_))) = &polled {
+            self.progress.client_failed.store(true, Ordering::Relaxed);
         }
         if let Some(copy) = &self.copy {
             match &polled {

@@ -15,6 +15,7 @@ use futures_util::{SinkExt, StreamExt};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
+use hyper_tungstenite::tungstenite::error::ProtocolError;
 use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use hyper_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use hyper_tungstenite::tungstenite::{self, Message as WsMessage, Utf8Bytes};
@@ -395,6 +396,16 @@ async fn run(
                     let kind = dynamic.as_ref().map_or("refuse", |d| d.loc.client_messages.kind());
                     feed.metrics().client_message(kind, ClientResult::TooBig);
                     break Some((CloseCode::Size, "message too big".into()));
+                }
+                // A peer that breaks the protocol is told why before the connection goes
+                // (RFC 6455 §7.4.1), as a client library can then report it.
+                Some(Err(tungstenite::Error::Utf8(_))) => {
+                    break Some((CloseCode::Invalid, "invalid UTF-8 in a text message".into()));
+                }
+                Some(Err(tungstenite::Error::Protocol(e)))
+                    if !matches!(e, ProtocolError::ResetWithoutClosingHandshake) =>
+                {
+                    break Some((CloseCode::Protocol, e.to_string()));
                 }
                 Some(Err(_)) => return,
             },

@@ -124,9 +124,10 @@ impl Crier {
 pub fn base_config(upstream: &str, sock: &std::path::Path, extra: &str) -> String {
     let (server_extra, rest) = split_server_section(extra);
     let (publish_extra, rest) = take_section(&rest, "[publish]");
+    let (upstream_extra, rest) = take_section(&rest, "[upstream]");
     format!(
         "[server]\nlisten = [\"127.0.0.1:0\"]\n{server_extra}\n\
-         [upstream]\nurl = \"{upstream}\"\nconnect_timeout = \"1s\"\nresponse_timeout = \"2s\"\n\
+         [upstream]\nurl = \"{upstream}\"\nconnect_timeout = \"1s\"\nresponse_timeout = \"2s\"\n{upstream_extra}\n\
          [publish]\nunix = \"{}\"\nlisten = [\"127.0.0.1:0\"]\n{publish_extra}\n\
          [admin]\nlisten = \"127.0.0.1:0\"\n{rest}",
         sock.display()

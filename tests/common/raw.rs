@@ -177,6 +177,16 @@ impl RawConn {
         }
     }
 
+    /// Reads exactly `n` bytes (WebSocket frames after an upgrade).
+    pub async fn read_bytes(&mut self, n: usize) -> Vec<u8> {
+        let mut buf = vec![0; n];
+        tokio::time::timeout(READ_LIMIT, self.stream.read_exact(&mut buf))
+            .await
+            .expect("bytes within the read limit")
+            .expect("read bytes");
+        buf
+    }
+
     /// Reads until the server closes the connection or `within` passes.
     pub async fn read_until_closed(&mut self, within: Duration) -> ReadEnd {
         let mut got = Vec::new();

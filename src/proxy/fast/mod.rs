@@ -13,8 +13,8 @@
 //! Everything else (bodies, upgrades, `Expect`, HTTP/1.0, push locations, requests a
 //! `[[publish_on]]` rule takes, odd heads) is left to hyper: the caller gets the bytes read so
 //! far back and hyper serves the connection from there. The semantics are the hyper path's: hop-by-hop headers stripped both ways,
-//! `X-Forwarded-*` set, `response_timeout` → 504, upstream failures → 502 on a connection that
-//! stays usable.
+//! `X-Forwarded-*` set, `response_timeout` → 504, `read_timeout` between body reads,
+//! upstream failures → 502 on a connection that stays usable.
 //!
 //! The files: `request.rs` (the request head), `response.rs` (the response head and its
 //! framing), `chunked.rs` (where a chunked body ends), `pool.rs` (raw upstream connections);
@@ -348,7 +348,7 @@ impl Proxy {
                 // Bytes past the end of the response: the upstream is out of step.
                 return Ok(up.unread().is_empty());
             }
-            let n = tokio::time::timeout(self.response_timeout, up.fill(usize::MAX))
+            let n = tokio::time::timeout(self.read_timeout, up.fill(usize::MAX))
                 .await
                 .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "upstream stalled"))??;
             if n == 0 {
