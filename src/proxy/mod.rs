@@ -256,6 +256,7 @@ fn downstream_response(resp: Response<Incoming>, read_timeout: Duration) -> Resp
         inner: body,
         limit: read_timeout,
         sleep: Box::pin(tokio::time::sleep(read_timeout)),
+        waiting: false,
     };
     Response::from_parts(parts, body.boxed_unsync())
 }
@@ -265,8 +266,10 @@ fn downstream_response(resp: Response<Incoming>, read_timeout: Duration) -> Resp
 struct IdleTimeout {
     inner: Incoming,
     limit: Duration,
-    /// Reset on each frame; one timer per body, not one per frame.
+    /// Armed when a read finds nothing; one timer per body, not one per frame.
     sleep: Pin<Box<tokio::time::Sleep>>,
+    /// A read found nothing and the timer runs.
+    waiting: bool,
 }
 
 impl http_body::Body for IdleTimeout {
@@ -279,17 +282,25 @@ impl http_body::Body for IdleTimeout {
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(r) => {
-                let next = tokio::time::Instant::now() + self.limit;
-                self.sleep.as_mut().reset(next);
+                self.waiting = false;
                 Poll::Ready(r.map(|f| f.map_err(BoxError::from)))
             }
-            Poll::Pending => match self.sleep.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "upstream read timeout",
-                ))))),
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Pending => {
+                // The clock starts at the first read that finds nothing, not at the last
+                // frame: time the client took to take that frame is not the upstream's.
+                if !self.waiting {
+                    self.waiting = true;
+                    let next = tokio::time::Instant::now() + self.limit;
+                    self.sleep.as_mut().reset(next);
+                }
+                match self.sleep.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "upstream read timeout",
+                    ))))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
     }
 

@@ -24,7 +24,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::task::TaskTracker;
 
 use super::admission::check_origin;
-use super::feed::{Feed, Item, Next, BATCH};
+use super::feed::{Feed, Item, Next};
 pub use super::inbound::Dynamic;
 use super::inbound::{self, ClientFrame, Inbound, Outcome, PublishCommand, ReplyTo};
 use super::relay::{truncate, RelayError, Reply};
@@ -39,6 +39,12 @@ use crate::response::{self, Body};
 pub const JSON_PROTOCOL: &str = "crier.json";
 /// How long a close handshake may take before the connection is dropped.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+/// Messages one wake-up writes at most. Smaller than the SSE batch: tungstenite writes its
+/// buffer every 4 KiB whatever the batch, so a larger one saves no system call, and only
+/// keeps a task on its worker longer while 10,000 others wait (fanout-ws-max, 3 runs each
+/// against the same base: p99 1.34x base with 256, 1.20x with 64).
+const WS_BATCH: usize = 64;
 
 /// `max_client`: the location's `max_client_message`; a larger frame is refused with 1009.
 fn ws_config(max_client: usize) -> WebSocketConfig {
@@ -420,7 +426,7 @@ async fn run(
                     }
                 }
             }
-            r = feed.next(&mut items, BATCH) => match r {
+            r = feed.next(&mut items, WS_BATCH) => match r {
                 Next::Items => {
                     record_batch(&feed, &items);
                     for item in &items {
