@@ -48,7 +48,7 @@ impl LogLimit {
     }
 }
 
-/// ", and 12 more like it since" when lines were held back.
+/// " (12 more like it since the last line)" when lines were held back, else nothing.
 pub fn held_back_note(n: u64) -> String {
     if n == 0 {
         String::new()
