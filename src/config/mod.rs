@@ -5,6 +5,7 @@
 //! validates each value and collects *every* problem, each naming the key and the
 //! `line:column` it sits at, so an operator fixes a config in one pass.
 
+mod cluster;
 mod publish_on;
 mod raw;
 mod validate;
@@ -22,6 +23,7 @@ use toml::Spanned;
 use raw::read_raw;
 use validate::Validator;
 
+pub use cluster::ClusterConfig;
 pub use publish_on::{
     is_event_name, BodySource, NameTemplate, PathTemplate, PollConfig, PublishOnConfig, StatusMatch,
 };
@@ -53,6 +55,9 @@ pub struct Config {
     pub publish_on: Vec<PublishOnConfig>,
     /// `[[poll]]`: upstream URLs polled, published when their answer changes.
     pub polls: Vec<PollConfig>,
+    /// `[cluster]`: channels shared with other nodes through Redis. None (the default): this
+    /// node alone. Read at start; a reload that changes it waits for a restart.
+    pub cluster: Option<ClusterConfig>,
     /// Where the config came from (None: built-in defaults), for reload and messages.
     pub source: Option<PathBuf>,
 }
@@ -614,6 +619,44 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn cluster_is_off_by_default_and_checked() {
+        assert_eq!(Config::default().cluster, None, "one node by default");
+        let c = Config::from_toml(
+            "[cluster]\nredis = [\"redis://127.0.0.1:6379/0\", \"unix:///run/r.sock\"]\npassword_file = \"pw\"\n",
+            Some(Path::new("/etc/crier/crier.toml")),
+        )
+        .expect("test setup");
+        let cl = c.cluster.expect("test setup");
+        assert_eq!(cl.redis.len(), 2);
+        assert_eq!(cl.key_prefix, "crier:");
+        assert_eq!(
+            cl.password_file.map(|f| f.path),
+            Some(PathBuf::from("/etc/crier/pw"))
+        );
+        let e = errs("[cluster]\nkey_prefix = \"x\"\n");
+        assert!(e.contains("c.toml:1:1: cluster.redis: required"), "{e}");
+        let e = errs("[cluster]\nredis = []\n");
+        assert!(
+            e.contains("c.toml:2:9: cluster.redis: needs at least one URL"),
+            "{e}"
+        );
+        let e = errs("[cluster]\nredis = [\"redis://a\", \"http://b\"]\n");
+        assert!(
+            e.contains("c.toml:2:23: cluster.redis: \"http://b\": unknown scheme"),
+            "{e}"
+        );
+        let e = errs("[cluster]\nredis = [\"redis://a\"]\nkey_prefix = \"{x}\"\n");
+        assert!(e.contains("c.toml:3:14: cluster.key_prefix"), "{e}");
+        let e = errs("[channels]\nstore = \"c.redb\"\n[cluster]\nredis = [\"redis://a\"]\n");
+        assert!(
+            e.contains("c.toml:2:9: channels.store: cannot be used with [cluster]"),
+            "{e}"
+        );
+        let e = errs("[cluster]\nredis = [\"redis://a\"]\nnodes = 3\n");
+        assert!(e.contains("cluster.nodes: unknown key"), "{e}");
     }
 
     #[test]

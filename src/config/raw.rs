@@ -21,6 +21,7 @@ pub(super) struct RawConfig {
     pub(super) webrtc: Option<S<RawWebRtc>>,
     pub(super) publish_on: Option<S<Vec<S<super::publish_on::RawPublishOn>>>>,
     pub(super) poll: Option<S<Vec<S<super::publish_on::RawPoll>>>>,
+    pub(super) cluster: Option<S<super::cluster::RawCluster>>,
 }
 
 #[derive(Deserialize)]

@@ -119,7 +119,14 @@ impl Validator<'_> {
         let server = self.server(raw.server.map(Spanned::into_inner), base);
         let upstream = self.upstream(raw.upstream.map(Spanned::into_inner));
         let publish = self.publish(raw.publish.map(Spanned::into_inner), base);
+        let store_at = raw
+            .channels
+            .as_ref()
+            .and_then(|c| c.get_ref().store.as_ref().map(|s| s.span().start));
         let channels = self.channels(raw.channels.map(Spanned::into_inner), base);
+        let cluster = raw
+            .cluster
+            .and_then(|c| self.cluster(c, base, &channels, store_at));
         let webrtc = raw.webrtc.map(|w| self.webrtc(w));
         let push = match raw.push {
             None => vec![default_push_location(&channels, webrtc.is_some())],
@@ -190,6 +197,7 @@ impl Validator<'_> {
             webrtc,
             publish_on,
             polls,
+            cluster,
             source: path.map(Path::to_path_buf),
         }
     }

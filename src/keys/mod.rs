@@ -34,6 +34,8 @@ pub struct Keys {
     pub ingress: HashMap<String, Secret>,
     /// `[webpush] vapid_key_file`.
     pub vapid: Option<VapidKey>,
+    /// `[cluster] password_file`: the Redis password of every shard.
+    pub cluster_password: Option<Secret>,
 }
 
 impl Keys {
@@ -95,6 +97,20 @@ impl Keys {
             let r = VapidKey::load(&f.path)
                 .map(|k| keys.vapid = Some(k))
                 .map_err(|e| format!("{}: {e}", f.path.display()));
+            take(f, r);
+        }
+        if let Some(f) = config
+            .cluster
+            .as_ref()
+            .and_then(|c| c.password_file.as_ref())
+        {
+            let r = secret::read_text(&f.path).and_then(|t| {
+                if t.is_empty() {
+                    return Err(format!("{}: is empty", f.path.display()));
+                }
+                keys.cluster_password = Some(Secret(t.into_bytes().into()));
+                Ok(())
+            });
             take(f, r);
         }
         keys

@@ -248,6 +248,9 @@ impl ServerHandle {
         if config.channels.store != old.config.channels.store {
             tracing::warn!("channels.store changed: it takes effect when crier restarts (the buffers stay where they are until then)");
         }
+        if config.cluster != old.config.cluster {
+            tracing::warn!("[cluster] changed: it takes effect when crier restarts");
+        }
         match &st.webpush {
             Some(wp) => wp.reload(config.webpush.as_ref(), keys.vapid.as_ref()),
             None if config.webpush.is_some() => {
