@@ -119,6 +119,15 @@ pub struct Metrics {
     pub upstream_up: IntGauge,
     /// 1 from the start of the draining shutdown.
     pub draining: IntGauge,
+    /// `[cluster]`: 1 while every Redis shard answers and its fan-out is subscribed, else 0.
+    pub cluster_up: IntGauge,
+    /// `[cluster]`: fan-out connections made again after one was lost or found wedged.
+    pub cluster_reconnects: IntCounter,
+    /// `[cluster]`: time of each Redis command (publish script, stream reads).
+    pub cluster_command_duration: Histogram,
+    /// `[cluster]`: holes in a channel's fan-out that the stream could not fill (reported to
+    /// subscribers as a gap).
+    pub cluster_gaps: IntCounter,
     /// [location kind][result], see [`ClientResult`].
     client_messages: [[IntCounter; 9]; 3],
 }
@@ -452,6 +461,22 @@ impl Metrics {
             draining: gauge(
                 "draining",
                 "1 from the start of the draining shutdown (SIGTERM), else 0.",
+            ),
+            cluster_up: gauge(
+                "cluster_up",
+                "[cluster]: 1 while every Redis shard answers and its fan-out is subscribed, else 0.",
+            ),
+            cluster_reconnects: counter(
+                "cluster_reconnects_total",
+                "[cluster]: fan-out connections to Redis made again after one was lost or wedged.",
+            ),
+            cluster_command_duration: histogram(
+                "cluster_command_duration_seconds",
+                "[cluster]: time of each Redis command (publish script, stream reads).",
+            ),
+            cluster_gaps: counter(
+                "cluster_gaps_total",
+                "[cluster]: holes in a channel's fan-out the Redis stream could not fill (told as gaps).",
             ),
             client_messages,
             registry: r,

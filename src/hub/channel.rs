@@ -257,6 +257,25 @@ impl Channel {
         Assigned::Appended(self.push_and_tell(st, msg, now, on_append))
     }
 
+    /// A storage engine found that messages after this channel's head are lost for good (a
+    /// Redis stream trimmed, expired or emptied before this node read them): the tail starts
+    /// again above `floor`. Readers at the old end are left behind it, so they read `Lagged`
+    /// and their `on_lag` policy tells them of the gap (or lets them go), exactly as when they
+    /// fall behind the buffer; a resume from before `floor` reports a gap.
+    pub(crate) fn restart_at(&self, floor: MessageId) {
+        {
+            let mut st = self.state.write();
+            let end = st.first_seq + st.messages.len() as u64;
+            st.messages.clear();
+            // One past the end: a reader at the end is behind now, not merely caught up.
+            st.first_seq = end + 1;
+            st.last_id = None;
+            st.floor = floor;
+            st.evicted_through = Some(floor);
+        }
+        self.notify.notify_waiters();
+    }
+
     /// Drops messages older than the TTL. Returns true when the channel is idle and empty
     /// (a candidate to free); otherwise, with messages left, it is put back on the sweep's
     /// schedule for when its (new) oldest expires.

@@ -23,6 +23,7 @@ use parking_lot::{Mutex, RwLock};
 
 pub use channel::{
     AppendOutcome, Assigned, Channel, ChannelStats, CloseReason, Read, Start, StartPosition,
+    SubscriberCounts,
 };
 pub use message::{BadMessageId, Message, MessageId, ENCODING_SLOTS};
 pub use observer::{HubObserver, Published, SubscriberEvent};
@@ -315,6 +316,38 @@ impl Hub {
         }
     }
 
+    /// Appends a message a fan-out engine received (published on any node, its id assigned
+    /// by the engine) to `chan`'s local tail and wakes its subscribers. Observers are not told:
+    /// the node that took the publish tells its own ([`Hub::observe_published`]), so a webhook
+    /// fires once per message, not once per node.
+    pub(crate) fn append_fanout(&self, chan: &Arc<Channel>, msg: Arc<Message>) -> Assigned {
+        let len = msg.body.len();
+        let r = chan.append_assigned(msg, Instant::now(), None::<fn(&Arc<Message>)>);
+        if matches!(r, Assigned::Appended(_)) {
+            chan.count_fanout(&self.inner.metrics, len);
+        }
+        r
+    }
+
+    /// Tells the observers of a message this node accepted but does not append itself (a
+    /// fan-out engine appends what the fan-out brings), and counts it as published here.
+    pub(crate) fn observe_published(
+        &self,
+        name: &str,
+        message: &Arc<Message>,
+        headers: &http::HeaderMap,
+    ) {
+        self.inner.metrics.messages_published.inc();
+        if let Some(obs) = self.observers() {
+            let p = Published {
+                channel: name,
+                message,
+                headers,
+            };
+            obs.iter().for_each(|o| o.message(&p));
+        }
+    }
+
     /// Puts a channel read back from a storage engine at start into the hub, whatever
     /// `max_channels` says now (the limit is for new channels): `floor` is the newest id that
     /// had left its buffer, `messages` its tail in id order. Observers are not told (these
@@ -363,8 +396,8 @@ impl Hub {
         from: Start,
         remote: Option<SocketAddr>,
     ) -> Result<Subscription, HubError> {
-        let (chan, first) = self.get_or_create(name, Some(transport))?;
-        if first {
+        let (chan, _) = self.get_or_create(name, Some(transport))?;
+        {
             if let Some(open) = self.inner.engine.open(self, &chan) {
                 // Counted in: an engine error counts the subscriber out again.
                 let joined = Joined {
@@ -406,6 +439,15 @@ impl Hub {
 
     /// Removes a local channel: its subscribers see `Closed(Deleted)`.
     pub(crate) fn delete_local(&self, name: &str) -> Result<(), HubError> {
+        self.remove_deleted(name)?;
+        if let Some(obs) = self.observers() {
+            obs.iter().for_each(|o| o.channel_deleted(name));
+        }
+        Ok(())
+    }
+
+    /// [`Hub::delete_local`] for a delete another node took (and told its observers of).
+    pub(crate) fn remove_deleted(&self, name: &str) -> Result<(), HubError> {
         let chan = {
             let mut map = self.inner.channels.write();
             let c = map.remove(name).ok_or(HubError::NoSuchChannel)?;
@@ -415,9 +457,6 @@ impl Hub {
         chan.mark_removed();
         chan.close(CloseReason::Deleted);
         self.bury(&chan);
-        if let Some(obs) = self.observers() {
-            obs.iter().for_each(|o| o.channel_deleted(name));
-        }
         Ok(())
     }
 

@@ -84,6 +84,8 @@ pub enum StartError {
     WebRtc(#[from] crate::push::webrtc::WebRtcError),
     #[error("{0}")]
     Store(#[from] crate::hub::store::FileError),
+    #[error("{0}")]
+    Cluster(#[from] crate::hub::store::ClusterError),
 }
 
 /// The parts of the server that a config reload replaces as a whole. Connections accepted
@@ -332,9 +334,26 @@ impl Server {
         let metrics = Arc::new(Metrics::new());
         let config = Arc::new(config);
         let upgraded = TaskTracker::new();
-        let hub = match &config.channels.store {
-            None => Hub::new(config.clone(), metrics.clone()),
-            Some(path) => {
+        // Config validation refuses a store and a cluster together.
+        let hub = match (&config.channels.store, &config.cluster) {
+            (None, Some(cluster)) => {
+                let redis = crate::hub::store::Redis::new(
+                    cluster,
+                    keys.cluster_password.as_ref(),
+                    metrics.clone(),
+                )?;
+                redis.check().await?;
+                let redis = Arc::new(redis);
+                let hub = Hub::with_engine(config.clone(), metrics.clone(), redis.clone());
+                redis.start(&hub);
+                tracing::info!(
+                    "[cluster]: channels shared through {} Redis shard(s)",
+                    cluster.redis.len()
+                );
+                hub
+            }
+            (None, None) => Hub::new(config.clone(), metrics.clone()),
+            (Some(path), _) => {
                 let (file, restored) = crate::hub::store::File::open(path, &config)?;
                 let hub = Hub::with_engine(config.clone(), metrics.clone(), Arc::new(file));
                 let (channels, messages) = restored.into_hub(&hub);

@@ -293,47 +293,88 @@ pub(crate) async fn observers_hear_every_event_once(m: &impl MakeHub) {
     );
 }
 
-/// The whole suite, as `#[tokio::test]`s, for the engine `$make` (a [`MakeHub`]).
+/// The whole suite, as `#[tokio::test]`s, for the engine `$make` (a [`MakeHub`]). With a
+/// second argument, a `fn() -> Option<String>`: when it returns a reason, each test prints it
+/// and passes without running (an engine whose server is not installed).
 macro_rules! engine_contract {
     ($make:expr) => {
+        $crate::hub::store::contract::engine_contract!($make, || None::<String>);
+    };
+    ($make:expr, $skip:expr) => {
         mod contract {
             use super::*;
             use $crate::hub::store::contract as c;
 
             #[tokio::test]
             async fn ids_increase_and_resume_is_exact() {
+                if let Some(why) = ($skip)() {
+                    eprintln!("skipped: {why}");
+                    return;
+                }
                 c::ids_increase_and_resume_is_exact(&$make).await
             }
             #[tokio::test]
             async fn subscribers_are_woken_on_append() {
+                if let Some(why) = ($skip)() {
+                    eprintln!("skipped: {why}");
+                    return;
+                }
                 c::subscribers_are_woken_on_append(&$make).await
             }
             #[tokio::test]
             async fn the_buffer_is_bounded_and_resume_reports_gaps() {
+                if let Some(why) = ($skip)() {
+                    eprintln!("skipped: {why}");
+                    return;
+                }
                 c::the_buffer_is_bounded_and_resume_reports_gaps(&$make).await
             }
             #[tokio::test]
             async fn messages_expire_after_the_ttl() {
+                if let Some(why) = ($skip)() {
+                    eprintln!("skipped: {why}");
+                    return;
+                }
                 c::messages_expire_after_the_ttl(&$make).await
             }
             #[tokio::test]
             async fn max_channels_is_a_limit() {
+                if let Some(why) = ($skip)() {
+                    eprintln!("skipped: {why}");
+                    return;
+                }
                 c::max_channels_is_a_limit(&$make).await
             }
             #[tokio::test]
             async fn delete_ends_subscribers_and_ids_keep_rising() {
+                if let Some(why) = ($skip)() {
+                    eprintln!("skipped: {why}");
+                    return;
+                }
                 c::delete_ends_subscribers_and_ids_keep_rising(&$make).await
             }
             #[tokio::test]
             async fn one_body_for_all_subscribers() {
+                if let Some(why) = ($skip)() {
+                    eprintln!("skipped: {why}");
+                    return;
+                }
                 c::one_body_for_all_subscribers(&$make).await
             }
             #[tokio::test]
             async fn idle_channels_are_freed_locally() {
+                if let Some(why) = ($skip)() {
+                    eprintln!("skipped: {why}");
+                    return;
+                }
                 c::idle_channels_are_freed_locally(&$make).await
             }
             #[tokio::test]
             async fn observers_hear_every_event_once() {
+                if let Some(why) = ($skip)() {
+                    eprintln!("skipped: {why}");
+                    return;
+                }
                 c::observers_hear_every_event_once(&$make).await
             }
         }

@@ -23,6 +23,7 @@
 pub(crate) mod contract;
 mod file;
 mod memory;
+mod redis;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -30,6 +31,7 @@ use std::sync::Arc;
 
 pub use file::{File, FileError};
 pub use memory::Memory;
+pub use redis::{ClusterError, Redis};
 
 use super::{Channel, ChannelStats, Hub, HubError, NewMessage, PublishReceipt};
 use crate::model::ChannelName;
@@ -51,9 +53,10 @@ pub trait Engine: Send + Sync + 'static {
         msg: NewMessage,
     ) -> EngineFuture<'a, Result<PublishReceipt, HubError>>;
 
-    /// Called when a channel gains its first local subscriber, before that subscriber resolves
-    /// its position: an engine whose history lives elsewhere loads the tail here and starts
-    /// listening. None: nothing to wait for (the local tail is the whole truth).
+    /// Called for every local subscriber once it is counted in, before it resolves its
+    /// position: an engine whose history lives elsewhere loads the tail here and starts
+    /// listening (and has every subscriber that joins meanwhile wait for that too). None:
+    /// nothing to wait for (the local tail is the whole truth, or it is loaded already).
     fn open<'a>(
         &'a self,
         _hub: &'a Hub,

@@ -1,0 +1,364 @@
+//! One task per shard: the pub/sub connection, and every local tail it feeds.
+//!
+//! The task alone appends to the tails of its shard's channels, in the order the fan-out
+//! brings entries, so each tail only grows along its channel's chain of ids: an entry whose
+//! previous id is the tail's head is appended; one at or below the head is already here; any
+//! other is a hole, filled from the stream (XRANGE after the head) or, when the stream has
+//! lost it too, told to subscribers as a gap (`Channel::restart_at`).
+//!
+//! A lost connection (Redis restarted, `CLIENT KILL`, a network cut) or a wedged one (alive
+//! on TCP, delivering nothing: a probe published through the command connection did not come
+//! back) is replaced, with backoff; then every active topic is subscribed again and every
+//! active channel caught up from the stream, so nothing still in the stream is missed.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::script::{self, Entry, Fanout, Keys};
+use super::{floor_before, message, Op, Shard, COMMAND_TIMEOUT};
+use crate::hub::{Channel, Hub, HubError};
+
+/// A channel with no local subscriber stays subscribed this long (a long-poll client comes
+/// back within it, and finds its tail up to date).
+const LINGER: Duration = Duration::from_secs(5);
+/// A pub/sub connection that received nothing for this long gets a probe; one that received
+/// nothing for this long after the probe is replaced.
+const PROBE_EVERY: Duration = Duration::from_secs(3);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Most topics named in one SUBSCRIBE.
+const SUBSCRIBE_BATCH: usize = 1000;
+
+/// Why the connection is being replaced.
+struct Lost(String);
+
+impl From<HubError> for Lost {
+    fn from(e: HubError) -> Lost {
+        Lost(e.to_string())
+    }
+}
+
+impl From<::redis::RedisError> for Lost {
+    fn from(e: ::redis::RedisError) -> Lost {
+        Lost(e.to_string())
+    }
+}
+
+pub(super) async fn run(
+    shard: Arc<Shard>,
+    hub: Hub,
+    mut ops: mpsc::UnboundedReceiver<Op>,
+    stop: CancellationToken,
+) {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let session = Session::new(&shard, &hub);
+        let started = Instant::now();
+        let r = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = session.run(&mut ops) => r,
+        };
+        let Err(Lost(why)) = r;
+        tracing::warn!(
+            shard = shard.name,
+            "cluster fan-out lost: {why}; reconnecting"
+        );
+        shard.metrics.cluster_reconnects.inc();
+        if started.elapsed() > BACKOFF_MAX * 5 {
+            backoff = BACKOFF_MIN; // it was up a while: this is a new outage
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// One pub/sub connection's life.
+struct Session<'a> {
+    shard: &'a Arc<Shard>,
+    hub: &'a Hub,
+    probe: String,
+}
+
+impl<'a> Session<'a> {
+    fn new(shard: &'a Arc<Shard>, hub: &'a Hub) -> Session<'a> {
+        Session {
+            shard,
+            hub,
+            probe: format!("{}probe:{}", shard.prefix, shard.node),
+        }
+    }
+
+    async fn run(
+        &self,
+        ops: &mut mpsc::UnboundedReceiver<Op>,
+    ) -> Result<std::convert::Infallible, Lost> {
+        let shard = self.shard;
+        let pubsub = tokio::time::timeout(COMMAND_TIMEOUT, shard.client.get_async_pubsub())
+            .await
+            .map_err(|_| Lost("no answer to connect".into()))??;
+        let (mut sink, mut stream) = pubsub.split();
+        let mut subscribed: HashSet<Arc<str>> = HashSet::new();
+        timed(sink.subscribe(&self.probe)).await?;
+        // Every channel active now: subscribe, then catch up (what the fan-out brings
+        // meanwhile waits in the stream and is found to be here already).
+        let names: Vec<Arc<str>> = shard.active.lock().keys().cloned().collect();
+        for batch in names.chunks(SUBSCRIBE_BATCH) {
+            let topics: Vec<String> = batch
+                .iter()
+                .map(|n| script::topic(&shard.prefix, n))
+                .collect();
+            timed(sink.subscribe(&topics)).await?;
+            subscribed.extend(batch.iter().cloned());
+        }
+        for name in &names {
+            let Some((chan, loaded)) = self.lookup(name) else {
+                continue;
+            };
+            if loaded {
+                self.catch_up(&chan).await?;
+            } else {
+                self.load(&chan).await?;
+            }
+            shard.loaded(&chan);
+        }
+        shard.set_connected(true);
+        let _up = Up(shard);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut heard = Instant::now();
+        let mut probed: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                msg = stream.next() => {
+                    let Some(msg) = msg else {
+                        return Err(Lost("connection closed".into()));
+                    };
+                    heard = Instant::now();
+                    probed = None;
+                    let topic = msg.get_channel_name();
+                    if topic == self.probe {
+                        continue;
+                    }
+                    let Some(name) = script::channel_of_topic(&shard.prefix, topic) else {
+                        continue;
+                    };
+                    let payload = bytes::Bytes::copy_from_slice(msg.get_payload_bytes());
+                    match script::parse_fanout(payload) {
+                        Some(Fanout::Message(e)) => self.received(name, e).await?,
+                        Some(Fanout::Deleted(node)) => self.deleted(name, &node),
+                        None => tracing::debug!(topic, "fan-out message not understood"),
+                    }
+                }
+                op = ops.recv() => {
+                    let Some(Op::Open(name)) = op else {
+                        // The engine is gone: so is this task's reason to be.
+                        return Err(Lost("engine dropped".into()));
+                    };
+                    let Some((chan, loaded)) = self.lookup(&name) else { continue };
+                    if loaded {
+                        continue;
+                    }
+                    if !subscribed.contains(&name) {
+                        timed(sink.subscribe(script::topic(&shard.prefix, &name))).await?;
+                        subscribed.insert(name.clone());
+                    }
+                    self.load(&chan).await?;
+                    shard.loaded(&chan);
+                }
+                _ = tick.tick() => {
+                    let idle = self.idle(&mut subscribed);
+                    for batch in idle.chunks(SUBSCRIBE_BATCH) {
+                        let topics: Vec<String> = batch
+                            .iter()
+                            .map(|n| script::topic(&shard.prefix, n))
+                            .collect();
+                        timed(sink.unsubscribe(&topics)).await?;
+                    }
+                    match probed {
+                        Some(at) if at.elapsed() >= PROBE_EVERY => {
+                            return Err(Lost(format!(
+                                "the pub/sub connection delivered nothing for {}s, not even a probe",
+                                (PROBE_EVERY * 2).as_secs()
+                            )));
+                        }
+                        None if heard.elapsed() >= PROBE_EVERY => {
+                            shard
+                                .query::<i64>(::redis::cmd("PUBLISH").arg(&self.probe).arg("p"))
+                                .await?;
+                            probed = Some(Instant::now());
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// The active channel of that name, and whether its tail is loaded.
+    fn lookup(&self, name: &str) -> Option<(Arc<Channel>, bool)> {
+        let active = self.shard.active.lock();
+        active
+            .get(name)
+            .map(|a| (a.chan.clone(), a.waiting.is_none()))
+    }
+
+    /// Channels with no local subscriber for [`LINGER`] (or no longer active): let go.
+    fn idle(&self, subscribed: &mut HashSet<Arc<str>>) -> Vec<Arc<str>> {
+        let mut gone = Vec::new();
+        let mut active = self.shard.active.lock();
+        for name in subscribed.iter() {
+            let keep = match active.get_mut(name) {
+                None => false,
+                Some(a) if a.waiting.is_some() || a.chan.subscriber_count() > 0 => {
+                    a.idle_since = None;
+                    true
+                }
+                Some(a) => match a.idle_since {
+                    None => {
+                        a.idle_since = Some(Instant::now());
+                        true
+                    }
+                    Some(t) => t.elapsed() < LINGER,
+                },
+            };
+            if !keep {
+                active.remove(name);
+                gone.push(name.clone());
+            }
+        }
+        for name in &gone {
+            subscribed.remove(name);
+        }
+        gone
+    }
+
+    /// One entry from the fan-out.
+    async fn received(&self, name: &str, e: Entry) -> Result<(), Lost> {
+        let Some((chan, true)) = self.lookup(name) else {
+            return Ok(()); // not loaded yet: the load reads it from the stream
+        };
+        let head = chan.head_id();
+        if e.id <= head {
+            return Ok(());
+        }
+        if e.prev == head {
+            self.hub.append_fanout(&chan, message(e));
+            return Ok(());
+        }
+        // A hole: what came between the head and this entry is in the stream, or lost.
+        self.catch_up(&chan).await?;
+        if e.id > chan.head_id() {
+            self.chain(&chan, vec![e]);
+        }
+        Ok(())
+    }
+
+    /// Another node deleted the channel: close its subscribers here too (this node's own
+    /// delete already did).
+    fn deleted(&self, name: &str, node: &str) {
+        if node == &*self.shard.node {
+            return;
+        }
+        self.shard.active.lock().remove(name);
+        let _ = self.hub.remove_deleted(name);
+    }
+
+    /// Reads what the stream has after the tail's head, and appends it.
+    async fn catch_up(&self, chan: &Arc<Channel>) -> Result<(), Lost> {
+        let keys = Keys::of(&self.shard.prefix, &chan.name);
+        let v: ::redis::Value = self
+            .shard
+            .query(
+                ::redis::cmd("XRANGE")
+                    .arg(&keys.stream)
+                    .arg(format!("({}", chan.head_id()))
+                    .arg("+"),
+            )
+            .await?;
+        let ::redis::Value::Array(items) = v else {
+            return Ok(());
+        };
+        self.chain(chan, items.iter().filter_map(script::entry_of).collect());
+        Ok(())
+    }
+
+    /// Appends entries (in id order) along the chain; a break in it is a gap.
+    fn chain(&self, chan: &Arc<Channel>, entries: Vec<Entry>) {
+        for e in entries {
+            let head = chan.head_id();
+            if e.id <= head {
+                continue;
+            }
+            // (A first entry whose previous id Redis did not know starts a tail at its floor.)
+            if e.prev != head && floor_before(&e) != head {
+                tracing::info!(
+                    channel = &*chan.name,
+                    "messages between {head} and {} are gone from Redis: subscribers are told of the gap",
+                    e.id
+                );
+                self.shard.metrics.cluster_gaps.inc();
+                chan.restart_at(floor_before(&e));
+            }
+            self.hub.append_fanout(chan, message(e));
+        }
+    }
+
+    /// A channel newly active here: its tail is what Redis has (the newest `buffer_messages`
+    /// entries), and a resume from before the oldest of them is a gap.
+    async fn load(&self, chan: &Arc<Channel>) -> Result<(), Lost> {
+        let keys = Keys::of(&self.shard.prefix, &chan.name);
+        let policy = chan.policy();
+        let meta_ttl = policy.buffer_ttl + super::META_EXTRA;
+        let v: ::redis::Value = self
+            .shard
+            .run(
+                script::LOAD
+                    .key(&keys.stream)
+                    .key(&keys.meta)
+                    .arg(policy.buffer_messages)
+                    .arg(meta_ttl.as_millis() as u64),
+            )
+            .await?;
+        let bad = || Lost("unexpected answer to the load script".into());
+        let ::redis::Value::Array(parts) = v else {
+            return Err(bad());
+        };
+        let [last, ::redis::Value::Array(newest_first)] = parts.as_slice() else {
+            return Err(bad());
+        };
+        let head = script::bulk(last)
+            .and_then(|b| script::parse_id(&b))
+            .ok_or_else(bad)?;
+        let mut entries: Vec<Entry> = newest_first.iter().filter_map(script::entry_of).collect();
+        entries.reverse();
+        let floor = entries.first().map_or(head, floor_before);
+        chan.restart_at(floor);
+        self.chain(chan, entries);
+        Ok(())
+    }
+}
+
+/// Resets `crier_cluster_up` when the session ends, however it ends.
+struct Up<'a>(&'a Shard);
+
+impl Drop for Up<'_> {
+    fn drop(&mut self) {
+        self.0.set_connected(false);
+    }
+}
+
+async fn timed<T>(
+    f: impl std::future::Future<Output = ::redis::RedisResult<T>>,
+) -> Result<T, Lost> {
+    match tokio::time::timeout(COMMAND_TIMEOUT, f).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(Lost("no answer to SUBSCRIBE".into())),
+    }
+}

@@ -1,0 +1,513 @@
+//! The Redis engine (`[cluster] redis`): several crier nodes share channels, ids, history and
+//! resume through Redis.
+//!
+//! A publish is one Lua script on the channel's shard ([`script::PUBLISH`]): XADD with the id
+//! Redis assigns, trim, expire, and PUBLISH of the entry on the channel's fan-out topic, in one
+//! atomic step; a 201 means Redis has it. No node appends what it publishes itself: every node,
+//! the publishing one too, appends only what the fan-out brings, so all of them deliver one
+//! order ([`fanout`]). Each entry carries the channel's previous id, so a node sees at once
+//! when it missed something (a dropped pub/sub connection, an outage) and fills the hole from
+//! the stream, or, when the stream no longer has it, tells its subscribers of the gap.
+//!
+//! A node listens to a channel's topic only while the channel is active here (it has local
+//! subscribers, or was published to from here, and for a few seconds after). Opening a channel
+//! subscribes first, then reads the stream's tail, so nothing falls between the two.
+
+mod error;
+mod fanout;
+mod script;
+mod shard;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+pub use error::ClusterError;
+
+use super::{Engine, EngineFuture};
+use crate::config::ClusterConfig;
+use crate::hub::{
+    Channel, ChannelStats, Hub, HubError, Message, MessageId, NewMessage, PublishReceipt,
+};
+use crate::keys::Secret;
+use crate::metrics::Metrics;
+use crate::model::ChannelName;
+use error::{redact, unavailable};
+use script::Keys;
+
+/// Longest a publish, delete or stats command waits for Redis: past it the client gets a 503
+/// and may retry (nothing hangs on a Redis that stopped answering).
+const COMMAND_TIMEOUT: Duration = Duration::from_millis(1000);
+/// Longest a subscriber waits for its channel to be opened (subscribe + stream read).
+const OPEN_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the meta hash (head id, count) outlives the last publish beyond the buffer TTL:
+/// as long as the hub remembers a freed channel's last id.
+const META_EXTRA: Duration = Duration::from_secs(24 * 3600);
+
+/// The engine: one [`Shard`] per URL.
+pub struct Redis {
+    shards: Vec<Arc<Shard>>,
+    stop: CancellationToken,
+    /// The fan-out tasks, until [`Redis::start`] hands them a hub.
+    pending: Mutex<Vec<(Arc<Shard>, mpsc::UnboundedReceiver<Op>)>>,
+    /// What must live as long as the engine (a test's Redis server).
+    _guard: Mutex<Option<Box<dyn std::any::Any + Send>>>,
+}
+
+/// One Redis server: a command connection (publish scripts, stream reads) and, in its
+/// [`fanout`] task, a pub/sub connection.
+pub(super) struct Shard {
+    /// The URL as messages show it (no password).
+    name: String,
+    client: ::redis::Client,
+    conn: ::redis::aio::ConnectionManager,
+    prefix: Arc<str>,
+    /// Tells this node's delete markers from other nodes'.
+    node: Arc<str>,
+    /// The channels active here, by name (see [`Active`]). parking_lot: held for lookups only.
+    active: Mutex<HashMap<Arc<str>, Active>>,
+    ops: mpsc::UnboundedSender<Op>,
+    metrics: Arc<Metrics>,
+    /// Shards whose fan-out is connected (shared by all shards: `crier_cluster_up`).
+    connected: Arc<AtomicUsize>,
+    shard_count: usize,
+}
+
+/// A channel this node listens to.
+struct Active {
+    chan: Arc<Channel>,
+    /// Subscribers waiting for the tail to be loaded; None once it is.
+    waiting: Option<Vec<oneshot::Sender<()>>>,
+    /// Since when it has had no local subscriber (the fan-out task lets it go after a while).
+    idle_since: Option<Instant>,
+}
+
+/// What the fan-out task is asked to do.
+pub(super) enum Op {
+    /// Subscribe to the channel's topic (if not yet) and load its tail.
+    Open(Arc<str>),
+}
+
+impl Redis {
+    /// Sets up every shard (a URL that does not parse is an error here); connections are made
+    /// on first use. [`Redis::check`] is the start-up test that they can be.
+    pub fn new(
+        config: &ClusterConfig,
+        password: Option<&Secret>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Redis, ClusterError> {
+        let node: Arc<str> = format!("{:016x}", node_id()).into();
+        let prefix: Arc<str> = config.key_prefix.as_str().into();
+        let connected = Arc::new(AtomicUsize::new(0));
+        let mut shards = Vec::new();
+        let mut pending = Vec::new();
+        for url in &config.redis {
+            let name = redact(url);
+            let client = client(url, password).map_err(|e| ClusterError::Connect {
+                url: name.clone(),
+                reason: e.to_string(),
+            })?;
+            let manager = ::redis::aio::ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(COMMAND_TIMEOUT))
+                .set_response_timeout(Some(COMMAND_TIMEOUT))
+                .set_number_of_retries(1)
+                .set_max_delay(Duration::from_millis(500));
+            let conn =
+                ::redis::aio::ConnectionManager::new_lazy_with_config(client.clone(), manager)
+                    .map_err(|e| ClusterError::Connect {
+                        url: name.clone(),
+                        reason: e.to_string(),
+                    })?;
+            let (ops, rx) = mpsc::unbounded_channel();
+            let shard = Arc::new(Shard {
+                name,
+                client,
+                conn,
+                prefix: prefix.clone(),
+                node: node.clone(),
+                active: Mutex::new(HashMap::new()),
+                ops,
+                metrics: metrics.clone(),
+                connected: connected.clone(),
+                shard_count: config.redis.len(),
+            });
+            pending.push((shard.clone(), rx));
+            shards.push(shard);
+        }
+        Ok(Redis {
+            shards,
+            stop: CancellationToken::new(),
+            pending: Mutex::new(pending),
+            _guard: Mutex::new(None),
+        })
+    }
+
+    /// Asks every shard for a PING: a refused connection, a bad password or a server that
+    /// does not answer is a start-up error naming the shard.
+    pub async fn check(&self) -> Result<(), ClusterError> {
+        for s in &self.shards {
+            s.query::<String>(&::redis::cmd("PING"))
+                .await
+                .map_err(|e| ClusterError::Connect {
+                    url: s.name.clone(),
+                    reason: match e {
+                        HubError::Unavailable(r) => r,
+                        other => other.to_string(),
+                    },
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Starts each shard's fan-out task on the hub this engine serves.
+    pub fn start(&self, hub: &Hub) {
+        for (shard, ops) in self.pending.lock().drain(..) {
+            tokio::spawn(fanout::run(shard, hub.clone(), ops, self.stop.clone()));
+        }
+    }
+
+    fn shard(&self, channel: &str) -> &Arc<Shard> {
+        &self.shards[shard::shard_of(channel, self.shards.len())]
+    }
+}
+
+/// A client for one URL, with the password of `password_file` when there is one.
+fn client(url: &str, password: Option<&Secret>) -> Result<::redis::Client, ::redis::RedisError> {
+    use ::redis::IntoConnectionInfo;
+    let mut info = url.into_connection_info()?;
+    if let Some(pw) = password {
+        let pw = String::from_utf8_lossy(&pw.0).into_owned();
+        let settings = info.redis_settings().clone().set_password(pw);
+        info = info.set_redis_settings(settings);
+    }
+    ::redis::Client::open(info)
+}
+
+/// Random enough to tell nodes apart (the pid and the clock, hashed by the std hasher's keys).
+fn node_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u128(unix_ms() as u128);
+    h.finish()
+}
+
+pub(super) fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Shard {
+    /// Runs one command with the deadline, timing it.
+    async fn run<T: ::redis::FromRedisValue>(
+        &self,
+        invocation: &::redis::ScriptInvocation<'_>,
+    ) -> Result<T, HubError> {
+        let mut conn = self.conn.clone();
+        let started = Instant::now();
+        let r = tokio::time::timeout(COMMAND_TIMEOUT, invocation.invoke_async(&mut conn)).await;
+        self.metrics
+            .cluster_command_duration
+            .observe(started.elapsed().as_secs_f64());
+        match r {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(unavailable(&self.name, e)),
+            Err(_) => Err(unavailable(
+                &self.name,
+                format!("no answer within {}ms", COMMAND_TIMEOUT.as_millis()),
+            )),
+        }
+    }
+
+    async fn query<T: ::redis::FromRedisValue>(&self, cmd: &::redis::Cmd) -> Result<T, HubError> {
+        let mut conn = self.conn.clone();
+        let started = Instant::now();
+        let r = tokio::time::timeout(COMMAND_TIMEOUT, cmd.query_async(&mut conn)).await;
+        self.metrics
+            .cluster_command_duration
+            .observe(started.elapsed().as_secs_f64());
+        match r {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(unavailable(&self.name, e)),
+            Err(_) => Err(unavailable(
+                &self.name,
+                format!("no answer within {}ms", COMMAND_TIMEOUT.as_millis()),
+            )),
+        }
+    }
+
+    /// Makes `chan` active here: the fan-out task subscribes to its topic and loads its tail.
+    /// Returns a receiver that resolves once that is done (None: it is already).
+    fn activate(&self, chan: &Arc<Channel>, wait: bool) -> Option<oneshot::Receiver<()>> {
+        let mut active = self.active.lock();
+        let (tx, rx) = if wait {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        match active.get_mut(&chan.name) {
+            Some(a) if Arc::ptr_eq(&a.chan, chan) => {
+                a.idle_since = None;
+                match (&mut a.waiting, tx) {
+                    (None, _) => None,
+                    (Some(w), Some(tx)) => {
+                        w.push(tx);
+                        rx
+                    }
+                    (Some(_), None) => None,
+                }
+            }
+            _ => {
+                // New here, or a new incarnation of the channel (freed and made again).
+                active.insert(
+                    chan.name.clone(),
+                    Active {
+                        chan: chan.clone(),
+                        waiting: Some(tx.into_iter().collect()),
+                        idle_since: None,
+                    },
+                );
+                // The task ends only with the engine: a closed queue means shutting down.
+                let _ = self.ops.send(Op::Open(chan.name.clone()));
+                rx
+            }
+        }
+    }
+
+    /// The fan-out task loaded `chan`: wake who waits for it.
+    fn loaded(&self, chan: &Arc<Channel>) {
+        let waiting = {
+            let mut active = self.active.lock();
+            match active.get_mut(&chan.name) {
+                Some(a) if Arc::ptr_eq(&a.chan, chan) => a.waiting.take(),
+                _ => None,
+            }
+        };
+        for w in waiting.into_iter().flatten() {
+            let _ = w.send(());
+        }
+    }
+
+    /// Sets `crier_cluster_up` from how many shards have their fan-out connected.
+    fn set_connected(&self, up: bool) {
+        let n = if up {
+            self.connected.fetch_add(1, Ordering::Relaxed) + 1
+        } else {
+            self.connected.fetch_sub(1, Ordering::Relaxed) - 1
+        };
+        self.metrics
+            .cluster_up
+            .set(i64::from(n == self.shard_count));
+    }
+}
+
+/// A stream entry as a message on the local tail; its age (from the id's Redis-clock ms) sets
+/// when it expires, so every node drops it at the same time.
+fn message(e: script::Entry) -> Arc<Message> {
+    let age = Duration::from_millis(unix_ms().saturating_sub(e.id.ms));
+    let now = Instant::now();
+    let content_type = http::HeaderValue::from_maybe_shared(e.content_type)
+        .unwrap_or(http::HeaderValue::from_static("application/octet-stream"));
+    Arc::new(Message::new(
+        e.id,
+        e.event,
+        content_type,
+        e.body,
+        now.checked_sub(age).unwrap_or(now),
+    ))
+}
+
+/// The id every id of the chain up to `e` is at or below: `e`'s previous id when Redis knew
+/// it, else just below `e` (what came before it cannot be known).
+fn floor_before(e: &script::Entry) -> MessageId {
+    if e.prev != MessageId::ZERO && e.prev < e.id {
+        return e.prev;
+    }
+    match e.id.seq {
+        0 => MessageId {
+            ms: e.id.ms.saturating_sub(1),
+            seq: u64::MAX,
+        },
+        s => MessageId {
+            ms: e.id.ms,
+            seq: s - 1,
+        },
+    }
+}
+
+impl Engine for Redis {
+    fn publish<'a>(
+        &'a self,
+        hub: &'a Hub,
+        channel: &'a ChannelName,
+        msg: NewMessage,
+    ) -> EngineFuture<'a, Result<PublishReceipt, HubError>> {
+        Box::pin(async move {
+            // The channel limit is this node's, as with every engine; the channel is active
+            // here from now on, so this node's tail gets the message from the fan-out too.
+            let (chan, _) = hub.get_or_create(channel, None)?;
+            let shard = self.shard(channel.as_str());
+            shard.activate(&chan, false);
+            let policy = chan.policy();
+            let keys = Keys::of(&shard.prefix, channel.as_str());
+            let ttl_ms = policy.buffer_ttl.as_millis().max(1) as u64;
+            let event = msg.event.as_deref().unwrap_or("");
+            let (id, len, _n): (String, u64, u64) = shard
+                .run(
+                    script::PUBLISH
+                        .key(&keys.stream)
+                        .key(&keys.meta)
+                        .arg(&keys.topic)
+                        .arg(policy.buffer_messages)
+                        .arg(ttl_ms)
+                        .arg(ttl_ms + META_EXTRA.as_millis() as u64)
+                        .arg(msg.content_type.as_bytes())
+                        .arg(msg.body.as_ref())
+                        .arg(event),
+                )
+                .await?;
+            let parsed: MessageId = id
+                .parse()
+                .map_err(|_| unavailable(&shard.name, format!("unexpected id {id:?}")))?;
+            let m = Arc::new(Message::new(
+                parsed,
+                msg.event,
+                msg.content_type,
+                msg.body,
+                Instant::now(),
+            ));
+            hub.observe_published(channel.as_str(), &m, &msg.headers);
+            Ok(PublishReceipt {
+                id,
+                channel: channel.as_str().to_string(),
+                subscribers: chan.subscriber_count(),
+                buffered: (len as usize).min(policy.buffer_messages),
+            })
+        })
+    }
+
+    fn open<'a>(
+        &'a self,
+        _hub: &'a Hub,
+        channel: &'a Arc<Channel>,
+    ) -> Option<EngineFuture<'a, Result<(), HubError>>> {
+        let shard = self.shard(&channel.name);
+        let rx = shard.activate(channel, true)?;
+        Some(Box::pin(async move {
+            match tokio::time::timeout(OPEN_TIMEOUT, rx).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(_)) => Err(HubError::ShuttingDown),
+                Err(_) => Err(unavailable(
+                    &shard.name,
+                    format!(
+                        "the channel's history could not be read within {}s",
+                        OPEN_TIMEOUT.as_secs()
+                    ),
+                )),
+            }
+        }))
+    }
+
+    fn delete<'a>(
+        &'a self,
+        hub: &'a Hub,
+        channel: &'a str,
+    ) -> EngineFuture<'a, Result<(), HubError>> {
+        Box::pin(async move {
+            let shard = self.shard(channel);
+            let keys = Keys::of(&shard.prefix, channel);
+            let had: u64 = shard
+                .run(
+                    script::DELETE
+                        .key(&keys.stream)
+                        .key(&keys.meta)
+                        .arg(&keys.topic)
+                        .arg(&*shard.node),
+                )
+                .await?;
+            shard.active.lock().remove(channel);
+            match hub.delete_local(channel) {
+                Err(HubError::NoSuchChannel) if had > 0 => Ok(()),
+                r => r,
+            }
+        })
+    }
+
+    fn stats<'a>(
+        &'a self,
+        hub: &'a Hub,
+        channel: &'a str,
+    ) -> EngineFuture<'a, Result<Option<ChannelStats>, HubError>> {
+        Box::pin(async move {
+            let shard = self.shard(channel);
+            let keys = Keys::of(&shard.prefix, channel);
+            let mut pipe = ::redis::pipe();
+            pipe.cmd("HMGET")
+                .arg(&keys.meta)
+                .arg("last")
+                .arg("n")
+                .cmd("XLEN")
+                .arg(&keys.stream);
+            let mut conn = shard.conn.clone();
+            let started = Instant::now();
+            let r = tokio::time::timeout(
+                COMMAND_TIMEOUT,
+                pipe.query_async::<((Option<String>, Option<u64>), u64)>(&mut conn),
+            )
+            .await;
+            shard
+                .metrics
+                .cluster_command_duration
+                .observe(started.elapsed().as_secs_f64());
+            let ((last, n), len) = match r {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => return Err(unavailable(&shard.name, e)),
+                Err(_) => return Err(unavailable(&shard.name, "no answer in time")),
+            };
+            let n = n.unwrap_or(0);
+            let local = hub.local_stats(channel);
+            if n == 0 && local.is_none() {
+                return Ok(None);
+            }
+            let policy = hub.config().buffer_policy_for(channel);
+            let mut s = local.unwrap_or_else(|| ChannelStats {
+                channel: channel.to_string(),
+                subscribers: 0,
+                subscribers_by_transport: crate::hub::SubscriberCounts {
+                    websocket: 0,
+                    sse: 0,
+                    longpoll: 0,
+                    webrtc: 0,
+                },
+                buffered: 0,
+                last_id: None,
+                published: 0,
+            });
+            s.published = n;
+            s.last_id = if n > 0 { last } else { None };
+            s.buffered = (len as usize).min(policy.buffer_messages);
+            Ok(Some(s))
+        })
+    }
+
+    fn close(&self) {
+        self.stop.cancel();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests;

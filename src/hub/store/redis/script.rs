@@ -1,0 +1,261 @@
+//! What crier keeps in Redis, and the Lua scripts that change it atomically.
+//!
+//! Per channel, all under one hash tag (`{channel}`) so the layout also works on Redis Cluster:
+//! - `<prefix>{<channel>}:s`, a stream: entry id = crier's message id (Redis assigns it:
+//!   `<ms>-<seq>` is already crier's shape); fields `p` (the previous id of the channel: the
+//!   chain every node checks for holes), `t` (content type), `b` (body), `e` (event name, if
+//!   any). Trimmed by count (`MAXLEN ~`) and age (`MINID`), and expires with its TTL.
+//! - `<prefix>{<channel>}:m`, a hash: `last` (the channel's head: its newest id, or the floor a
+//!   node saw when it first opened the channel) and `n` (messages published since the last
+//!   delete). It outlives the stream (a day more), so ids keep rising after a delete or expiry.
+//! - `<prefix>{<channel>}:f`, the fan-out topic (pub/sub): one message per publish, carrying
+//!   the entry, so a node costs one Redis message per publish, not one read per subscriber.
+
+use std::sync::LazyLock;
+
+use bytes::Bytes;
+
+use crate::hub::MessageId;
+
+/// XADD with the next id, trim, expire, update the head and count, and PUBLISH the entry: one
+/// atomic step, so an id is never published without being stored, nor stored unannounced.
+/// The id is Redis's `*` unless the clock (Redis's) has not passed the head (a head left by
+/// a deleted or expired stream, or a clock that went back): then the head's ms and seq + 1.
+pub(super) static PUBLISH: LazyLock<::redis::Script> = LazyLock::new(|| {
+    ::redis::Script::new(
+        r#"
+local last = redis.call('HGET', KEYS[2], 'last')
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local id = '*'
+if last then
+  local dash = string.find(last, '-', 1, true)
+  local lms = string.sub(last, 1, dash - 1)
+  if now <= tonumber(lms) then
+    id = lms .. '-' .. string.format('%d', tonumber(string.sub(last, dash + 1)) + 1)
+  end
+else
+  last = '0-0'
+end
+local fields = {'p', last, 't', ARGV[5], 'b', ARGV[6]}
+if ARGV[7] ~= '' then
+  fields[#fields + 1] = 'e'
+  fields[#fields + 1] = ARGV[7]
+end
+id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], id, unpack(fields))
+redis.call('XTRIM', KEYS[1], 'MINID', string.format('%d', now - tonumber(ARGV[3])) .. '-0')
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('HSET', KEYS[2], 'last', id)
+local n = redis.call('HINCRBY', KEYS[2], 'n', 1)
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+redis.call('PUBLISH', ARGV[1], 'm' .. id .. '\n' .. last .. '\n' .. ARGV[7] .. '\n' .. ARGV[5] .. '\n' .. ARGV[6])
+return {id, redis.call('XLEN', KEYS[1]), n}
+"#,
+    )
+});
+
+/// The head and the newest `ARGV[1]` entries, for a node that opens a channel. A channel
+/// Redis knows nothing of gets a head of Redis's now: whatever a client names from before
+/// (another Redis life, an expired channel) cannot be proven complete, so it is a gap.
+pub(super) static LOAD: LazyLock<::redis::Script> = LazyLock::new(|| {
+    ::redis::Script::new(
+        r#"
+local last = redis.call('HGET', KEYS[2], 'last')
+if not last then
+  local t = redis.call('TIME')
+  last = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)) .. '-0'
+  redis.call('HSET', KEYS[2], 'last', last, 'n', 0)
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+end
+return {last, redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', ARGV[1])}
+"#,
+    )
+});
+
+/// Drops the stream, keeps the head (ids keep rising), zeroes the count and tells every node
+/// (`d<node>`: the deleting node has already closed its own subscribers). Returns the count
+/// before.
+pub(super) static DELETE: LazyLock<::redis::Script> = LazyLock::new(|| {
+    ::redis::Script::new(
+        r#"
+local n = tonumber(redis.call('HGET', KEYS[2], 'n') or '0')
+local had = redis.call('DEL', KEYS[1])
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('HSET', KEYS[2], 'n', 0)
+end
+redis.call('PUBLISH', ARGV[1], 'd' .. ARGV[2])
+return n + had
+"#,
+    )
+});
+
+/// The keys and topic of one channel.
+pub(super) struct Keys {
+    pub(super) stream: String,
+    pub(super) meta: String,
+    pub(super) topic: String,
+}
+
+impl Keys {
+    pub(super) fn of(prefix: &str, channel: &str) -> Keys {
+        Keys {
+            stream: format!("{prefix}{{{channel}}}:s"),
+            meta: format!("{prefix}{{{channel}}}:m"),
+            topic: topic(prefix, channel),
+        }
+    }
+}
+
+pub(super) fn topic(prefix: &str, channel: &str) -> String {
+    format!("{prefix}{{{channel}}}:f")
+}
+
+/// The channel a fan-out topic belongs to.
+pub(super) fn channel_of_topic<'a>(prefix: &str, topic: &'a str) -> Option<&'a str> {
+    topic
+        .strip_prefix(prefix)?
+        .strip_prefix('{')?
+        .strip_suffix("}:f")
+}
+
+/// One stream entry, from the fan-out or from a stream read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Entry {
+    pub(super) id: MessageId,
+    /// The channel's previous id when this was published (`0-0`: Redis had no head).
+    pub(super) prev: MessageId,
+    pub(super) event: Option<Box<str>>,
+    pub(super) content_type: Bytes,
+    pub(super) body: Bytes,
+}
+
+/// What a fan-out message says.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Fanout {
+    Message(Entry),
+    /// The channel was deleted by the node of that id.
+    Deleted(String),
+}
+
+/// `m<id>\n<prev>\n<event>\n<content type>\n<body>` or `d<node>`. None: not ours.
+pub(super) fn parse_fanout(payload: Bytes) -> Option<Fanout> {
+    match payload.first()? {
+        b'd' => Some(Fanout::Deleted(
+            String::from_utf8_lossy(&payload[1..]).into_owned(),
+        )),
+        b'm' => {
+            let mut rest = payload.slice(1..);
+            let mut field = || {
+                let i = rest.iter().position(|b| *b == b'\n')?;
+                let f = rest.slice(..i);
+                rest = rest.slice(i + 1..);
+                Some(f)
+            };
+            let id = parse_id(&field()?)?;
+            let prev = parse_id(&field()?)?;
+            let event = field()?;
+            let content_type = field()?;
+            Some(Fanout::Message(Entry {
+                id,
+                prev,
+                event: event_name(&event),
+                content_type,
+                body: rest,
+            }))
+        }
+        _ => None,
+    }
+}
+
+fn event_name(b: &[u8]) -> Option<Box<str>> {
+    (!b.is_empty())
+        .then(|| std::str::from_utf8(b).ok().map(Into::into))
+        .flatten()
+}
+
+pub(super) fn parse_id(b: &[u8]) -> Option<MessageId> {
+    std::str::from_utf8(b).ok()?.parse().ok()
+}
+
+/// A stream entry as XRANGE / XREVRANGE return it: `[id, [field, value, …]]`.
+pub(super) fn entry_of(v: &::redis::Value) -> Option<Entry> {
+    let ::redis::Value::Array(pair) = v else {
+        return None;
+    };
+    let [id, ::redis::Value::Array(fields)] = pair.as_slice() else {
+        return None;
+    };
+    let id = parse_id(&bulk(id)?)?;
+    let mut e = Entry {
+        id,
+        prev: MessageId::ZERO,
+        event: None,
+        content_type: Bytes::from_static(b"application/octet-stream"),
+        body: Bytes::new(),
+    };
+    for kv in fields.chunks_exact(2) {
+        let value = bulk(&kv[1])?;
+        match bulk(&kv[0])?.as_ref() {
+            b"p" => e.prev = parse_id(&value)?,
+            b"t" => e.content_type = value,
+            b"b" => e.body = value,
+            b"e" => e.event = event_name(&value),
+            _ => {}
+        }
+    }
+    Some(e)
+}
+
+pub(super) fn bulk(v: &::redis::Value) -> Option<Bytes> {
+    match v {
+        ::redis::Value::BulkString(b) => Some(Bytes::copy_from_slice(b)),
+        ::redis::Value::SimpleString(s) => Some(Bytes::copy_from_slice(s.as_bytes())),
+        ::redis::Value::Int(n) => Some(Bytes::from(n.to_string())),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fanout_messages_parse() {
+        let got = parse_fanout(Bytes::from_static(
+            b"m1700000000000-3\n1700000000000-2\nnews\ntext/plain\nline 1\nline 2",
+        ));
+        assert_eq!(
+            got,
+            Some(Fanout::Message(Entry {
+                id: MessageId {
+                    ms: 1700000000000,
+                    seq: 3
+                },
+                prev: MessageId {
+                    ms: 1700000000000,
+                    seq: 2
+                },
+                event: Some("news".into()),
+                content_type: Bytes::from_static(b"text/plain"),
+                body: Bytes::from_static(b"line 1\nline 2"),
+            }))
+        );
+        assert_eq!(
+            parse_fanout(Bytes::from_static(b"dnode-1")),
+            Some(Fanout::Deleted("node-1".into()))
+        );
+        for bad in [&b""[..], b"x", b"m1-0\n", b"mjunk\n0-0\n\nt\nb"] {
+            assert_eq!(parse_fanout(Bytes::copy_from_slice(bad)), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn topics_name_their_channel() {
+        let t = topic("crier:", "chat:room-1");
+        assert_eq!(t, "crier:{chat:room-1}:f");
+        assert_eq!(channel_of_topic("crier:", &t), Some("chat:room-1"));
+        assert_eq!(channel_of_topic("other:", &t), None);
+        let k = Keys::of("p:", "a");
+        assert_eq!((k.stream.as_str(), k.meta.as_str()), ("p:{a}:s", "p:{a}:m"));
+    }
+}
