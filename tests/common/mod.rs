@@ -18,6 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 
 pub mod process;
 pub mod raw;
+pub mod redis;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
