@@ -56,13 +56,17 @@ pub(super) async fn run(
     stop: CancellationToken,
 ) {
     let mut backoff = BACKOFF_MIN;
+    let mut sessions = 0u64;
     loop {
-        let session = Session::new(&shard, &hub);
+        let session = Session::new(&shard, &hub, sessions);
         let started = Instant::now();
         let r = tokio::select! {
             _ = stop.cancelled() => return,
             r = session.run(&mut ops) => r,
         };
+        if session.connected.load(std::sync::atomic::Ordering::Relaxed) {
+            sessions += 1;
+        }
         let Err(Lost(why)) = r;
         tracing::warn!(
             shard = shard.name,
@@ -85,13 +89,18 @@ struct Session<'a> {
     shard: &'a Arc<Shard>,
     hub: &'a Hub,
     probe: String,
+    /// Sessions that connected before this one (0: the first connection, not a reconnect).
+    before: u64,
+    connected: std::sync::atomic::AtomicBool,
 }
 
 impl<'a> Session<'a> {
-    fn new(shard: &'a Arc<Shard>, hub: &'a Hub) -> Session<'a> {
+    fn new(shard: &'a Arc<Shard>, hub: &'a Hub, before: u64) -> Session<'a> {
         Session {
             shard,
             hub,
+            before,
+            connected: std::sync::atomic::AtomicBool::new(false),
             probe: format!("{}probe:{}", shard.prefix, shard.node),
         }
     }
@@ -130,7 +139,17 @@ impl<'a> Session<'a> {
             shard.loaded(&chan);
         }
         shard.set_connected(true);
+        self.connected
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let _up = Up(shard);
+        if self.before > 0 {
+            shard.metrics.cluster_reconnects.inc();
+            tracing::info!(
+                shard = shard.name,
+                "cluster fan-out connected again, {} channels caught up",
+                names.len()
+            );
+        }
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut heard = Instant::now();
         let mut probed: Option<Instant> = None;
@@ -249,13 +268,13 @@ impl<'a> Session<'a> {
             return Ok(());
         }
         if e.prev == head {
-            self.hub.append_fanout(&chan, message(e));
+            self.hub.append_fanout(&chan, message(e, true));
             return Ok(());
         }
         // A hole: what came between the head and this entry is in the stream, or lost.
         self.catch_up(&chan).await?;
         if e.id > chan.head_id() {
-            self.chain(&chan, vec![e]);
+            self.chain(&chan, vec![e], true);
         }
         Ok(())
     }
@@ -285,19 +304,22 @@ impl<'a> Session<'a> {
         let ::redis::Value::Array(items) = v else {
             return Ok(());
         };
-        self.chain(chan, items.iter().filter_map(script::entry_of).collect());
+        self.chain(
+            chan,
+            items.iter().filter_map(script::entry_of).collect(),
+            false,
+        );
         Ok(())
     }
 
     /// Appends entries (in id order) along the chain; a break in it is a gap.
-    fn chain(&self, chan: &Arc<Channel>, entries: Vec<Entry>) {
+    fn chain(&self, chan: &Arc<Channel>, entries: Vec<Entry>, live: bool) {
         for e in entries {
             let head = chan.head_id();
             if e.id <= head {
                 continue;
             }
-            // (A first entry whose previous id Redis did not know starts a tail at its floor.)
-            if e.prev != head && floor_before(&e) != head {
+            if e.prev != head {
                 tracing::info!(
                     channel = &*chan.name,
                     "messages between {head} and {} are gone from Redis: subscribers are told of the gap",
@@ -306,7 +328,7 @@ impl<'a> Session<'a> {
                 self.shard.metrics.cluster_gaps.inc();
                 chan.restart_at(floor_before(&e));
             }
-            self.hub.append_fanout(chan, message(e));
+            self.hub.append_fanout(chan, message(e, live));
         }
     }
 
@@ -340,7 +362,12 @@ impl<'a> Session<'a> {
         entries.reverse();
         let floor = entries.first().map_or(head, floor_before);
         chan.restart_at(floor);
-        self.chain(chan, entries);
+        let mut entries = entries.into_iter();
+        // The oldest starts the tail (whatever its previous id); the rest must follow it.
+        if let Some(first) = entries.next() {
+            self.hub.append_fanout(chan, message(first, false));
+        }
+        self.chain(chan, entries.collect(), false);
         Ok(())
     }
 }

@@ -266,8 +266,9 @@ impl Shard {
                 }
             }
             _ => {
-                // New here, or a new incarnation of the channel (freed and made again).
-                active.insert(
+                // New here, or a new incarnation of the channel (freed and made again): who
+                // waited for the old one is let go (it is gone; they see it closed).
+                let old = active.insert(
                     chan.name.clone(),
                     Active {
                         chan: chan.clone(),
@@ -275,6 +276,9 @@ impl Shard {
                         idle_since: None,
                     },
                 );
+                for w in old.and_then(|a| a.waiting).into_iter().flatten() {
+                    let _ = w.send(());
+                }
                 // The task ends only with the engine: a closed queue means shutting down.
                 let _ = self.ops.send(Op::Open(chan.name.clone()));
                 rx
@@ -309,10 +313,15 @@ impl Shard {
     }
 }
 
-/// A stream entry as a message on the local tail; its age (from the id's Redis-clock ms) sets
-/// when it expires, so every node drops it at the same time.
-fn message(e: script::Entry) -> Arc<Message> {
-    let age = Duration::from_millis(unix_ms().saturating_sub(e.id.ms));
+/// A stream entry as a message on the local tail. One read back from the stream (`live`
+/// false) is as old as its id says (Redis's clock), so every node expires it at about the same
+/// time; one the fan-out brings now is new (a node whose clock runs ahead of Redis's by more
+/// than the TTL would otherwise drop it on arrival).
+fn message(e: script::Entry, live: bool) -> Arc<Message> {
+    let age = match live {
+        true => Duration::ZERO,
+        false => Duration::from_millis(unix_ms().saturating_sub(e.id.ms)),
+    };
     let now = Instant::now();
     let content_type = http::HeaderValue::from_maybe_shared(e.content_type)
         .unwrap_or(http::HeaderValue::from_static("application/octet-stream"));
@@ -371,7 +380,8 @@ impl Engine for Redis {
                         .arg(ttl_ms + META_EXTRA.as_millis() as u64)
                         .arg(msg.content_type.as_bytes())
                         .arg(msg.body.as_ref())
-                        .arg(event),
+                        .arg(event)
+                        .arg(chan.head_id().to_string()),
                 )
                 .await?;
             let parsed: MessageId = id

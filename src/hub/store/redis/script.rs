@@ -19,36 +19,56 @@ use crate::hub::MessageId;
 
 /// XADD with the next id, trim, expire, update the head and count, and PUBLISH the entry: one
 /// atomic step, so an id is never published without being stored, nor stored unannounced.
-/// The id is Redis's `*` unless the clock (Redis's) has not passed the head (a head left by
-/// a deleted or expired stream, or a clock that went back): then the head's ms and seq + 1.
+/// The id is Redis's `*` unless the clock (Redis's) has not passed the head: then the head's
+/// ms and seq + 1. The head is the meta's; when Redis has none (it lost its data, or the
+/// channel expired), the highest of the stream's top and the publishing node's own head
+/// (`ARGV[8]`), so ids keep rising for the nodes that still hold the old tail; the entry's `p`
+/// is then `0-0` (unknown), which every node reports as a gap.
 pub(super) static PUBLISH: LazyLock<::redis::Script> = LazyLock::new(|| {
     ::redis::Script::new(
         r#"
+local function split(id)
+  local dash = string.find(id, '-', 1, true)
+  return tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1))
+end
+local function above(a, b)
+  local am, as = split(a)
+  local bm, bs = split(b)
+  return am > bm or (am == bm and as > bs)
+end
 local last = redis.call('HGET', KEYS[2], 'last')
+local prev = last
+local base = last
+if not last then
+  prev = '0-0'
+  base = ARGV[8]
+  local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
+  if top and above(top[1], base) then
+    base = top[1]
+  end
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local id = '*'
-if last then
-  local dash = string.find(last, '-', 1, true)
-  local lms = string.sub(last, 1, dash - 1)
-  if now <= tonumber(lms) then
-    id = lms .. '-' .. string.format('%d', tonumber(string.sub(last, dash + 1)) + 1)
-  end
-else
-  last = '0-0'
+local bms, bseq = split(base)
+if now <= bms then
+  id = string.format('%d', bms) .. '-' .. string.format('%d', bseq + 1)
 end
-local fields = {'p', last, 't', ARGV[5], 'b', ARGV[6]}
+local fields = {'p', prev, 't', ARGV[5], 'b', ARGV[6]}
 if ARGV[7] ~= '' then
   fields[#fields + 1] = 'e'
   fields[#fields + 1] = ARGV[7]
 end
 id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], id, unpack(fields))
-redis.call('XTRIM', KEYS[1], 'MINID', string.format('%d', now - tonumber(ARGV[3])) .. '-0')
+local minid = now - tonumber(ARGV[3])
+if minid > 0 then
+  redis.call('XTRIM', KEYS[1], 'MINID', string.format('%d', minid) .. '-0')
+end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('HSET', KEYS[2], 'last', id)
 local n = redis.call('HINCRBY', KEYS[2], 'n', 1)
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
-redis.call('PUBLISH', ARGV[1], 'm' .. id .. '\n' .. last .. '\n' .. ARGV[7] .. '\n' .. ARGV[5] .. '\n' .. ARGV[6])
+redis.call('PUBLISH', ARGV[1], 'm' .. id .. '\n' .. prev .. '\n' .. ARGV[7] .. '\n' .. ARGV[5] .. '\n' .. ARGV[6])
 return {id, redis.call('XLEN', KEYS[1]), n}
 "#,
     )
