@@ -328,3 +328,209 @@ async fn an_unreachable_redis_stops_the_start_with_one_line() {
         "{e}"
     );
 }
+
+/// A webhook endpoint that keeps every event body it is sent.
+async fn hook_receiver() -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+) {
+    use http_body_util::BodyExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+    let seen: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>> = Default::default();
+    let kept = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let kept = kept.clone();
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let kept = kept.clone();
+                        async move {
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            if let Ok(v) = serde_json::from_slice(&body) {
+                                kept.lock().expect("lock").push(v);
+                            }
+                            Ok::<_, std::convert::Infallible>(http::Response::new(
+                                http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
+                            ))
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (url, seen)
+}
+
+#[tokio::test]
+async fn a_webhook_fires_once_per_message_from_the_node_that_took_it() {
+    need_redis!();
+    let redis = RedisServer::start(false);
+    let up = Upstream::start().await;
+    let (hook, seen) = hook_receiver().await;
+    let dir = tempfile::tempdir().expect("test setup");
+    let secret = dir.path().join("hook.secret");
+    std::fs::write(&secret, "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\n").expect("test setup");
+    let extra = format!(
+        "{}[[webhook]]\nurl = \"{hook}\"\nsecret_file = \"{}\"\n",
+        cluster(&[redis.url()]),
+        secret.display()
+    );
+    let a = Crier::start(&up.url(), &extra).await;
+    let b = Crier::start(&up.url(), &extra).await;
+    // Both nodes listen to the channel, so both get every message from the fan-out.
+    let _sa = SseClient::connect(&a.url("/live/w"), None).await;
+    let _sb = SseClient::connect(&b.url("/live/w"), None).await;
+    wait_subscribers(&a, "w", 1).await;
+    wait_subscribers(&b, "w", 1).await;
+    let ids = [
+        a.publish("w", "from a").await,
+        b.publish("w", "from b").await,
+    ];
+    let ok = eventually(Duration::from_secs(10), async || {
+        seen.lock().expect("lock").len() >= 2
+    })
+    .await;
+    assert!(ok, "both messages reached the webhook");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got = seen.lock().expect("lock").clone();
+    let mut got_ids: Vec<String> = got
+        .iter()
+        .map(|v| v["data"]["id"].as_str().unwrap_or_default().to_string())
+        .collect();
+    got_ids.sort();
+    let mut want = ids.to_vec();
+    want.sort();
+    assert_eq!(
+        got_ids, want,
+        "once per message, not once per node: {got:?}"
+    );
+}
+
+/// A TCP proxy in front of Redis that can wedge the pub/sub connections it carries: they stay
+/// open, and what Redis sends them is swallowed (a connection that looks healthy and delivers
+/// nothing). Connections made after the wedge pass.
+struct WedgingProxy {
+    port: u16,
+    wedge_below: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    next: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl WedgingProxy {
+    async fn start(redis_port: u16) -> WedgingProxy {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::Arc;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let wedge_below = Arc::new(AtomicU64::new(0));
+        let next = Arc::new(AtomicU64::new(1));
+        let (wb, nx) = (wedge_below.clone(), next.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", redis_port)).await
+                else {
+                    continue;
+                };
+                let me = nx.fetch_add(1, Ordering::Relaxed);
+                let pubsub = Arc::new(AtomicBool::new(false));
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let ps = pubsub.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16384];
+                    while let Ok(n) = cr.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        if buf[..n]
+                            .windows(9)
+                            .any(|w| w.eq_ignore_ascii_case(b"SUBSCRIBE"))
+                        {
+                            ps.store(true, Ordering::Relaxed);
+                        }
+                        if sw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                let wb = wb.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16384];
+                    while let Ok(n) = sr.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        let wedged =
+                            pubsub.load(Ordering::Relaxed) && me < wb.load(Ordering::Relaxed);
+                        if !wedged && cw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        WedgingProxy {
+            port,
+            wedge_below,
+            next,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Wedges the pub/sub connections open now.
+    fn wedge(&self) {
+        use std::sync::atomic::Ordering;
+        self.wedge_below
+            .store(self.next.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+}
+
+#[tokio::test]
+async fn a_wedged_pubsub_connection_is_found_by_the_probe_and_replaced() {
+    need_redis!();
+    let redis = RedisServer::start(false);
+    let proxy = WedgingProxy::start(redis.port).await;
+    let up = Upstream::start().await;
+    let a = node(&up, &[redis.url()]).await;
+    // Node B reaches Redis through the proxy (the same server: both nodes share it).
+    let b = node(&up, &[proxy.url()]).await;
+    let mut sub = SseClient::connect(&b.url("/live/p"), None).await;
+    wait_subscribers(&b, "p", 1).await;
+    let mut ids = vec![a.publish("p", "0").await];
+    assert_eq!(
+        sse_n(&mut sub, 1).await[0].id.as_deref(),
+        Some(ids[0].as_str())
+    );
+    proxy.wedge();
+    for i in 1..4 {
+        ids.push(a.publish("p", format!("{i}")).await);
+    }
+    // Nothing arrives on the wedged connection; the probe notices, the connection is
+    // replaced and the channel caught up from the stream.
+    let got = sse_n(&mut sub, 3).await;
+    assert_eq!(
+        got.iter()
+            .map(|e| e.id.clone().unwrap_or_default())
+            .collect::<Vec<_>>(),
+        ids[1..]
+    );
+    assert!(metric(&b, "crier_cluster_reconnects_total")
+        .await
+        .is_some_and(|v| v >= 1.0));
+}
