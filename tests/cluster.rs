@@ -534,3 +534,58 @@ async fn a_wedged_pubsub_connection_is_found_by_the_probe_and_replaced() {
         .await
         .is_some_and(|v| v >= 1.0));
 }
+
+#[tokio::test]
+async fn a_third_node_sigkilled_and_restarted_resumes_its_clients_from_redis() {
+    need_redis!();
+    use common::process::CrierProcess;
+    let redis = RedisServer::start(false);
+    let up = Upstream::start().await;
+    let a = node(&up, &[redis.url()]).await;
+    let b = node(&up, &[redis.url()]).await;
+    let c = CrierProcess::start(&up.url(), &cluster(&[redis.url()]));
+    let mut on_c = SseClient::connect(&c.url("/live/r"), None).await;
+    let ok = eventually(Duration::from_secs(10), async || {
+        // C's subscriber is counted on C only; a publish it receives proves it is listening.
+        let id = a.publish("r", "probe").await;
+        matches!(on_c.next_within(Duration::from_millis(500)).await,
+            Ok(Some(e)) if e.id.as_deref() == Some(id.as_str()))
+    })
+    .await;
+    assert!(ok, "node C delivers node A's publishes");
+    let seen = [a.publish("r", "1").await, b.publish("r", "2").await];
+    let got = sse_n(&mut on_c, 2).await;
+    assert_eq!(got[1].id.as_deref(), Some(seen[1].as_str()));
+    drop(on_c);
+    drop(c); // SIGKILL
+    let missed = [a.publish("r", "3").await, b.publish("r", "4").await];
+    let c = CrierProcess::start(&up.url(), &cluster(&[redis.url()]));
+    let mut resumed = SseClient::connect(&c.url("/live/r"), Some(&seen[1])).await;
+    assert_eq!(resumed.header("crier-resume").as_deref(), Some("ok"));
+    let got = sse_n(&mut resumed, 2).await;
+    assert_eq!(
+        got.iter()
+            .map(|e| e.id.clone().unwrap_or_default())
+            .collect::<Vec<_>>(),
+        missed,
+        "exactly what it missed, from Redis's history"
+    );
+}
+
+#[test]
+fn crier_check_and_run_name_a_bad_cluster_url() {
+    use common::process::run_cli;
+    let dir = tempfile::tempdir().expect("test setup");
+    let conf = dir.path().join("crier.toml");
+    std::fs::write(&conf, "[cluster]\nredis = [\"redis//127.0.0.1\"]\n").expect("test setup");
+    let out = run_cli(
+        &["check", "--config", conf.to_str().expect("utf-8")],
+        dir.path(),
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("crier.toml:2:10: cluster.redis: \"redis//127.0.0.1\""),
+        "{err}"
+    );
+}
