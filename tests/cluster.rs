@@ -589,3 +589,96 @@ fn crier_check_and_run_name_a_bad_cluster_url() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn the_password_file_authenticates_and_a_wrong_one_stops_the_start() {
+    need_redis!();
+    let redis = RedisServer::start_with(false, &["--requirepass", "s3cret-pw"]);
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().expect("test setup");
+    let pw = dir.path().join("redis.pw");
+    std::fs::write(&pw, "s3cret-pw\n").expect("test setup");
+    let with = |file: &std::path::Path| {
+        format!(
+            "{}password_file = \"{}\"\n",
+            cluster(&[redis.url()]),
+            file.display()
+        )
+    };
+    let a = Crier::start(&up.url(), &with(&pw)).await;
+    let mut sub = SseClient::connect(&a.url("/live/pw"), None).await;
+    wait_subscribers(&a, "pw", 1).await;
+    let id = a.publish("pw", "x").await;
+    assert_eq!(sse_n(&mut sub, 1).await[0].id.as_deref(), Some(id.as_str()));
+    let wrong = dir.path().join("wrong.pw");
+    std::fs::write(&wrong, "nope").expect("test setup");
+    let e = match Crier::try_start(&up.url(), &with(&wrong)).await {
+        Ok(_) => panic!("started with a wrong password"),
+        Err(e) => e,
+    };
+    assert!(
+        e.starts_with(&format!("cluster.redis {}: ", redis.url())) && !e.contains('\n'),
+        "{e}"
+    );
+    assert!(!e.contains("nope"), "the password is not shown: {e}");
+}
+
+#[tokio::test]
+async fn rediss_speaks_tls() {
+    need_redis!();
+    let certs = tempfile::tempdir().expect("test setup");
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .expect("cert");
+    let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+    std::fs::write(&cert, ck.cert.pem()).expect("test setup");
+    std::fs::write(&key, ck.signing_key.serialize_pem()).expect("test setup");
+    let (cert, key) = (cert.display().to_string(), key.display().to_string());
+    let redis = RedisServer::start_with(
+        false,
+        &[
+            "--port",
+            "0",
+            "--tls-port",
+            "{port}",
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &cert,
+            "--tls-auth-clients",
+            "no",
+        ],
+    );
+    let up = Upstream::start().await;
+    // The test's certificate is its own CA: `ca_file` names it.
+    let extra = format!(
+        "{}ca_file = \"{cert}\"\n",
+        cluster(&[format!("rediss://127.0.0.1:{}/0", redis.port)])
+    );
+    let a = Crier::start(&up.url(), &extra).await;
+    let b = Crier::start(&up.url(), &extra).await;
+    // Without it, the system roots do not know the certificate: a clear start-up error.
+    let e = match Crier::try_start(
+        &up.url(),
+        &cluster(&[format!("rediss://127.0.0.1:{}/0", redis.port)]),
+    )
+    .await
+    {
+        Ok(_) => panic!("an unknown certificate was accepted"),
+        Err(e) => e,
+    };
+    assert!(
+        e.starts_with("cluster.redis rediss://127.0.0.1:") && !e.contains('\n'),
+        "{e}"
+    );
+    let mut sub = SseClient::connect(&b.url("/live/tls"), None).await;
+    wait_subscribers(&b, "tls", 1).await;
+    let id = a.publish("tls", "over TLS").await;
+    let got = sse_n(&mut sub, 1).await;
+    assert_eq!(
+        (got[0].id.as_deref(), got[0].data.as_str()),
+        (Some(id.as_str()), "over TLS")
+    );
+}

@@ -13,6 +13,7 @@ pub(super) struct RawCluster {
     redis: Option<S<Vec<S<String>>>>,
     key_prefix: Option<S<String>>,
     password_file: Option<S<String>>,
+    ca_file: Option<S<String>>,
 }
 
 /// `[cluster]`, validated. None in [`Config`]: one node, the memory (or file) engine.
@@ -25,6 +26,9 @@ pub struct ClusterConfig {
     pub key_prefix: String,
     /// A file holding the password for every shard (instead of one in the URL); read by `keys`.
     pub password_file: Option<KeyFile>,
+    /// The CA (PEM) that `rediss://` servers' certificates chain to, instead of the system
+    /// roots (a private CA). Read at start.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Longest prefix taken: every key carries it.
@@ -87,6 +91,9 @@ impl Validator<'_> {
         let password_file = raw
             .password_file
             .map(|f| self.key_file("cluster.password_file", &f, base));
+        let ca_file = raw
+            .ca_file
+            .map(|f| super::validate::resolve(base, f.get_ref()));
         if channels.store.is_some() {
             // Two engines cannot both own the buffers: which one a 201 means would be a guess.
             let at = store_at.unwrap_or(table.start);
@@ -100,6 +107,7 @@ impl Validator<'_> {
             redis,
             key_prefix,
             password_file,
+            ca_file,
         })
     }
 }

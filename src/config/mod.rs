@@ -655,6 +655,15 @@ mod tests {
             e.contains("c.toml:2:9: channels.store: cannot be used with [cluster]"),
             "{e}"
         );
+        let c = Config::from_toml(
+            "[cluster]\nredis = [\"rediss://r:6380\"]\nca_file = \"ca.pem\"\n",
+            Some(Path::new("/etc/crier/crier.toml")),
+        )
+        .expect("test setup");
+        assert_eq!(
+            c.cluster.and_then(|c| c.ca_file),
+            Some(PathBuf::from("/etc/crier/ca.pem"))
+        );
         let e = errs("[cluster]\nredis = [\"redis://a\"]\nnodes = 3\n");
         assert!(e.contains("cluster.nodes: unknown key"), "{e}");
     }

@@ -22,11 +22,19 @@ pub struct RedisServer {
     child: Option<Child>,
     dir: tempfile::TempDir,
     aof: bool,
+    /// More `redis-server` arguments (`{port}` is replaced by the port).
+    extra: Vec<String>,
 }
 
 impl RedisServer {
     /// `aof`: `appendonly yes` with `appendfsync always` (what a 201 is worth across a crash).
     pub fn start(aof: bool) -> RedisServer {
+        Self::start_with(aof, &[])
+    }
+
+    /// With more arguments, e.g. `--requirepass x`; `{port}` in one is the chosen port (for
+    /// `--tls-port {port} --port 0`).
+    pub fn start_with(aof: bool, extra: &[&str]) -> RedisServer {
         let port = {
             let l = TcpListener::bind("127.0.0.1:0").expect("a free port");
             l.local_addr().expect("its address").port()
@@ -36,6 +44,7 @@ impl RedisServer {
             child: None,
             dir: tempfile::tempdir().expect("test setup"),
             aof,
+            extra: extra.iter().map(|a| a.to_string()).collect(),
         };
         s.spawn();
         s
@@ -56,6 +65,8 @@ impl RedisServer {
         } else {
             cmd.args(["--appendonly", "no"]);
         }
+        let port = self.port.to_string();
+        cmd.args(self.extra.iter().map(|a| a.replace("{port}", &port)));
         let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())

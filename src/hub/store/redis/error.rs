@@ -7,6 +7,8 @@ use crate::hub::HubError;
 pub enum ClusterError {
     #[error("cluster.redis {url}: {reason}")]
     Connect { url: String, reason: String },
+    #[error("cluster.ca_file {path}: {reason}")]
+    CaFile { path: String, reason: String },
 }
 
 /// A URL as logs and errors show it: without the password.
@@ -26,6 +28,18 @@ pub(super) fn redact(url: &str) -> String {
 /// A command that failed or did not answer in time: nothing is known to be accepted.
 pub(super) fn unavailable(shard: &str, e: impl std::fmt::Display) -> HubError {
     HubError::Unavailable(format!("Redis {shard}: {e}"))
+}
+
+/// Why a command got no answer: its error, or the deadline.
+pub(super) fn reason<T>(
+    r: Result<::redis::RedisResult<T>, tokio::time::error::Elapsed>,
+    deadline: std::time::Duration,
+) -> Result<T, String> {
+    match r {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {}ms", deadline.as_millis())),
+    }
 }
 
 #[cfg(test)]

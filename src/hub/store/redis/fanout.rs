@@ -177,19 +177,40 @@ impl<'a> Session<'a> {
                 }
                 op = ops.recv() => {
                     let Some(Op::Open(name)) = op else {
-                        // The engine is gone: so is this task's reason to be.
+                        // Not reached: the shard (which holds the sender) outlives this task.
                         return Err(Lost("engine dropped".into()));
                     };
-                    let Some((chan, loaded)) = self.lookup(&name) else { continue };
-                    if loaded {
-                        continue;
+                    // Channels opened together (a reconnect storm of clients, a multiplexed
+                    // subscription) are subscribed with one SUBSCRIBE.
+                    let mut names = vec![name];
+                    while names.len() < SUBSCRIBE_BATCH {
+                        match ops.try_recv() {
+                            Ok(Op::Open(n)) => names.push(n),
+                            Err(_) => break,
+                        }
                     }
-                    if !subscribed.contains(&name) {
-                        timed(sink.subscribe(script::topic(&shard.prefix, &name))).await?;
-                        subscribed.insert(name.clone());
+                    names.sort_unstable();
+                    names.dedup();
+                    let todo: Vec<(Arc<str>, Arc<Channel>)> = names
+                        .into_iter()
+                        .filter_map(|n| match self.lookup(&n) {
+                            Some((chan, false)) => Some((n, chan)),
+                            _ => None,
+                        })
+                        .collect();
+                    let topics: Vec<String> = todo
+                        .iter()
+                        .filter(|(n, _)| !subscribed.contains(n))
+                        .map(|(n, _)| script::topic(&shard.prefix, n))
+                        .collect();
+                    if !topics.is_empty() {
+                        timed(sink.subscribe(&topics)).await?;
                     }
-                    self.load(&chan).await?;
-                    shard.loaded(&chan);
+                    subscribed.extend(todo.iter().map(|(n, _)| n.clone()));
+                    for (_, chan) in &todo {
+                        self.load(chan).await?;
+                        shard.loaded(chan);
+                    }
                 }
                 _ = tick.tick() => {
                     let idle = self.idle(&mut subscribed);

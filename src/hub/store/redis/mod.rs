@@ -106,12 +106,20 @@ impl Redis {
         let connected = Arc::new(AtomicUsize::new(0));
         let mut shards = Vec::new();
         let mut pending = Vec::new();
+        let ca = match &config.ca_file {
+            None => None,
+            Some(p) => Some(std::fs::read(p).map_err(|e| ClusterError::CaFile {
+                path: p.display().to_string(),
+                reason: format!("cannot read: {e}"),
+            })?),
+        };
         for url in &config.redis {
             let name = redact(url);
-            let client = client(url, password).map_err(|e| ClusterError::Connect {
-                url: name.clone(),
-                reason: e.to_string(),
-            })?;
+            let client =
+                client(url, password, ca.as_deref()).map_err(|e| ClusterError::Connect {
+                    url: name.clone(),
+                    reason: e.to_string(),
+                })?;
             let manager = ::redis::aio::ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(COMMAND_TIMEOUT))
                 .set_response_timeout(Some(COMMAND_TIMEOUT))
@@ -151,14 +159,11 @@ impl Redis {
     /// does not answer is a start-up error naming the shard.
     pub async fn check(&self) -> Result<(), ClusterError> {
         for s in &self.shards {
-            s.query::<String>(&::redis::cmd("PING"))
+            s.query_reason::<String>(&::redis::cmd("PING"))
                 .await
-                .map_err(|e| ClusterError::Connect {
+                .map_err(|reason| ClusterError::Connect {
                     url: s.name.clone(),
-                    reason: match e {
-                        HubError::Unavailable(r) => r,
-                        other => other.to_string(),
-                    },
+                    reason,
                 })?;
         }
         Ok(())
@@ -176,8 +181,13 @@ impl Redis {
     }
 }
 
-/// A client for one URL, with the password of `password_file` when there is one.
-fn client(url: &str, password: Option<&Secret>) -> Result<::redis::Client, ::redis::RedisError> {
+/// A client for one URL, with the password of `password_file` when there is one, and for a
+/// `rediss://` URL the CA of `ca_file` instead of the system roots.
+fn client(
+    url: &str,
+    password: Option<&Secret>,
+    ca: Option<&[u8]>,
+) -> Result<::redis::Client, ::redis::RedisError> {
     use ::redis::IntoConnectionInfo;
     let mut info = url.into_connection_info()?;
     if let Some(pw) = password {
@@ -185,7 +195,16 @@ fn client(url: &str, password: Option<&Secret>) -> Result<::redis::Client, ::red
         let settings = info.redis_settings().clone().set_password(pw);
         info = info.set_redis_settings(settings);
     }
-    ::redis::Client::open(info)
+    match ca {
+        Some(ca) if url.starts_with("rediss://") => ::redis::Client::build_with_tls(
+            info,
+            ::redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(ca.to_vec()),
+            },
+        ),
+        _ => ::redis::Client::open(info),
+    }
 }
 
 /// Random enough to tell nodes apart (the pid and the clock, hashed by the std hasher's keys).
@@ -205,7 +224,7 @@ pub(super) fn unix_ms() -> u64 {
 }
 
 impl Shard {
-    /// Runs one command with the deadline, timing it.
+    /// Runs one script with the deadline, timing it.
     async fn run<T: ::redis::FromRedisValue>(
         &self,
         invocation: &::redis::ScriptInvocation<'_>,
@@ -213,34 +232,32 @@ impl Shard {
         let mut conn = self.conn.clone();
         let started = Instant::now();
         let r = tokio::time::timeout(COMMAND_TIMEOUT, invocation.invoke_async(&mut conn)).await;
-        self.metrics
-            .cluster_command_duration
-            .observe(started.elapsed().as_secs_f64());
-        match r {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(unavailable(&self.name, e)),
-            Err(_) => Err(unavailable(
-                &self.name,
-                format!("no answer within {}ms", COMMAND_TIMEOUT.as_millis()),
-            )),
-        }
+        self.timed(started);
+        error::reason(r, COMMAND_TIMEOUT).map_err(|e| unavailable(&self.name, e))
     }
 
     async fn query<T: ::redis::FromRedisValue>(&self, cmd: &::redis::Cmd) -> Result<T, HubError> {
+        self.query_reason(cmd)
+            .await
+            .map_err(|e| unavailable(&self.name, e))
+    }
+
+    /// A command's answer, or why there is none.
+    async fn query_reason<T: ::redis::FromRedisValue>(
+        &self,
+        cmd: &::redis::Cmd,
+    ) -> Result<T, String> {
         let mut conn = self.conn.clone();
         let started = Instant::now();
         let r = tokio::time::timeout(COMMAND_TIMEOUT, cmd.query_async(&mut conn)).await;
+        self.timed(started);
+        error::reason(r, COMMAND_TIMEOUT)
+    }
+
+    fn timed(&self, started: Instant) {
         self.metrics
             .cluster_command_duration
             .observe(started.elapsed().as_secs_f64());
-        match r {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(unavailable(&self.name, e)),
-            Err(_) => Err(unavailable(
-                &self.name,
-                format!("no answer within {}ms", COMMAND_TIMEOUT.as_millis()),
-            )),
-        }
     }
 
     /// Makes `chan` active here: the fan-out task subscribes to its topic and loads its tail.
@@ -473,10 +490,7 @@ impl Engine for Redis {
                 pipe.query_async::<((Option<String>, Option<u64>), u64)>(&mut conn),
             )
             .await;
-            shard
-                .metrics
-                .cluster_command_duration
-                .observe(started.elapsed().as_secs_f64());
+            shard.timed(started);
             let ((last, n), len) = match r {
                 Ok(Ok(v)) => v,
                 Ok(Err(e)) => return Err(unavailable(&shard.name, e)),

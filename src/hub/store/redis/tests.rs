@@ -78,6 +78,7 @@ fn hub_on(server: Server, c: Config) -> Hub {
         redis: vec![server.url()],
         key_prefix: "t:".into(),
         password_file: None,
+        ca_file: None,
     };
     let metrics = Arc::new(Metrics::new());
     let engine = Arc::new(Redis::new(&cluster, None, metrics.clone()).expect("test setup"));
@@ -110,6 +111,7 @@ async fn an_unreachable_server_is_a_start_up_error() {
         redis: vec![format!("unix://{}/none.sock", dir.path().display())],
         key_prefix: "t:".into(),
         password_file: None,
+        ca_file: None,
     };
     let engine = Redis::new(&cluster, None, Arc::new(Metrics::new())).expect("parses");
     let e = engine.check().await.expect_err("nothing listens there");
