@@ -523,6 +523,16 @@ impl Hub {
         self.inner.metrics.channels.set(map.len() as i64);
     }
 
+    /// Frees `c` if it has no subscriber and nothing buffered (a channel an engine made for a
+    /// publish that then failed, which nothing else would ever free).
+    pub(crate) fn release_if_idle(&self, c: &Arc<Channel>) {
+        if c.subscriber_count() == 0 && c.stats().buffered == 0 {
+            let mut map = self.inner.channels.write();
+            self.remove_if_idle(&mut map, c);
+            self.inner.metrics.channels.set(map.len() as i64);
+        }
+    }
+
     fn remove_if_idle(&self, map: &mut HashMap<Arc<str>, Arc<Channel>>, c: &Arc<Channel>) {
         // Only the incarnation we hold: a deleted-and-recreated channel of the same name stays.
         if map.get(&c.name).is_some_and(|m| Arc::ptr_eq(m, c)) && c.try_mark_removed() {

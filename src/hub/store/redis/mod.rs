@@ -386,7 +386,7 @@ impl Engine for Redis {
             let keys = Keys::of(&shard.prefix, channel.as_str());
             let ttl_ms = policy.buffer_ttl.as_millis().max(1) as u64;
             let event = msg.event.as_deref().unwrap_or("");
-            let (id, len, _n): (String, u64, u64) = shard
+            let answer: Result<(String, u64, u64), HubError> = shard
                 .run(
                     script::PUBLISH
                         .key(&keys.stream)
@@ -400,7 +400,16 @@ impl Engine for Redis {
                         .arg(event)
                         .arg(chan.head_id().to_string()),
                 )
-                .await?;
+                .await;
+            let (id, len, _n) = match answer {
+                Ok(a) => a,
+                Err(e) => {
+                    // Nothing was accepted: a channel made for this publish goes again (an
+                    // outage must not fill max_channels with empty channels).
+                    hub.release_if_idle(&chan);
+                    return Err(e);
+                }
+            };
             let parsed: MessageId = id
                 .parse()
                 .map_err(|_| unavailable(&shard.name, format!("unexpected id {id:?}")))?;

@@ -171,3 +171,33 @@ async fn a_hole_the_stream_cannot_fill_is_a_gap() {
     assert_eq!(&out[0].body[..], b"2");
     assert_eq!(h.metrics().cluster_gaps.get(), 1);
 }
+
+#[tokio::test]
+async fn a_refused_publish_leaves_no_channel_behind() {
+    let dir = tempfile::tempdir().expect("test setup");
+    let cluster = ClusterConfig {
+        redis: vec![format!("unix://{}/down.sock", dir.path().display())],
+        key_prefix: "t:".into(),
+        password_file: None,
+        ca_file: None,
+    };
+    let metrics = Arc::new(Metrics::new());
+    let engine = Arc::new(Redis::new(&cluster, None, metrics.clone()).expect("test setup"));
+    let mut c = Config::default();
+    c.channels.max_channels = 2;
+    let h = Hub::with_engine(Arc::new(c), metrics, engine.clone());
+    engine.start(&h);
+    for ch in ["a", "b", "c"] {
+        match h.publish(&name(ch), msg("x")).await {
+            Err(crate::hub::HubError::Unavailable(why)) => {
+                assert!(why.contains("down.sock"), "{why}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        h.channel_count(),
+        0,
+        "Redis refused them all: nothing is kept"
+    );
+}
