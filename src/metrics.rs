@@ -462,22 +462,41 @@ impl Metrics {
                 "draining",
                 "1 from the start of the draining shutdown (SIGTERM), else 0.",
             ),
-            cluster_up: gauge(
-                "cluster_up",
-                "[cluster]: 1 while every Redis shard answers and its fan-out is subscribed, else 0.",
-            ),
-            cluster_reconnects: counter(
-                "cluster_reconnects_total",
-                "[cluster]: fan-out connections to Redis made again after one was lost or wedged.",
-            ),
-            cluster_command_duration: histogram(
-                "cluster_command_duration_seconds",
-                "[cluster]: time of each Redis command (publish script, stream reads).",
-            ),
-            cluster_gaps: counter(
-                "cluster_gaps_total",
-                "[cluster]: holes in a channel's fan-out the Redis stream could not fill (told as gaps).",
-            ),
+            // Registered only by the cluster engine (`register_cluster`): a single node has no
+            // Redis to be up or down, and a 0 there would fire the Redis alert.
+            cluster_up: IntGauge::with_opts(
+                Opts::new(
+                    "cluster_up",
+                    "[cluster]: 1 while every Redis shard's fan-out connection is up, else 0.",
+                )
+                .namespace("crier"),
+            )
+            .expect("valid metric"), // ok: constant names
+            cluster_reconnects: IntCounter::with_opts(
+                Opts::new(
+                    "cluster_reconnects_total",
+                    "[cluster]: fan-out connections to Redis made again after one was lost or wedged.",
+                )
+                .namespace("crier"),
+            )
+            .expect("valid metric"), // ok: constant names
+            cluster_command_duration: Histogram::with_opts(
+                HistogramOpts::new(
+                    "cluster_command_duration_seconds",
+                    "[cluster]: time of each Redis command (publish script, stream reads).",
+                )
+                .namespace("crier")
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            )
+            .expect("valid metric"), // ok: constant names
+            cluster_gaps: IntCounter::with_opts(
+                Opts::new(
+                    "cluster_gaps_total",
+                    "[cluster]: holes in a channel's fan-out the Redis stream could not fill (told as gaps).",
+                )
+                .namespace("crier"),
+            )
+            .expect("valid metric"), // ok: constant names
             client_messages,
             registry: r,
         };
@@ -491,6 +510,16 @@ impl Metrics {
             let _ = m.registry.register(Box::new(pc));
         }
         m
+    }
+
+    /// Adds the `crier_cluster_*` metrics to the exposition (the cluster engine does, once).
+    pub fn register_cluster(&self) {
+        let r = &self.registry;
+        // Err: already registered (a second engine on the same metrics): nothing to add.
+        let _ = r.register(Box::new(self.cluster_up.clone()));
+        let _ = r.register(Box::new(self.cluster_reconnects.clone()));
+        let _ = r.register(Box::new(self.cluster_command_duration.clone()));
+        let _ = r.register(Box::new(self.cluster_gaps.clone()));
     }
 
     pub fn subscriber_connected(&self, t: Transport) {

@@ -176,6 +176,11 @@ async fn redis_killed_during_publishes_loses_no_acknowledged_message() {
     for i in 0..60 {
         if i == 20 {
             redis.kill();
+            let down = eventually(Duration::from_secs(10), async || {
+                metric(&b, "crier_cluster_up").await == Some(0.0)
+            })
+            .await;
+            assert!(down, "crier_cluster_up says Redis is gone");
         }
         if i == 40 {
             redis.restart(false);
@@ -203,6 +208,14 @@ async fn redis_killed_during_publishes_loses_no_acknowledged_message() {
     })
     .await;
     assert!(ok, "publishes are accepted again after Redis is back");
+    let up = eventually(Duration::from_secs(10), async || {
+        metric(&b, "crier_cluster_up").await == Some(1.0)
+    })
+    .await;
+    assert!(up, "and crier_cluster_up says so");
+    assert!(metric(&a, "crier_cluster_command_duration_seconds_count")
+        .await
+        .is_some_and(|n| n >= 60.0));
     let mut got = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     while got.len() < accepted.len() && Instant::now() < deadline {

@@ -2,8 +2,9 @@
 //! own `promtool test rules` cases (one per alert); the Grafana dashboard parses, takes its data
 //! source from a variable, and every query in it is PromQL that promtool accepts; and every
 //! metric either of them names exists in the /metrics of a running crier, with the labels and
-//! label values the queries use. Except the metrics that come with later crier versions,
-//! listed in LATER (the test fails once one of them appears, so the list stays true).
+//! label values the queries use. Except the metrics only a clustered crier exposes, listed in
+//! LATER (the test fails if a single node shows one, so the list stays true; tests/cluster.rs
+//! checks them on a cluster).
 //!
 //! promtool comes from Debian's `prometheus` package (.ci/run installs it).
 
@@ -19,8 +20,9 @@ const ALERTS: &str = include_str!("../contrib/prometheus/crier-alerts.yml");
 const ALERT_TESTS: &str = include_str!("../contrib/prometheus/crier-alerts.test.yml");
 const CONTRIB: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/contrib");
 
-/// Named by the dashboard or the alerts, added to crier later (the cluster work): their
-/// panels stay empty and their alerts silent until then.
+/// Named by the dashboard or the alerts, exposed only by a clustered crier (`[cluster]`): the
+/// single node this test runs has none, so their panels stay empty and their alerts silent
+/// there (a node with no Redis has no Redis to lose).
 const LATER: &[&str] = &["crier_cluster_up"];
 
 /// Labels Prometheus adds at scrape time; never in crier's own output.
@@ -424,7 +426,7 @@ async fn every_metric_the_kit_names_is_in_crier_metrics() {
             !have.contains_key(*m)
                 && !have.contains_key(&format!("{m}_total"))
                 && !have.keys().any(|k| k.starts_with(&format!("{m}_"))),
-            "{m} is in crier's /metrics now: take it out of LATER so its labels are checked"
+            "{m} is in a single node's /metrics: a node without [cluster] must not expose it"
         );
     }
 }

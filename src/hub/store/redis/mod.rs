@@ -101,6 +101,7 @@ impl Redis {
         password: Option<&Secret>,
         metrics: Arc<Metrics>,
     ) -> Result<Redis, ClusterError> {
+        metrics.register_cluster();
         let node: Arc<str> = format!("{:016x}", node_id()).into();
         let prefix: Arc<str> = config.key_prefix.as_str().into();
         let connected = Arc::new(AtomicUsize::new(0));
