@@ -201,3 +201,53 @@ async fn a_refused_publish_leaves_no_channel_behind() {
         "Redis refused them all: nothing is kept"
     );
 }
+
+#[tokio::test]
+async fn every_byte_event_and_content_type_reach_the_other_node() {
+    if let Some(why) = absent() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let server = Server::start();
+    let url = server.url();
+    let a = hub_on(server, Config::default());
+    let cluster = ClusterConfig {
+        redis: vec![url],
+        key_prefix: "t:".into(),
+        password_file: None,
+        ca_file: None,
+    };
+    let metrics = Arc::new(Metrics::new());
+    let engine = Arc::new(Redis::new(&cluster, None, metrics.clone()).expect("test setup"));
+    let b = Hub::with_engine(Arc::new(Config::default()), metrics, engine.clone());
+    engine.start(&b);
+    let mut sub = b
+        .subscribe(&name("bin"), Transport::WebSocket, Start::Newest, None)
+        .await
+        .expect("test setup");
+    let body: Vec<u8> = (0..=255u8).chain(b"\n\r\n0-0\nm".iter().copied()).collect();
+    let sent = a
+        .publish(
+            &name("bin"),
+            crate::hub::NewMessage {
+                event: Some("tick.1".into()),
+                content_type: http::HeaderValue::from_static("application/octet-stream"),
+                body: bytes::Bytes::from(body.clone()),
+                headers: http::HeaderMap::new(),
+            },
+        )
+        .await
+        .expect("test setup");
+    let mut out = Vec::new();
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(5), sub.next(&mut out, 10))
+            .await
+            .expect("delivered"),
+        Read::Messages(1)
+    );
+    let m = &out[0];
+    assert_eq!(m.id.to_string(), sent.id);
+    assert_eq!(&m.body[..], &body[..]);
+    assert_eq!(m.event.as_deref(), Some("tick.1"));
+    assert_eq!(m.content_type, "application/octet-stream");
+}
