@@ -1402,3 +1402,66 @@ async fn endpoints_that_resolve_to_internal_addresses_get_nothing() {
     assert_eq!(got[0].id, "named");
     c.shutdown().await;
 }
+
+#[tokio::test]
+async fn in_a_cluster_every_nodes_publish_reaches_every_nodes_subscriptions_once() {
+    if let Some(why) = common::redis::absent() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let redis = common::redis::RedisServer::start(false);
+    let site = Site::new().await;
+    let ps = PushService::start(site.dir.path()).await;
+    let extra = format!("[cluster]\nredis = [\"{}\"]\n", redis.url());
+    let a = Crier::start(&site.upstream.url(), &site.toml(&ps, &extra)).await;
+    let b = Crier::start(&site.upstream.url(), &site.toml(&ps, &extra)).await;
+    let browser = Browser::new(&ps, "one");
+    assert_eq!(subscribe(&b, "news", &browser).await, StatusCode::CREATED);
+    let known = eventually(Duration::from_secs(10), async || {
+        admin_webpush(&a).await["subscriptions"] == 1
+    })
+    .await;
+    assert!(known, "node A knows node B's subscription");
+    assert_eq!(
+        subscribe(&a, "news", &browser).await,
+        StatusCode::OK,
+        "one subscription, whichever node is asked"
+    );
+    let ids = [
+        a.publish("news", "from a").await,
+        b.publish("news", "from b").await,
+    ];
+    let got = ps.wait_for(2, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let all = ps.pushed();
+    assert_eq!(all.len(), 2, "one push per message, not one per node");
+    let mut pushed_ids: Vec<String> = got
+        .iter()
+        .map(|p| {
+            browser.envelope(p)["id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    pushed_ids.sort();
+    let mut want = ids.to_vec();
+    want.sort();
+    assert_eq!(pushed_ids, want);
+    // Unsubscribed on node A: node B stops pushing to it too.
+    let r = client()
+        .delete(api(&a, "news"))
+        .json(&browser.json())
+        .send()
+        .await
+        .expect("DELETE");
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let gone = eventually(Duration::from_secs(10), async || {
+        admin_webpush(&b).await["subscriptions"] == 0
+    })
+    .await;
+    assert!(gone, "node B forgot it");
+    b.publish("news", "nobody").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(ps.pushed().len(), 2);
+}

@@ -335,6 +335,7 @@ impl Server {
         let config = Arc::new(config);
         let upgraded = TaskTracker::new();
         // Config validation refuses a store and a cluster together.
+        let mut shared_table = None;
         let hub = match (&config.channels.store, &config.cluster) {
             (None, Some(cluster)) => {
                 let redis = crate::hub::store::Redis::new(
@@ -344,6 +345,7 @@ impl Server {
                 )?;
                 redis.check().await?;
                 let redis = Arc::new(redis);
+                shared_table = Some(redis.table("webpush"));
                 let hub = Hub::with_engine(config.clone(), metrics.clone(), redis.clone());
                 redis.start(&hub);
                 tracing::info!(
@@ -370,7 +372,9 @@ impl Server {
         let endpoints = webhooks.prepare(&config, &keys)?;
         let bound = bind_keys(listen_keys(&config).iter(), &config.publish)?;
         let webpush = match (&config.webpush, &keys.vapid) {
-            (Some(w), Some(vapid)) => Some(WebPush::start(w, vapid, &hub, &metrics.registry)?),
+            (Some(w), Some(vapid)) => {
+                Some(WebPush::start(w, vapid, &hub, &metrics.registry, shared_table.clone()).await?)
+            }
             _ => None,
         };
         // Delivery tasks start only once nothing else can fail.

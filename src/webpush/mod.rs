@@ -3,7 +3,8 @@
 //!
 //! - `api.rs`: `GET {path}/key`, `POST/DELETE {path}/{channel}` on the public listener, each
 //!   channel authorised as a subscriber of the push location that serves it.
-//! - `store.rs`: the subscriptions, in a redb file and an in-memory index.
+//! - `store.rs`: the subscriptions, in a redb file (or, with `[cluster]`, a Redis hash every
+//!   node shares) and an in-memory index.
 //! - `deliver.rs`: the hub observer, the bounded queues (one per push service) and the POSTs.
 //! - `crypto.rs` (RFC 8291 aes128gcm) and `vapid.rs` (RFC 8292 ES256 JWT, cached per service).
 
@@ -50,6 +51,14 @@ fn address_policy(c: &WebPushConfig) -> AddressPolicy {
         allow: c.allow_addresses.clone(),
         ports: c.push_ports.clone(),
         fixed: c.resolve.clone().into_iter().collect(),
+    }
+}
+
+fn follow_note(shared: bool) -> &'static str {
+    if shared {
+        "in Redis ([cluster]): every node's subscriptions"
+    } else {
+        "this node's file"
     }
 }
 
@@ -226,12 +235,14 @@ pub struct WebPush {
 }
 
 impl WebPush {
-    /// Opens the store, starts the delivery tasks and installs the hub observer.
-    pub fn start(
+    /// Opens the store (the file, or with `[cluster]` the table every node shares), starts
+    /// the delivery tasks and installs the hub observer.
+    pub async fn start(
         cfg: &WebPushConfig,
         key: &VapidKey,
         hub: &Hub,
         registry: &Registry,
+        shared: Option<crate::hub::store::SharedTable>,
     ) -> Result<WebPush, WebPushError> {
         let policy = Arc::new(arc_swap::ArcSwap::from_pointee(address_policy(cfg)));
         let client = https_client::build(&ClientOptions {
@@ -240,7 +251,17 @@ impl WebPush {
             pool_max_idle_per_host: deliver::PER_SERVICE_CONCURRENCY,
             vet: Some(policy.clone()),
         })?;
-        let store = Store::open(&cfg.store, api::origin_of)?;
+        let (store, follow) = match shared {
+            None => (Store::open(&cfg.store, api::origin_of)?, None),
+            Some(table) => {
+                // Follow first, read second: a change made between the two is not missed.
+                let follow = table.follow();
+                (
+                    Store::open_shared(table, &cfg.store, api::origin_of).await?,
+                    Some(follow),
+                )
+            }
+        };
         let metrics = WebPushMetrics::register(registry)?;
         metrics.subscriptions.set(store.total() as i64);
         let (tx, rx) = mpsc::channel(JOB_QUEUE);
@@ -257,9 +278,19 @@ impl WebPush {
             policy,
         });
         tokio::spawn(deliver::dispatch(inner.clone(), rx));
+        if let Some(changes) = follow {
+            let i = inner.clone();
+            tokio::spawn(async move {
+                let gauge = i.metrics.subscriptions.clone();
+                i.store
+                    .follow(changes, api::origin_of, |n| gauge.set(n as i64))
+                    .await
+            });
+        }
         hub.set_observer("webpush", Some(Arc::new(deliver::Observer(inner.clone()))));
         tracing::info!(
             store = %cfg.store.display(),
+            shared = follow_note(inner.store.is_shared()),
             subscriptions = inner.store.total(),
             path = %cfg.path,
             "web push on"

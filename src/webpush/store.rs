@@ -2,6 +2,11 @@
 //! in-memory index that delivery reads. Every change is committed to the file before the
 //! index changes and before the HTTP answer, so a crash never loses an acknowledged
 //! subscription; at start the index is read back from the file.
+//!
+//! With `[cluster]` the table is a Redis hash every node shares instead of the file
+//! ([`Store::open_shared`]): a change is in Redis before the answer, and every node's index
+//! follows the others' changes ([`Store::follow`]), so the node that takes a publish pushes to
+//! every node's subscribers, once.
 
 use std::collections::HashMap;
 use std::os::unix::fs::OpenOptionsExt;
@@ -16,6 +21,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use super::crypto::UaKeys;
+use crate::hub::store::{SharedTable, TableChange};
 
 const TABLE: TableDefinition<&str, &[u8]> = TableDefinition::new("subscriptions");
 
@@ -62,6 +68,13 @@ impl WebPushSubscription {
     }
 }
 
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
 fn key(channel: &str, endpoint: &str) -> String {
     format!("{channel}\n{endpoint}")
 }
@@ -92,6 +105,9 @@ pub struct Store {
     pending: Mutex<Vec<(Op, Reply)>>,
     /// Held by the thread committing a batch; blocking threads (never the runtime's) wait on it.
     writer: Mutex<()>,
+    /// `[cluster]`: the shared table instead of the file, and the runtime its writes run on
+    /// (a blocking caller waits for them).
+    shared: Option<(SharedTable, tokio::runtime::Handle)>,
 }
 
 impl Store {
@@ -150,7 +166,92 @@ impl Store {
             total: AtomicUsize::new(total),
             pending: Mutex::new(Vec::new()),
             writer: Mutex::new(()),
+            shared: None,
         })
+    }
+
+    /// The store on a table every cluster node shares, read whole now. `path` (the config's
+    /// `webpush.store`) is not opened: it only names the store in messages.
+    pub async fn open_shared(
+        table: SharedTable,
+        path: &Path,
+        origin_of: impl Fn(&str) -> Option<String>,
+    ) -> Result<Store, StoreError> {
+        let store = Store {
+            path: path.to_path_buf(),
+            db: Mutex::new(None),
+            index: RwLock::new(Index::new()),
+            total: AtomicUsize::new(0),
+            pending: Mutex::new(Vec::new()),
+            writer: Mutex::new(()),
+            shared: Some((table, tokio::runtime::Handle::current())),
+        };
+        store.reload(&origin_of).await?;
+        Ok(store)
+    }
+
+    /// Reads the shared table whole into the index.
+    async fn reload(&self, origin_of: &impl Fn(&str) -> Option<String>) -> Result<(), StoreError> {
+        let Some((table, _)) = &self.shared else {
+            return Ok(());
+        };
+        let rows = table.load().await.map_err(io)?;
+        let mut index = Index::new();
+        let mut total = 0;
+        for (k, v) in rows {
+            let Some(sub) = std::str::from_utf8(&k)
+                .ok()
+                .and_then(|k| parse_row(k, &v, origin_of))
+            else {
+                continue;
+            };
+            index
+                .entry(sub.channel.clone())
+                .or_default()
+                .insert(sub.endpoint.clone(), Arc::new(sub));
+            total += 1;
+        }
+        *self.index.write() = index;
+        self.total.store(total, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Applies what other nodes change in the shared table to the index, until the table's
+    /// changes end (the engine stopped). `changed` runs after each (the gauge).
+    pub async fn follow(
+        &self,
+        mut changes: tokio::sync::mpsc::UnboundedReceiver<TableChange>,
+        origin_of: impl Fn(&str) -> Option<String>,
+        changed: impl Fn(usize),
+    ) {
+        while let Some(c) = changes.recv().await {
+            match c {
+                TableChange::Reload => {
+                    if let Err(e) = self.reload(&origin_of).await {
+                        tracing::warn!(
+                            "webpush: the shared subscriptions could not be read again: {e}"
+                        );
+                    }
+                }
+                TableChange::Put { field, value } => {
+                    let sub = std::str::from_utf8(&field)
+                        .ok()
+                        .and_then(|k| parse_row(k, &value, &origin_of));
+                    if let Some(sub) = sub {
+                        self.index_apply(Op::Put(sub));
+                    }
+                }
+                TableChange::Remove { field } => {
+                    self.index_apply(Op::Remove(String::from_utf8_lossy(&field).into_owned()));
+                }
+            }
+            changed(self.total());
+        }
+    }
+
+    /// Whether this is the cluster's shared table rather than a file.
+    pub fn is_shared(&self) -> bool {
+        self.shared.is_some()
     }
 
     pub fn path(&self) -> &Path {
@@ -184,6 +285,22 @@ impl Store {
     /// every pending change in one transaction (one fsync), so many browsers subscribing at
     /// once cost a few commits, not one each. Returns once this change is on disk.
     fn apply(&self, op: Op) -> Result<bool, StoreError> {
+        if let Some((table, rt)) = &self.shared {
+            // In Redis (and told to every node) before the index and the answer. A blocking
+            // thread, not a runtime worker, waits here (callers use spawn_blocking).
+            let written = rt.block_on(async {
+                match &op {
+                    Op::Put(sub) => {
+                        let k = key(&sub.channel, &sub.endpoint);
+                        table.put(&k, &sub.record(unix_ms())).await
+                    }
+                    Op::Remove(k) => table.remove(k).await,
+                }
+            });
+            let answer = written.map_err(io)?;
+            self.index_apply(op);
+            return Ok(answer);
+        }
         let db = self.db()?;
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         self.pending.lock().push((op, tx));
@@ -200,10 +317,7 @@ impl Store {
     }
 
     fn commit(&self, db: &Database, batch: Vec<(Op, Reply)>) {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis() as u64;
+        let now = unix_ms();
         let written = (|| {
             let tx = db.begin_write().map_err(io)?;
             let mut answers = Vec::with_capacity(batch.len());
@@ -238,33 +352,42 @@ impl Store {
         let mut index = self.index.write();
         let mut replies = Vec::with_capacity(batch.len());
         for ((op, reply), answer) in batch.into_iter().zip(answers) {
-            match op {
-                Op::Put(sub) => {
-                    let replaced = index
-                        .entry(sub.channel.clone())
-                        .or_default()
-                        .insert(sub.endpoint.clone(), Arc::new(sub));
-                    if replaced.is_none() {
-                        self.total.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                Op::Remove(k) => {
-                    let (channel, endpoint) = k.split_once('\n').unwrap_or((&k, ""));
-                    if let Some(m) = index.get_mut(channel) {
-                        if m.remove(endpoint).is_some() {
-                            self.total.fetch_sub(1, Ordering::Relaxed);
-                        }
-                        if m.is_empty() {
-                            index.remove(channel);
-                        }
-                    }
-                }
-            }
+            self.index_op(&mut index, op);
             replies.push((reply, answer));
         }
         drop(index);
         for (reply, answer) in replies {
             let _ = reply.send(Ok(answer));
+        }
+    }
+
+    fn index_apply(&self, op: Op) {
+        let mut index = self.index.write();
+        self.index_op(&mut index, op);
+    }
+
+    fn index_op(&self, index: &mut Index, op: Op) {
+        match op {
+            Op::Put(sub) => {
+                let replaced = index
+                    .entry(sub.channel.clone())
+                    .or_default()
+                    .insert(sub.endpoint.clone(), Arc::new(sub));
+                if replaced.is_none() {
+                    self.total.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Op::Remove(k) => {
+                let (channel, endpoint) = k.split_once('\n').unwrap_or((&k, ""));
+                if let Some(m) = index.get_mut(channel) {
+                    if m.remove(endpoint).is_some() {
+                        self.total.fetch_sub(1, Ordering::Relaxed);
+                    }
+                    if m.is_empty() {
+                        index.remove(channel);
+                    }
+                }
+            }
         }
     }
 

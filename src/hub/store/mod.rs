@@ -31,7 +31,7 @@ use std::sync::Arc;
 
 pub use file::{File, FileError};
 pub use memory::Memory;
-pub use redis::{ClusterError, Redis};
+pub use redis::{ClusterError, Redis, SharedTable, TableChange};
 
 use super::{Channel, ChannelStats, Hub, HubError, NewMessage, PublishReceipt};
 use crate::model::ChannelName;

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::script::{self, Entry, Fanout, Keys};
-use super::{floor_before, message, Op, Shard, COMMAND_TIMEOUT};
+use super::{floor_before, message, Op, Shard, TableChange, COMMAND_TIMEOUT};
 use crate::hub::{Channel, Hub, HubError};
 
 /// A channel with no local subscriber stays subscribed this long (a long-poll client comes
@@ -116,6 +116,7 @@ impl<'a> Session<'a> {
         let (mut sink, mut stream) = pubsub.split();
         let mut subscribed: HashSet<Arc<str>> = HashSet::new();
         timed(sink.subscribe(&self.probe)).await?;
+        let mut tables = self.follow_tables(&mut sink, &mut Vec::new()).await?;
         // Every channel active now: subscribe, then catch up (what the fan-out brings
         // meanwhile waits in the stream and is found to be here already).
         let names: Vec<Arc<str>> = shard.active.lock().keys().cloned().collect();
@@ -165,6 +166,10 @@ impl<'a> Session<'a> {
                     if topic == self.probe {
                         continue;
                     }
+                    if tables.iter().any(|t| t == topic) {
+                        self.table_change(topic, msg.get_payload_bytes());
+                        continue;
+                    }
                     let Some(name) = script::channel_of_topic(&shard.prefix, topic) else {
                         continue;
                     };
@@ -176,9 +181,14 @@ impl<'a> Session<'a> {
                     }
                 }
                 op = ops.recv() => {
-                    let Some(Op::Open(name)) = op else {
+                    let name = match op {
+                        Some(Op::Open(name)) => name,
+                        Some(Op::Follow) => {
+                            tables = self.follow_tables(&mut sink, &mut tables).await?;
+                            continue;
+                        }
                         // Not reached: the shard (which holds the sender) outlives this task.
-                        return Err(Lost("engine dropped".into()));
+                        None => return Err(Lost("engine dropped".into())),
                     };
                     // Channels opened together (a reconnect storm of clients, a multiplexed
                     // subscription) are subscribed with one SUBSCRIBE.
@@ -186,6 +196,9 @@ impl<'a> Session<'a> {
                     while names.len() < SUBSCRIBE_BATCH {
                         match ops.try_recv() {
                             Ok(Op::Open(n)) => names.push(n),
+                            Ok(Op::Follow) => {
+                                tables = self.follow_tables(&mut sink, &mut tables).await?;
+                            }
                             Err(_) => break,
                         }
                     }
@@ -238,6 +251,37 @@ impl<'a> Session<'a> {
                     }
                 }
             }
+        }
+    }
+
+    /// Subscribes to the shared tables' topics not in `have` yet and tells their followers to
+    /// read their table again (what changed while nobody listened is in it). Returns every
+    /// table topic subscribed now.
+    async fn follow_tables(
+        &self,
+        sink: &mut ::redis::aio::PubSubSink,
+        have: &mut Vec<String>,
+    ) -> Result<Vec<String>, Lost> {
+        let tables: Vec<(String, mpsc::UnboundedSender<TableChange>)> =
+            self.shard.tables.lock().clone();
+        let mut now = std::mem::take(have);
+        for (topic, follower) in tables {
+            if !now.contains(&topic) {
+                timed(sink.subscribe(&topic)).await?;
+                now.push(topic.clone());
+            }
+            let _ = follower.send(TableChange::Reload);
+        }
+        Ok(now)
+    }
+
+    fn table_change(&self, topic: &str, payload: &[u8]) {
+        let Some(change) = super::table::parse_change(payload, &self.shard.node) else {
+            return;
+        };
+        let tables = self.shard.tables.lock();
+        if let Some((_, follower)) = tables.iter().find(|(t, _)| t == topic) {
+            let _ = follower.send(change);
         }
     }
 

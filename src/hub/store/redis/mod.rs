@@ -17,6 +17,7 @@ mod error;
 mod fanout;
 mod script;
 mod shard;
+mod table;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -28,6 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 pub use error::ClusterError;
+pub use table::{SharedTable, TableChange};
 
 use super::{Engine, EngineFuture};
 use crate::config::ClusterConfig;
@@ -76,6 +78,8 @@ pub(super) struct Shard {
     /// Shards whose fan-out is connected (shared by all shards: `crier_cluster_up`).
     connected: Arc<AtomicUsize>,
     shard_count: usize,
+    /// Shared tables' topics and their followers ([`SharedTable::follow`]).
+    tables: Mutex<Vec<(String, mpsc::UnboundedSender<TableChange>)>>,
 }
 
 /// A channel this node listens to.
@@ -91,6 +95,8 @@ struct Active {
 pub(super) enum Op {
     /// Subscribe to the channel's topic (if not yet) and load its tail.
     Open(Arc<str>),
+    /// A shared table got a follower: subscribe to its topic.
+    Follow,
 }
 
 impl Redis {
@@ -144,6 +150,7 @@ impl Redis {
                 metrics: metrics.clone(),
                 connected: connected.clone(),
                 shard_count: config.redis.len(),
+                tables: Mutex::new(Vec::new()),
             });
             pending.push((shard.clone(), rx));
             shards.push(shard);
@@ -175,6 +182,11 @@ impl Redis {
         for (shard, ops) in self.pending.lock().drain(..) {
             tokio::spawn(fanout::run(shard, hub.clone(), ops, self.stop.clone()));
         }
+    }
+
+    /// The shared table of that name (on the first shard: one table, one place).
+    pub fn table(&self, name: &str) -> SharedTable {
+        SharedTable::new(self.shards[0].clone(), name)
     }
 
     fn shard(&self, channel: &str) -> &Arc<Shard> {
