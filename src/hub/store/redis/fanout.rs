@@ -64,15 +64,17 @@ pub(super) async fn run(
             _ = stop.cancelled() => return,
             r = session.run(&mut ops) => r,
         };
+        let Err(Lost(why)) = r;
         if session.connected.load(std::sync::atomic::Ordering::Relaxed) {
             sessions += 1;
+            tracing::warn!(
+                shard = shard.name,
+                "cluster fan-out lost: {why}; reconnecting"
+            );
+        } else {
+            // Once per attempt while Redis stays away: the loss itself was logged.
+            tracing::debug!(shard = shard.name, "cluster fan-out: {why}");
         }
-        let Err(Lost(why)) = r;
-        tracing::warn!(
-            shard = shard.name,
-            "cluster fan-out lost: {why}; reconnecting"
-        );
-        shard.metrics.cluster_reconnects.inc();
         if started.elapsed() > BACKOFF_MAX * 5 {
             backoff = BACKOFF_MIN; // it was up a while: this is a new outage
         }
