@@ -29,7 +29,7 @@ pub use super::inbound::Dynamic;
 use super::inbound::{self, ClientFrame, Inbound, Outcome, PublishCommand, ReplyTo};
 use super::relay::{truncate, RelayError, Reply};
 use super::{envelope, record_batch, resume_value, Position, RESUME_HEADER};
-use crate::config::{OnLag, PushLocation};
+use crate::config::{ClientMessages, OnLag, PushLocation};
 use crate::hub::{CloseReason, Message, MessageId, Start};
 use crate::metrics::{ClientResult, DropReason, Metrics};
 use crate::model::{ChannelName, Transport};
@@ -46,14 +46,28 @@ const CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// against the same base: p99 1.34x base with 256, 1.20x with 64).
 const WS_BATCH: usize = 64;
 
+/// The read buffer of a location whose clients' messages are refused: they send pongs, close
+/// frames and the odd crier.json command, so a 512-byte buffer (a tenth of an idle
+/// subscriber's memory, benches/sizing.sh) buys nothing. A larger frame is read in several
+/// reads.
+const SUBSCRIBER_READ_BUFFER: usize = 64;
+/// Where clients publish or forward: several small frames per read.
+const CLIENT_READ_BUFFER: usize = 512;
+
 /// `max_client`: the location's `max_client_message`; a larger frame is refused with 1009.
-fn ws_config(max_client: usize) -> WebSocketConfig {
+/// `sends`: the location takes client messages (`client_messages` is not "refuse").
+fn ws_config(max_client: usize, sends: bool) -> WebSocketConfig {
     // Small buffers: a subscriber connection mostly idles, and subscribers send small frames
     // (control frames, commands, chat lines). Frames of one wake-up are gathered up to 4 KiB
     // and written together at the flush after the batch (one syscall, not one per frame); the
     // buffer a busy subscriber keeps stays about that size.
+    let read = if sends {
+        CLIENT_READ_BUFFER
+    } else {
+        SUBSCRIBER_READ_BUFFER
+    };
     WebSocketConfig::default()
-        .read_buffer_size(512)
+        .read_buffer_size(read)
         .write_buffer_size(4 * 1024)
         .max_write_buffer_size(4 << 20)
         .max_message_size(Some(max_client))
@@ -128,16 +142,21 @@ pub fn respond(
     dynamic: Option<Dynamic>,
 ) -> Response<Body> {
     let json = wants_json(req.headers());
-    let (resp, pending) =
-        match hyper_tungstenite::upgrade(&mut *req, Some(ws_config(loc.max_client_message))) {
-            Ok(pair) => pair,
-            Err(e) => {
-                return response::text(
-                    StatusCode::BAD_REQUEST,
-                    &format!("bad websocket handshake: {e}"),
-                )
-            }
-        };
+    let (resp, pending) = match hyper_tungstenite::upgrade(
+        &mut *req,
+        Some(ws_config(
+            loc.max_client_message,
+            loc.client_messages != ClientMessages::Refuse,
+        )),
+    ) {
+        Ok(pair) => pair,
+        Err(e) => {
+            return response::text(
+                StatusCode::BAD_REQUEST,
+                &format!("bad websocket handshake: {e}"),
+            )
+        }
+    };
     let resume = resume_value(feed.started_with_gap());
     let keepalive = loc.keepalive;
     tasks.spawn(run(pending, feed, keepalive, json, dynamic));
@@ -337,6 +356,7 @@ enum Woke {
 /// Not an `async fn`, which would keep each argument twice in the task (rust-lang/rust#62958):
 /// an idle subscriber holds this future for its whole life, so the async block uses what it
 /// captures in place.
+#[allow(clippy::manual_async_fn)] // on purpose: see above
 fn run(
     pending: HyperWebsocket,
     mut feed: Feed,

@@ -112,6 +112,7 @@ pub(super) async fn accept_unix(
 ///
 /// Not an `async fn`, which would keep each argument twice in the task (rust-lang/rust#62958):
 /// an idle SSE subscriber's connection holds this future for its whole life.
+#[allow(clippy::manual_async_fn)] // on purpose: see above
 fn serve_public(
     mut stream: TcpStream,
     state: Arc<State>,
