@@ -7,9 +7,17 @@
 #   7 s in, while the fan-out runs; the webhook gets every message of both channels.
 # Prints the loadgen's fan-out figures, the webhook's delivered count over the sampled window
 # (its /metrics polled every 50 ms) and the largest queue depth seen.
+#
+# A receiver far away (issue 19: "≥ 500 events/s to a receiver 50 ms away"):
+#   RX_DELAY_MS=50 CHANNELS=64 benches/webhooks.sh 1 0 10000
+# The receiver waits RX_DELAY_MS before each answer; the MESSAGES are published round-robin
+# over CHANNELS channels; MAX_IN_FLIGHT sets the webhook's max_in_flight (default: crier's).
+# One channel has one request in flight at a time, so the ceiling is
+# min(CHANNELS, max_in_flight) / RX_DELAY_MS.
 set -u
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WH=$1; SUBS=$2; MSGS=$3; SIDE=${4:-0}
+RX_DELAY_MS=${RX_DELAY_MS:-0}; CHANNELS=${CHANNELS:-1}; MAX_IN_FLIGHT=${MAX_IN_FLIGHT:-}
 D=${RUN_DIR:-$(mktemp -d /tmp/crier-webhooks.XXXX)}; cd "$D"
 ulimit -n 65536
 port() { python3 -c "import socket;s=socket.socket();s.bind(('127.0.0.1',0));print(s.getsockname()[1])"; }
@@ -22,7 +30,8 @@ if [ "$WH" = 1 ]; then HOOK="[[webhook]]
 name = \"bench\"
 url = \"http://127.0.0.1:$RP/hook\"
 secret_file = \"wh.secret\"
-max_queue = 1000000"; fi
+max_queue = 1000000
+${MAX_IN_FLIGHT:+max_in_flight = $MAX_IN_FLIGHT}"; fi
 cat > crier.toml <<EOT
 [server]
 listen = ["127.0.0.1:$P"]
@@ -40,7 +49,7 @@ path = "/live/{channel}"
 listen = "127.0.0.1:$AP"
 $HOOK
 EOT
-$LG upstream --listen 127.0.0.1:$RP --threads 1 & RX=$!
+$LG upstream --listen 127.0.0.1:$RP --threads 1 --delay-ms $RX_DELAY_MS & RX=$!
 CRIER_LOG=warn $CRIER --config crier.toml 2>crier.log & CP=$!
 sleep 1
 # Sample the delivered counter every 50 ms.
@@ -56,10 +65,19 @@ if [ "$SIDE" != 0 ]; then
   ( sleep 7; $LG push --subscribers 0 --messages $SIDE --rate 0 --size 100 --channel-prefix side \
       --sub-url "http://127.0.0.1:$P/live/{channel}" --pub-url "http://127.0.0.1:$PP/pub/{channel}" > side.json 2>side.err ) &
 fi
-$LG push --subscribers $SUBS --messages $MSGS --rate 0 --size 100 \
+$LG push --subscribers $SUBS --channels $CHANNELS --messages $MSGS --rate 0 --size 100 \
   --sub-url "http://127.0.0.1:$P/live/{channel}" --pub-url "http://127.0.0.1:$PP/pub/{channel}" \
   --server-pid $CP --drain-max 60 > push.json 2>push.err
-sleep 3
+# Until the webhook's queue is empty and nothing is in flight (or 5 s without progress).
+last=-1; still=0
+while [ "$WH" = 1 ] && [ $still -lt 50 ]; do
+  st=$(curl -s http://127.0.0.1:$AP/webhooks)
+  if echo "$st" | grep -Eq '"queue_depth":0[,}]' && echo "$st" | grep -Eq '"in_flight":0[,}]'; then break; fi
+  cur=$(echo "$st" | grep -o '"delivered":[0-9]*' | head -1)
+  if [ "$cur" = "$last" ]; then still=$((still + 1)); else still=0; last=$cur; fi
+  sleep 0.1
+done
+sleep 0.2
 curl -s http://127.0.0.1:$AP/metrics | grep -E '^crier_webhook_(deliveries_total|duration_seconds_(sum|count))' 
 kill $CP; wait $CP; kill $SP $RX 2>/dev/null
 python3 - <<PY

@@ -391,3 +391,28 @@ async fn a_crier_json_websocket_subscribes_and_unsubscribes() {
     assert_eq!(ws_text(&mut ws).await["data"], "last");
     c.shutdown().await;
 }
+
+/// A location that refuses client messages reads with a small buffer (idle memory): a command
+/// several times its size still arrives whole.
+#[tokio::test]
+async fn a_command_larger_than_the_read_buffer_arrives_whole() {
+    let up = Upstream::start().await;
+    let c = Crier::start(&up.url(), "").await;
+    let (mut ws, _) = ws_connect(
+        &c.ws_url("/live/one"),
+        &[("sec-websocket-protocol", "crier.json")],
+    )
+    .await;
+    let long = "l".repeat(120);
+    use futures_util::SinkExt;
+    let cmd = json!({"subscribe": long, "last_event_id": "earliest"}).to_string();
+    assert!(cmd.len() > 128);
+    ws.send(Message::Text(cmd.into())).await.unwrap();
+    let a = ws_text(&mut ws).await;
+    assert_eq!(a["subscribed"], long.as_str(), "{a}");
+    c.publish(&long, "to the long one").await;
+    let m = ws_text(&mut ws).await;
+    assert_eq!(m["channel"], long.as_str(), "{m}");
+    assert_eq!(m["data"], "to the long one");
+    c.shutdown().await;
+}

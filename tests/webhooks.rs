@@ -49,12 +49,28 @@ fn status(s: u16) -> Reply {
     }
 }
 
+/// Requests being answered at the same time.
+#[derive(Debug, Clone, Default)]
+struct Concurrency {
+    now: usize,
+    /// The most at once.
+    max: usize,
+    per_channel: std::collections::HashMap<String, usize>,
+    /// Some channel had two requests in flight at once.
+    channel_overlap: bool,
+}
+
 #[derive(Clone)]
 struct Receiver {
     addr: SocketAddr,
     hits: Arc<Mutex<Vec<Hit>>>,
     /// Answers for the next requests, in order; then 200.
     script: Arc<Mutex<VecDeque<Reply>>>,
+    /// How long every answer not scripted waits (a receiver that far away).
+    delay: Arc<Mutex<Duration>>,
+    /// A message body → how many of its attempts still answer 500.
+    fail: Arc<Mutex<std::collections::HashMap<String, usize>>>,
+    concurrency: Arc<Mutex<Concurrency>>,
 }
 
 /// The Standard Webhooks check, written from the spec with the `hmac` crate.
@@ -96,6 +112,9 @@ impl Receiver {
             addr: listener.local_addr().expect("addr"),
             hits: Arc::default(),
             script: Arc::default(),
+            delay: Arc::default(),
+            fail: Arc::default(),
+            concurrency: Arc::default(),
         };
         let rr = r.clone();
         tokio::spawn(async move {
@@ -150,7 +169,10 @@ impl Receiver {
         let signed = content_type == "application/json"
             && unix_now().abs_diff(ts) <= 300
             && sig == independent_signature(&key(), &id, ts, &body);
-        let json = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+        let json: serde_json::Value =
+            serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+        let channel = json["data"]["channel"].as_str().unwrap_or("").to_string();
+        let text = json["data"]["body"].as_str().unwrap_or("").to_string();
         self.hits.lock().expect("lock").push(Hit {
             id,
             timestamp: ts,
@@ -158,13 +180,42 @@ impl Receiver {
             json,
             at: Instant::now(),
         });
+        {
+            let mut c = self.concurrency.lock().expect("lock");
+            c.now += 1;
+            c.max = c.max.max(c.now);
+            let n = c.per_channel.entry(channel.clone()).or_default();
+            *n += 1;
+            if *n > 1 {
+                c.channel_overlap = true;
+            }
+        }
+        let failing = match self.fail.lock().expect("lock").get_mut(&text) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                true
+            }
+            _ => false,
+        };
+        let default = Reply {
+            status: if failing { 500 } else { 200 },
+            delay: *self.delay.lock().expect("lock"),
+            retry_after: None,
+        };
         let reply = self
             .script
             .lock()
             .expect("lock")
             .pop_front()
-            .unwrap_or(status(200));
+            .unwrap_or(default);
         tokio::time::sleep(reply.delay).await;
+        {
+            let mut c = self.concurrency.lock().expect("lock");
+            c.now -= 1;
+            if let Some(n) = c.per_channel.get_mut(&channel) {
+                *n -= 1;
+            }
+        }
         let mut resp = Response::new(Full::new(Bytes::from_static(b"ok")));
         *resp.status_mut() = StatusCode::from_u16(reply.status).expect("status");
         if let Some(ra) = reply.retry_after {
@@ -176,6 +227,19 @@ impl Receiver {
 
     fn script(&self, replies: impl IntoIterator<Item = Reply>) {
         self.script.lock().expect("lock").extend(replies);
+    }
+
+    fn delay_every_answer(&self, d: Duration) {
+        *self.delay.lock().expect("lock") = d;
+    }
+
+    /// The first `n` attempts of the message with this body answer 500.
+    fn fail_first(&self, body: &str, n: usize) {
+        self.fail.lock().expect("lock").insert(body.to_string(), n);
+    }
+
+    fn concurrency(&self) -> Concurrency {
+        self.concurrency.lock().expect("lock").clone()
     }
 
     fn hits(&self) -> Vec<Hit> {
@@ -964,4 +1028,171 @@ async fn sigterm_logs_the_undelivered_count_and_exits_zero() {
             .any(|l| l.contains("3 webhook event(s) left undelivered")),
         "{log:#?}"
     );
+}
+
+/// `[[webhook]] max_in_flight`: publishes to `channels` channels, `per` messages each,
+/// interleaved (a0 b0 c0 ... a1 b1 ...); returns the ids in publish order per channel.
+async fn publish_interleaved(
+    c: &Crier,
+    channels: &[&str],
+    per: usize,
+) -> std::collections::HashMap<String, Vec<String>> {
+    let mut ids: std::collections::HashMap<String, Vec<String>> = Default::default();
+    for i in 0..per {
+        for ch in channels {
+            let id = c.publish(ch, format!("{ch}-{i}")).await;
+            ids.entry(ch.to_string()).or_default().push(id);
+        }
+    }
+    ids
+}
+
+/// The ids each channel's requests carried, in arrival order, consecutive repeats (a retry)
+/// folded into one.
+fn arrived_per_channel(hits: &[Hit]) -> std::collections::HashMap<String, Vec<String>> {
+    let mut seen: std::collections::HashMap<String, Vec<String>> = Default::default();
+    for h in hits {
+        let ch = h.json["data"]["channel"].as_str().unwrap_or("").to_string();
+        let id = h.json["data"]["id"].as_str().unwrap_or("").to_string();
+        let list = seen.entry(ch).or_default();
+        if list.last() != Some(&id) {
+            list.push(id);
+        }
+    }
+    seen
+}
+
+#[tokio::test]
+async fn several_channels_go_out_side_by_side_up_to_max_in_flight_in_order_per_channel() {
+    let rx = Receiver::start().await;
+    rx.delay_every_answer(Duration::from_millis(50));
+    let (c, _up, _dir) = start(&rx, "name = \"wide\"\nmax_in_flight = 4").await;
+    let channels = ["a", "b", "c", "d", "e", "f", "g", "h"];
+    let ids = publish_interleaved(&c, &channels, 10).await;
+    let hits = rx.wait_for(80, Duration::from_secs(30)).await;
+    assert!(
+        eventually(Duration::from_secs(5), async || {
+            webhook_metric(&c, "wide", "delivered").await == 80.0
+        })
+        .await
+    );
+    let conc = rx.concurrency();
+    assert!(conc.max > 1, "requests overlapped: {conc:?}");
+    assert!(conc.max <= 4, "never more than max_in_flight: {conc:?}");
+    assert!(
+        !conc.channel_overlap,
+        "a channel never had two requests in flight"
+    );
+    assert_eq!(arrived_per_channel(&hits), ids, "publish order per channel");
+    assert!(hits.iter().all(|h| h.signed));
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_retried_event_holds_its_channel_and_only_its_channel() {
+    let rx = Receiver::start().await;
+    rx.delay_every_answer(Duration::from_millis(50));
+    // The first attempt of b-3 fails; its retry comes 3 s later.
+    rx.fail_first("b-3", 1);
+    let (c, _up, _dir) = start(&rx, "name = \"r\"\nmax_in_flight = 8\nretry = [\"3s\"]").await;
+    let mut ids = publish_interleaved(&c, &["a", "b"], 6).await;
+    let failed = eventually(Duration::from_secs(10), async || {
+        rx.hits().iter().any(|h| h.json["data"]["body"] == "b-3")
+    })
+    .await;
+    assert!(failed, "b-3 was attempted");
+    // While b waits for its retry, another channel's events go out.
+    for i in 0..5 {
+        let id = c.publish("c", format!("c-{i}")).await;
+        ids.entry("c".into()).or_default().push(id);
+    }
+    let hits = rx.wait_for(6 + 7 + 5, Duration::from_secs(30)).await;
+    let b3: Vec<usize> = (0..hits.len())
+        .filter(|&i| hits[i].json["data"]["body"] == "b-3")
+        .collect();
+    assert_eq!(b3.len(), 2, "b-3 sent twice (failed, then delivered)");
+    assert_eq!(
+        hits[b3[0]].id, hits[b3[1]].id,
+        "same webhook-id on the retry"
+    );
+    let between: Vec<_> = hits[b3[0]..b3[1]]
+        .iter()
+        .map(|h| h.json["data"]["body"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert!(
+        (0..5).all(|i| between.contains(&format!("c-{i}"))),
+        "channel c did not wait for b's retry: {between:?}"
+    );
+    assert!(
+        !between.iter().any(|b| b == "b-4" || b == "b-5"),
+        "b's later events waited for b-3: {between:?}"
+    );
+    assert_eq!(arrived_per_channel(&hits), ids, "publish order per channel");
+    assert!(!rx.concurrency().channel_overlap);
+    assert!(
+        eventually(Duration::from_secs(5), async || {
+            webhook_metric(&c, "r", "delivered").await == 17.0
+        })
+        .await
+    );
+    assert_eq!(webhook_metric(&c, "r", "retried").await, 1.0);
+    c.shutdown().await;
+}
+
+#[test]
+fn max_in_flight_out_of_range_is_refused_with_key_and_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (value, want) in [
+        ("0", "webhook.max_in_flight: 0 is out of range (1..=1024)"),
+        (
+            "1025",
+            "webhook.max_in_flight: 1025 is out of range (1..=1024)",
+        ),
+        ("\"8\"", "invalid type"),
+    ] {
+        let hook = webhook_toml(
+            &dir,
+            "http://127.0.0.1:9/hook",
+            &format!("max_in_flight = {value}"),
+        );
+        let err = crier::keys::load_str(&hook, Some(std::path::Path::new("c.toml")))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains(want), "max_in_flight = {value}: {err}");
+        assert!(err.contains("c.toml:4:"), "names the line: {err}");
+    }
+}
+
+#[tokio::test]
+async fn per_channel_order_holds_across_a_reload_with_several_in_flight() {
+    let rx = Receiver::start().await;
+    rx.delay_every_answer(Duration::from_millis(100));
+    let keys = "name = \"kept\"\nmax_in_flight = 3\nretry = [\"50ms\"]";
+    let (c, up, dir) = start(&rx, keys).await;
+    let mut ids = publish_interleaved(&c, &["a", "b", "c", "d"], 5).await;
+    rx.wait_for(2, Duration::from_secs(5)).await;
+    let toml = base_config(
+        &up.url(),
+        &c.publish_unix,
+        &webhook_toml(&dir, &rx.url("/hook"), keys),
+    );
+    c.handle
+        .reload(crier::Config::from_toml(&toml, None).expect("config"))
+        .expect("reload");
+    for ch in ["a", "b", "c", "d"] {
+        let id = c.publish(ch, format!("{ch}-after")).await;
+        ids.entry(ch.to_string()).or_default().push(id);
+    }
+    // An attempt cut by the reload is sent again (at least once): consecutive repeats only.
+    let ok = eventually(Duration::from_secs(20), async || {
+        arrived_per_channel(&rx.hits()) == ids
+    })
+    .await;
+    assert!(
+        ok,
+        "every event, in order per channel, across the reload: {:?}",
+        arrived_per_channel(&rx.hits())
+    );
+    c.shutdown().await;
 }

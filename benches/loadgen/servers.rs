@@ -21,6 +21,9 @@ pub struct ServeArgs {
     /// Runtime threads (1 = a current-thread runtime).
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
+    /// `upstream` only: wait this long before each answer (a server that far away).
+    #[arg(long, default_value_t = 0)]
+    pub delay_ms: u64,
 }
 
 fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
@@ -72,14 +75,23 @@ where
 
 /// Requests the upstream answered, `/__count` excluded.
 static REQUESTS: AtomicU64 = AtomicU64::new(0);
+/// `--delay-ms` (the handler is a plain `fn`-like closure, so the setting is a static).
+static DELAY_MS: AtomicU64 = AtomicU64::new(0);
 
 /// The proxy workload's upstream: every request gets `200 hello, world\n`, except
 /// `GET /__count`, which gets the number of the others so far.
 pub fn upstream(a: ServeArgs) -> std::io::Result<()> {
+    DELAY_MS.store(a.delay_ms, Relaxed);
     runtime(a.threads)?.block_on(serve(a.listen, |req| async move {
         if req.uri().path() == "/__count" {
             let n = REQUESTS.load(Relaxed).to_string();
             return Response::new(Full::new(Bytes::from(n)));
+        }
+        let delay = DELAY_MS.load(Relaxed);
+        if delay > 0 {
+            // Read the body first, as a receiver that checks a signature does.
+            let _ = req.into_body().collect().await;
+            tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
         }
         REQUESTS.fetch_add(1, Relaxed);
         let mut r = Response::new(Full::new(Bytes::from_static(b"hello, world\n")));

@@ -2,8 +2,8 @@
 //!
 //! Outbound (`[[webhook]]`): a hub observer turns hub events (message, subscribe, unsubscribe,
 //! channel deleted) into [`Event`]s and puts each into the bounded queue of every endpoint
-//! that wants it; one task per endpoint POSTs them in order, signed as Standard Webhooks, with
-//! retries ([`outbound`]). The observer runs under the channel's append lock, so it only
+//! that wants it; each endpoint POSTs them, up to `max_in_flight` at once and in order per
+//! channel, signed as Standard Webhooks, with retries ([`outbound`]). The observer runs under the channel's append lock, so it only
 //! enqueues: a slow endpoint never slows publishing, subscribers or other endpoints.
 //!
 //! Inbound (`[[ingress]]`): a path on the public listener where a verified webhook request is
@@ -94,6 +94,15 @@ impl Event {
             data,
             body: OnceLock::new(),
         })
+    }
+
+    /// The channel it is about: an endpoint keeps each channel's events in order.
+    fn channel(&self) -> &Arc<str> {
+        match &self.data {
+            EventData::Message { channel, .. }
+            | EventData::Subscriber { channel, .. }
+            | EventData::Deleted { channel } => channel,
+        }
     }
 
     fn kind(&self) -> WebhookEvent {

@@ -8,8 +8,13 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+/// The binary cargo built for the tests. `CRIER_BIN` overrides it: the by-hand measurements
+/// (benches/sizing.sh names the WebRTC sessions test) measure a release build that way.
 pub fn crier_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_crier")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("CRIER_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_crier").to_string())
+    })
 }
 
 /// Runs `crier args...` in `cwd` to completion (at most 30 s) with logging quiet.
