@@ -237,6 +237,36 @@ async fn connections_past_the_limit_get_503() {
     c.shutdown().await;
 }
 
+/// A WebSocket stays counted against `server.max_connections` for as long as it is open (the
+/// upgrade outlives hyper's connection): past the limit the next connection gets 503.
+#[tokio::test]
+async fn upgraded_websockets_count_against_the_limit() {
+    let up = Upstream::start().await;
+    let c = Crier::start(&up.url(), "max_connections = 2\n").await;
+    let (a, _) = ws_connect(&c.ws_url("/live/limit"), &[]).await;
+    let (_b, _) = ws_connect(&c.ws_url("/live/limit"), &[]).await;
+    wait_subscribers(&c, "limit", 2).await;
+    assert_eq!(metric(&c, "crier_client_connections").await, Some(2.0));
+
+    let mut third = RawConn::connect(c.public).await;
+    third.send("GET / HTTP/1.1\r\nHost: test\r\n\r\n").await;
+    let r = third.read_response().await;
+    assert_eq!(
+        r.status, 503,
+        "two open WebSockets fill max_connections = 2"
+    );
+
+    drop(a);
+    let freed = eventually(Duration::from_secs(10), async || {
+        metric(&c, "crier_client_connections").await == Some(1.0)
+    })
+    .await;
+    assert!(freed, "a closed WebSocket was not uncounted");
+    let mut d = RawConn::connect(c.public).await;
+    assert_eq!(d.get("/").await.status, 200);
+    c.shutdown().await;
+}
+
 /// A port already taken is a startup error that names the address and the key, not a panic.
 #[tokio::test]
 async fn port_in_use_is_a_clear_startup_error() {

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::http_conn::{serve_h1, serve_h2, service};
 use super::listen::Kind;
-use super::prefixed::Prefixed;
+use super::prefixed::{Counted, Prefixed};
 use super::route::PublicSite;
 use super::sniff::{first_bytes, FirstBytes};
 use super::State;
@@ -149,12 +149,13 @@ fn serve_public(
                 if let h1::Served::Handoff(read) = served {
                     let stop = CancellationToken::new();
                     let svc = service(&state, Kind::Public, conn, &stop);
-                    let io = Prefixed::new(read, stream);
+                    // The count goes with the socket: a WebSocket upgrade outlives hyper's
+                    // connection future, and stays counted until it closes.
+                    let io = Counted::new(Prefixed::new(read, stream), guard);
                     Box::pin(serve_h1(io, svc, live, state.drain.clone(), stop)).await
                 }
             }
         }
-        drop(guard);
     }
 }
 
@@ -182,9 +183,16 @@ async fn serve_tls(stream: TcpStream, state: Arc<State>, conn: ConnInfo, guard: 
     if h2 {
         serve_h2(tls, svc, live, state.drain.clone(), stop).await;
     } else {
-        serve_h1(tls, svc, live, state.drain.clone(), stop).await;
+        // Counted with the socket, as on plain TCP: an upgrade keeps it.
+        serve_h1(
+            Counted::new(tls, guard),
+            svc,
+            live,
+            state.drain.clone(),
+            stop,
+        )
+        .await;
     }
-    drop(guard);
 }
 
 /// Counts an open public connection; dropping it uncounts.

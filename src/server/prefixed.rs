@@ -1,5 +1,7 @@
-//! A socket with bytes already read from it put back in front: how a connection the proxy
-//! fast path read from is handed to hyper.
+//! Socket wrappers for the handoff to hyper: a socket with bytes already read from it put back
+//! in front (how a connection the proxy fast path read from is handed over), and a socket that
+//! carries its `max_connections` count (so a WebSocket upgrade, which outlives hyper's
+//! connection future, stays counted until the socket closes).
 
 use std::io;
 use std::pin::Pin;
@@ -47,6 +49,61 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// A socket and the count of it against `max_connections`: dropped together.
+pub(super) struct Counted<S> {
+    inner: S,
+    _guard: super::accept::ConnectionGuard,
+}
+
+impl<S> Counted<S> {
+    pub(super) fn new(inner: S, guard: super::accept::ConnectionGuard) -> Counted<S> {
+        Counted {
+            inner,
+            _guard: guard,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
