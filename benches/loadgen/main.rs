@@ -4,6 +4,8 @@
 //!   over one or more nodes, M published messages (POSTs, or WebSocket frames), and a JSON report
 //!   of delivery rate, latency, loss and server memory/CPU;
 //! - `slow-reader`: one SSE reader under a publish flood, with exact told/silent loss accounting;
+//! - `soak`: every transport, slow and reconnecting readers, proxy faults and reloads for
+//!   minutes, with exact per-subscriber accounting and a pass/fail verdict;
 //! - `browsers`: clients polling a URL through the proxy (the baseline for `[[poll]]`);
 //! - `startup`: time from starting a server to its listener and a resume answering;
 //! - `proxy`: `wrk` against a URL, as JSON;
@@ -25,6 +27,7 @@ mod rawhttp;
 mod report;
 mod servers;
 mod slowreader;
+mod soak;
 mod sse;
 mod startup;
 mod subscriber;
@@ -63,6 +66,14 @@ enum Cmd {
     SlowReader {
         #[command(flatten)]
         args: slowreader::SlowArgs,
+    },
+    /// A bounded soak with faults: every transport, slow and reconnecting readers, publishes,
+    /// proxied resets and stalls, reloads; exact accounting and a pass/fail verdict.
+    Soak {
+        #[command(flatten)]
+        args: soak::SoakArgs,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
     },
     /// Clients polling a URL every few seconds through the proxy.
     Browsers {
@@ -117,6 +128,7 @@ fn main() -> ExitCode {
         Cmd::Push { args, threads } => block_on(threads, push::run(args)),
         // One reader and its publishers: two threads, as the servers get.
         Cmd::SlowReader { args } => block_on(2, slowreader::run(args)),
+        Cmd::Soak { args, threads } => block_on(threads, soak::run(args)),
         Cmd::Browsers { args, threads } => block_on(threads, browsers::run(args)),
         Cmd::Startup(a) => block_on(1, startup::run(a)),
         Cmd::Proxy(a) => wrk::run(a),

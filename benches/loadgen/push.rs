@@ -97,6 +97,14 @@ pub struct PushArgs {
     /// during the settle period after the ramp are reported as upstream requests/s.
     #[arg(long)]
     pub upstream_count: Option<String>,
+    /// A shell command run after the settle, right before the first publish (benches/
+    /// callgrind.sh zeroes the server's instruction counters here).
+    #[arg(long)]
+    pub before_publish: Option<String>,
+    /// A shell command run as soon as every subscriber has every message (before the drain's
+    /// idle wait; benches/callgrind.sh dumps the counters here).
+    #[arg(long)]
+    pub after_delivery: Option<String>,
     /// key=value pairs copied into the output (server, workload, rep).
     #[arg(long)]
     pub tag: Vec<String>,
@@ -298,6 +306,9 @@ pub async fn run(a: PushArgs) -> Result<(), String> {
             deadline,
             times: false,
         });
+        if let Some(cmd) = &a.before_publish {
+            run_hook(cmd)?;
+        }
         let t = Instant::now();
         let st = publisher::run(spec).await;
         publish_s = t.elapsed().as_secs_f64();
@@ -326,6 +337,9 @@ pub async fn run(a: PushArgs) -> Result<(), String> {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         drain_s = t.elapsed().as_secs_f64();
+        if let Some(cmd) = &a.after_delivery {
+            run_hook(cmd)?;
+        }
         let elapsed = (st.last_done_ns.load(Relaxed)).saturating_sub(st.first_send_ns.load(Relaxed))
             as f64
             / 1e9;
@@ -461,5 +475,19 @@ pub async fn run(a: PushArgs) -> Result<(), String> {
         "wall_s": round3(started.elapsed().as_secs_f64()),
     });
     emit(&v, a.out.as_ref());
+    Ok(())
+}
+
+/// Runs a `--before-publish` / `--after-delivery` command to its end (blocking this thread
+/// on purpose: nothing is measured while it runs).
+fn run_hook(cmd: &str) -> Result<(), String> {
+    let st = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .status()
+        .map_err(|e| format!("hook `{cmd}`: {e}"))?;
+    if !st.success() {
+        return Err(format!("hook `{cmd}` failed: {st}"));
+    }
     Ok(())
 }

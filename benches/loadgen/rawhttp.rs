@@ -20,7 +20,20 @@ use crate::subscriber::now_ns;
 /// connect time so each source address offers the whole ephemeral range), with SO_LINGER 0 so
 /// closing at the end of a run resets instead of leaving tens of thousands of TIME_WAITs.
 pub async fn connect(addr: SocketAddr, src: Option<Ipv4Addr>) -> io::Result<TcpStream> {
+    connect_with(addr, src, None).await
+}
+
+/// [`connect`] with a receive buffer size set before connecting (a small one makes a slow
+/// reader's slowness reach the server soon, not after the kernel's megabytes).
+pub async fn connect_with(
+    addr: SocketAddr,
+    src: Option<Ipv4Addr>,
+    recv_buffer: Option<u32>,
+) -> io::Result<TcpStream> {
     let sock = TcpSocket::new_v4()?;
+    if let Some(n) = recv_buffer {
+        sock.set_recv_buffer_size(n)?;
+    }
     let fd = sock.as_raw_fd();
     let linger = libc::linger {
         l_onoff: 1,

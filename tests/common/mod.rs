@@ -158,10 +158,12 @@ fn take_section(extra: &str, header: &str) -> (String, String) {
 
 /// Lines before the first `[section]` of `extra` belong to `[server]`.
 fn split_server_section(extra: &str) -> (String, String) {
-    match extra
-        .find("\n[")
-        .or_else(|| extra.starts_with('[').then_some(0))
-    {
+    let first = if extra.starts_with('[') {
+        Some(0)
+    } else {
+        extra.find("\n[")
+    };
+    match first {
         Some(i) => (extra[..i].to_string(), extra[i..].to_string()),
         None => (extra.to_string(), String::new()),
     }
