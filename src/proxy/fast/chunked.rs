@@ -5,7 +5,7 @@
 
 /// Finds where a chunked body ends while it streams through unchanged.
 #[derive(Default)]
-pub(super) struct ChunkScanner {
+pub(crate) struct ChunkScanner {
     state: Chunk,
 }
 
@@ -40,7 +40,7 @@ enum Chunk {
 
 impl ChunkScanner {
     /// Scans `bytes`: how many belong to the body, and whether the body ends there.
-    pub(super) fn scan(&mut self, bytes: &[u8]) -> Result<(usize, bool), &'static str> {
+    pub(crate) fn scan(&mut self, bytes: &[u8]) -> Result<(usize, bool), &'static str> {
         let mut i = 0;
         while i < bytes.len() {
             let b = bytes[i];
