@@ -69,7 +69,7 @@ fn is_forwarded(name: &str) -> bool {
 }
 
 /// Names the reference proxy drops: the RFC 9110 §7.6.1 list plus what `Connection` names
-/// (never `Host`).
+/// (never `Host` or `Content-Length`).
 fn reference_dropped(h: &[httparse::Header<'_>], name: &str) -> bool {
     const FIXED: [&str; 8] = [
         "connection",
@@ -84,7 +84,10 @@ fn reference_dropped(h: &[httparse::Header<'_>], name: &str) -> bool {
     if FIXED.iter().any(|f| name.eq_ignore_ascii_case(f)) {
         return true;
     }
+    // `Host` and `Content-Length` stay whatever `Connection` names: dropping the framing
+    // would leave the recipient reading to close.
     !name.eq_ignore_ascii_case("host")
+        && !name.eq_ignore_ascii_case("content-length")
         && h.iter()
             .filter(|x| x.name.eq_ignore_ascii_case("connection"))
             .flat_map(|x| x.value.split(|&b| b == b','))

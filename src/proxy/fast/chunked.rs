@@ -84,6 +84,12 @@ impl ChunkScanner {
                 Chunk::DataLf if b == b'\n' => Chunk::SizeStart,
                 Chunk::DataCr | Chunk::DataLf => return Err("chunk data not followed by CRLF"),
                 Chunk::TrailerStart if b == b'\r' => Chunk::EndLf,
+                // A bare LF ends a line for a lenient client (RFC 9112 §2.2 allows it) but not
+                // here: the two would disagree on where the body ends (found by the `chunked`
+                // fuzz target). Refused, as it is in the chunk-size line.
+                Chunk::TrailerStart | Chunk::Trailer if b == b'\n' => {
+                    return Err("bare LF in a chunked trailer")
+                }
                 Chunk::TrailerStart | Chunk::Trailer if b != b'\r' => Chunk::Trailer,
                 Chunk::Trailer => Chunk::TrailerLf,
                 Chunk::TrailerLf if b == b'\n' => Chunk::TrailerStart,
@@ -148,6 +154,9 @@ mod tests {
             b"5\nhello",
             b"ffffffffffffffffff\r\n",
             b"0\r\n\rX",
+            // Bare LF in the trailer section (a lenient client ends the body earlier).
+            b"0\r\n\n",
+            b"0\r\nx-t: 1\n\r\n",
         ] {
             assert!(
                 scan_all(&[bad]).is_err(),
