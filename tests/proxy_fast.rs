@@ -495,3 +495,23 @@ async fn a_bare_lf_in_chunked_trailers_closes_the_client_connection() {
     }
     c.shutdown().await;
 }
+
+/// Found by the `http1_response` fuzz target: a status below 100 (httparse reads any three
+/// digits) was written back as `HTTP/1.1 2 OK`, which no client parses. It is a bad answer.
+#[tokio::test]
+async fn a_status_below_100_is_502() {
+    let up = Scripted::start(|n, _| match n {
+        0 => (
+            b"HTTP/1.1 002 OK\r\nContent-Length: 0\r\n\r\n".to_vec(),
+            After::Close,
+        ),
+        _ => (ok("fine"), After::KeepOpen),
+    })
+    .await;
+    let c = Crier::start(&up.url(), "").await;
+    let mut conn = RawConn::connect(c.public).await;
+    assert_eq!(conn.get("/odd").await.status, 502);
+    let good = conn.get("/good").await;
+    assert_eq!((good.status, good.text().as_str()), (200, "fine"));
+    c.shutdown().await;
+}

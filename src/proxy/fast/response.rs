@@ -91,6 +91,11 @@ pub(crate) fn parse_response(buf: &[u8], req: &Request, out: &mut Vec<u8>) -> Pa
     let (Some(status), Some(version)) = (resp.code, resp.version) else {
         return Parsed::Bad("malformed response head");
     };
+    // httparse reads any three digits; below 100 is no status (RFC 9110 §15), and written
+    // back it would not be three digits (found by the `http1_response` fuzz target).
+    if status < 100 {
+        return Parsed::Bad("malformed status code");
+    }
     if status == 101 {
         return Parsed::Bad("101 Switching Protocols to a request without Upgrade");
     }
@@ -231,6 +236,14 @@ mod tests {
                 Parsed::Partial => "partial".into(),
                 Parsed::Bad(w) => format!("bad {w}"),
             };
+        assert_eq!(
+            framing(
+                b"HTTP/1.0 002 OK\r\nContent-Length: 0\r\n\r\n",
+                &get,
+                &mut out
+            ),
+            "bad malformed status code"
+        );
         assert_eq!(
             framing(
                 b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
