@@ -22,8 +22,11 @@ use crate::proxy::fast::response::{parse_response, Framing, Parsed};
 use crate::proxy::fast::Request;
 use crate::push::admission::{parse_position, position, Position};
 
+/// A target's check: panics when the property fails for this input.
+pub type Check = fn(&[u8]);
+
 /// Every target: its name (the `fuzz/fuzz_targets/NAME.rs` and `fuzz/corpus/NAME/`) and check.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Check)] = &[
     ("http1_request", check_http1_request),
     ("http1_response", check_http1_response),
     ("chunked", check_chunked),
@@ -589,11 +592,8 @@ fn eventsource_parse(stream: &[u8]) -> (Vec<SseEvent>, Option<u64>) {
     let mut retry = None;
     let (mut data, mut event_type, mut last_id) = (String::new(), String::new(), String::new());
     let mut rest = text;
-    loop {
-        // A line is only complete with its end; a stream cut mid-line leaves it unread.
-        let Some(end) = rest.find(['\r', '\n']) else {
-            break;
-        };
+    // A line is only complete with its end; a stream cut mid-line leaves it unread.
+    while let Some(end) = rest.find(['\r', '\n']) {
         let line = &rest[..end];
         let skip = if rest[end..].starts_with("\r\n") {
             2
