@@ -902,7 +902,8 @@ pub fn check_webhook_signature(data: &[u8]) {
     let Some(h) = headers(id, ts, &sig) else {
         return;
     };
-    let valid_id = !id.is_empty() && id.len() <= 256;
+    // A webhook-id that is not visible ASCII is malformed, like any such header.
+    let valid_id = !id.is_empty() && id.len() <= 256 && h["webhook-id"].to_str().is_ok();
     let r = verify_standard(secret, &h, body, now);
     if valid_id {
         assert_eq!(r, Ok(id));
