@@ -757,11 +757,11 @@ fn reference_pattern_matches(p: &str, c: &str) -> bool {
 }
 
 /// A directory with the key files the checks load (an HS256 secret, a webhook secret),
-/// written once per process.
+/// written once per process; one fixed name, so runs do not leave a directory each.
 fn fixture_dir() -> Option<&'static std::path::Path> {
     static D: OnceLock<Option<std::path::PathBuf>> = OnceLock::new();
     D.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("crier-fuzzing-{}", std::process::id()));
+        let dir = std::env::temp_dir().join("crier-fuzzing");
         std::fs::create_dir_all(&dir).ok()?;
         std::fs::write(dir.join("jwt.secret"), JWT_SECRET).ok()?;
         std::fs::write(
