@@ -17,6 +17,10 @@ pub(crate) mod admin;
 pub(crate) mod auth;
 pub mod config;
 pub mod demo;
+/// The properties the fuzz targets in `fuzz/` check (see `fuzz/README.md`); not an API.
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub(crate) mod https_client;
 pub mod hub;
 pub mod keys;

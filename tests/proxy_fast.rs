@@ -439,3 +439,79 @@ async fn bytes_an_idle_pooled_connection_received_are_not_taken_for_the_next_ans
     assert_eq!((r.status, r.text().as_str()), (200, "reply 1"));
     c.shutdown().await;
 }
+
+/// Found by the `http1_response` fuzz target: `Connection: content-length` used to drop the
+/// length from the client's head while crier relayed exactly that many bytes and kept the
+/// connection, so the client read the next response as this body.
+#[tokio::test]
+async fn connection_naming_content_length_keeps_the_framing() {
+    let up = Scripted::start(|_, _| {
+        (
+            b"HTTP/1.1 200 OK\r\nConnection: content-length, x-hop\r\nX-Hop: 1\r\nContent-Length: 5\r\n\r\nhello".to_vec(),
+            After::KeepOpen,
+        )
+    })
+    .await;
+    let c = Crier::start(&up.url(), "").await;
+    let mut conn = RawConn::connect(c.public).await;
+    for path in ["/one", "/two"] {
+        let r = conn.get(path).await;
+        assert_eq!((r.status, r.text().as_str()), (200, "hello"), "{}", r.head);
+        assert_eq!(r.header("content-length"), Some("5"), "{}", r.head);
+        assert!(
+            !r.has_header("x-hop") && !r.has_header("connection"),
+            "{}",
+            r.head
+        );
+    }
+    c.shutdown().await;
+}
+
+/// Found by the `chunked` fuzz target: a bare LF in the trailer section ends a line for a
+/// lenient client but did not for the chunk scanner, so the two disagreed on where the body
+/// ends. Now it is a malformed body: the client connection closes, and nothing the upstream
+/// wrote after it reaches the client as a response.
+#[tokio::test]
+async fn a_bare_lf_in_chunked_trailers_closes_the_client_connection() {
+    let up = Scripted::start(|_, _| {
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-T: 1\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n".to_vec(),
+            After::KeepOpen,
+        )
+    })
+    .await;
+    let c = Crier::start(&up.url(), "").await;
+    let mut conn = RawConn::connect(c.public).await;
+    conn.send("GET /t HTTP/1.1\r\nHost: test\r\n\r\n").await;
+    match conn.read_until_closed(Duration::from_secs(5)).await {
+        ReadEnd::Closed(got) => {
+            let text = String::from_utf8_lossy(&got);
+            assert!(!text.contains("Content-Length: 0"), "{text}");
+        }
+        ReadEnd::StillOpen(got) => panic!(
+            "the connection stayed open after a malformed body: {}",
+            String::from_utf8_lossy(&got)
+        ),
+    }
+    c.shutdown().await;
+}
+
+/// Found by the `http1_response` fuzz target: a status below 100 (httparse reads any three
+/// digits) was written back as `HTTP/1.1 2 OK`, which no client parses. It is a bad answer.
+#[tokio::test]
+async fn a_status_below_100_is_502() {
+    let up = Scripted::start(|n, _| match n {
+        0 => (
+            b"HTTP/1.1 002 OK\r\nContent-Length: 0\r\n\r\n".to_vec(),
+            After::Close,
+        ),
+        _ => (ok("fine"), After::KeepOpen),
+    })
+    .await;
+    let c = Crier::start(&up.url(), "").await;
+    let mut conn = RawConn::connect(c.public).await;
+    assert_eq!(conn.get("/odd").await.status, 502);
+    let good = conn.get("/good").await;
+    assert_eq!((good.status, good.text().as_str()), (200, "fine"));
+    c.shutdown().await;
+}

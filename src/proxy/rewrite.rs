@@ -20,7 +20,10 @@ const HOP_BY_HOP: [&str; 8] = [
 
 /// The hop-by-hop headers of one message: the fixed list plus every header its `Connection`
 /// names — never `Host`, which a client cannot ask a proxy to drop (`Connection: host` would
-/// otherwise leave the upstream without one).
+/// otherwise leave the upstream without one), nor `Content-Length`: it is the message's
+/// framing, and the fast path relays the body by it (`Connection: content-length` on a
+/// response made the client read until close while crier kept the connection for the next
+/// response: a desync; found by the `http1_response` fuzz target).
 pub struct HopByHop<'h> {
     named: Vec<&'h [u8]>,
 }
@@ -31,7 +34,11 @@ impl<'h> HopByHop<'h> {
         let named = connection
             .flat_map(|v| v.split(|&b| b == b','))
             .map(|t| t.trim_ascii())
-            .filter(|t| !t.is_empty() && !t.eq_ignore_ascii_case(b"host"))
+            .filter(|t| {
+                !t.is_empty()
+                    && !t.eq_ignore_ascii_case(b"host")
+                    && !t.eq_ignore_ascii_case(b"content-length")
+            })
             .collect();
         HopByHop { named }
     }
@@ -142,6 +149,15 @@ mod tests {
             h.contains_key(header::HOST),
             "Connection: host never drops Host"
         );
+        // Nor does it drop the framing.
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("Content-Length"),
+        );
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h[header::CONTENT_LENGTH], "5");
     }
 
     #[test]

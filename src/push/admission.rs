@@ -312,7 +312,11 @@ pub fn accepts_event_stream(h: &HeaderMap) -> bool {
 
 /// Reads the client's position: `last_event_id` in the query (all transports),
 /// `Last-Event-ID` (SSE), `If-None-Match: "<id>"` (long-poll). The query wins.
-fn position(query: Option<&str>, h: &HeaderMap, t: Transport) -> Result<Position, String> {
+pub(crate) fn position(
+    query: Option<&str>,
+    h: &HeaderMap,
+    t: Transport,
+) -> Result<Position, String> {
     if let Some(v) = crate::query::param(query, "last_event_id") {
         return parse_position(&v);
     }
@@ -342,7 +346,7 @@ fn position(query: Option<&str>, h: &HeaderMap, t: Transport) -> Result<Position
     }
 }
 
-fn parse_position(v: &str) -> Result<Position, String> {
+pub(crate) fn parse_position(v: &str) -> Result<Position, String> {
     match v {
         "" => Ok(Position::Unnamed),
         "earliest" => Ok(Position::Earliest),

@@ -115,8 +115,8 @@ fn preflight() -> Response<Body> {
 /// The `PushSubscription.toJSON()` fields crier reads (others, like `expirationTime`, are
 /// ignored).
 #[derive(serde::Deserialize)]
-struct SubscriptionJson {
-    endpoint: String,
+pub(crate) struct SubscriptionJson {
+    pub(crate) endpoint: String,
     keys: Option<KeysJson>,
 }
 
@@ -138,7 +138,12 @@ async fn read_json(req: Request<Incoming>) -> Result<SubscriptionJson, String> {
             }
         })?
         .to_bytes();
-    serde_json::from_slice(&body)
+    parse_json(&body)
+}
+
+/// A `PushSubscription.toJSON()` body, read.
+pub(crate) fn parse_json(body: &[u8]) -> Result<SubscriptionJson, String> {
+    serde_json::from_slice(body)
         .map_err(|e| format!("body is not a PushSubscription JSON ({{\"endpoint\", \"keys\": {{\"p256dh\", \"auth\"}}}}): {e}"))
 }
 
@@ -150,20 +155,9 @@ async fn subscribe(wp: &WebPush, channel: &str, req: Request<Incoming>) -> Respo
     };
     let settings = wp.inner.settings();
     let policy = wp.inner.policy.load();
-    let origin = match check_endpoint(&json.endpoint, &settings.push_hosts, &policy) {
-        Ok(o) => o,
+    let (origin, keys) = match check_subscription(&json, &settings.push_hosts, &policy) {
+        Ok(v) => v,
         Err(e) => return bad(&e),
-    };
-    let Some(keys) = json.keys else {
-        return bad("keys missing: {\"p256dh\", \"auth\"}");
-    };
-    let decode = |s: &str| URL_SAFE_NO_PAD.decode(s.trim_end_matches('=')).ok();
-    let (Some(p256dh), Some(auth)) = (decode(&keys.p256dh), decode(&keys.auth)) else {
-        return bad("keys.p256dh and keys.auth must be base64url");
-    };
-    let keys = match UaKeys::parse(&p256dh, &auth) {
-        Ok(k) => k,
-        Err(e) => return bad(e),
     };
     let store = &wp.inner.store;
     if store.total() >= settings.max_subscriptions && !store.contains(channel, &json.endpoint) {
@@ -214,6 +208,25 @@ async fn subscribe(wp: &WebPush, channel: &str, req: Request<Incoming>) -> Respo
         status,
         &serde_json::json!({ "channel": channel, "subscribed": true, "new": new }),
     )
+}
+
+/// Checks a subscription as `POST` takes it: the endpoint (see [`check_endpoint`]) and the
+/// browser's keys. Returns the endpoint's origin and the keys.
+pub(crate) fn check_subscription(
+    json: &SubscriptionJson,
+    hosts: &[HostPattern],
+    policy: &AddressPolicy,
+) -> Result<(String, UaKeys), String> {
+    let origin = check_endpoint(&json.endpoint, hosts, policy)?;
+    let Some(keys) = &json.keys else {
+        return Err("keys missing: {\"p256dh\", \"auth\"}".into());
+    };
+    let decode = |s: &str| URL_SAFE_NO_PAD.decode(s.trim_end_matches('=')).ok();
+    let (Some(p256dh), Some(auth)) = (decode(&keys.p256dh), decode(&keys.auth)) else {
+        return Err("keys.p256dh and keys.auth must be base64url".into());
+    };
+    let keys = UaKeys::parse(&p256dh, &auth)?;
+    Ok((origin, keys))
 }
 
 async fn unsubscribe(wp: &WebPush, channel: &str, req: Request<Incoming>) -> Response<Body> {

@@ -5,7 +5,7 @@
 
 /// Finds where a chunked body ends while it streams through unchanged.
 #[derive(Default)]
-pub(super) struct ChunkScanner {
+pub(crate) struct ChunkScanner {
     state: Chunk,
 }
 
@@ -40,7 +40,7 @@ enum Chunk {
 
 impl ChunkScanner {
     /// Scans `bytes`: how many belong to the body, and whether the body ends there.
-    pub(super) fn scan(&mut self, bytes: &[u8]) -> Result<(usize, bool), &'static str> {
+    pub(crate) fn scan(&mut self, bytes: &[u8]) -> Result<(usize, bool), &'static str> {
         let mut i = 0;
         while i < bytes.len() {
             let b = bytes[i];
@@ -84,6 +84,12 @@ impl ChunkScanner {
                 Chunk::DataLf if b == b'\n' => Chunk::SizeStart,
                 Chunk::DataCr | Chunk::DataLf => return Err("chunk data not followed by CRLF"),
                 Chunk::TrailerStart if b == b'\r' => Chunk::EndLf,
+                // A bare LF ends a line for a lenient client (RFC 9112 §2.2 allows it) but not
+                // here: the two would disagree on where the body ends (found by the `chunked`
+                // fuzz target). Refused, as it is in the chunk-size line.
+                Chunk::TrailerStart | Chunk::Trailer if b == b'\n' => {
+                    return Err("bare LF in a chunked trailer")
+                }
                 Chunk::TrailerStart | Chunk::Trailer if b != b'\r' => Chunk::Trailer,
                 Chunk::Trailer => Chunk::TrailerLf,
                 Chunk::TrailerLf if b == b'\n' => Chunk::TrailerStart,
@@ -148,6 +154,9 @@ mod tests {
             b"5\nhello",
             b"ffffffffffffffffff\r\n",
             b"0\r\n\rX",
+            // Bare LF in the trailer section (a lenient client ends the body earlier).
+            b"0\r\n\n",
+            b"0\r\nx-t: 1\n\r\n",
         ] {
             assert!(
                 scan_all(&[bad]).is_err(),

@@ -20,10 +20,10 @@
 //! framing), `chunked.rs` (where a chunked body ends), `pool.rs` (raw upstream connections);
 //! here the connection loop and one exchange.
 
-mod chunked;
+pub(crate) mod chunked;
 mod pool;
-mod request;
-mod response;
+pub(crate) mod request;
+pub(crate) mod response;
 
 use std::io;
 use std::time::{Duration, Instant};
@@ -138,12 +138,12 @@ pub async fn serve<S: Site, F: Fn() -> S>(
 }
 
 /// A request the fast path takes, its upstream head already written.
-struct Request {
-    head_len: usize,
+pub(crate) struct Request {
+    pub(crate) head_len: usize,
     /// `HEAD`: the response has no body whatever its headers say.
-    head_only: bool,
+    pub(crate) head_only: bool,
     /// The client asked to close after this response.
-    close: bool,
+    pub(crate) close: bool,
 }
 
 /// How one exchange went: for the connection (keep) and the access log.

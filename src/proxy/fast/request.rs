@@ -10,7 +10,7 @@ use crate::proxy::rewrite::{forwarded_for, value_has_token, HopByHop};
 /// applies `server.max_headers`).
 pub(super) const MAX_HEADERS: usize = 64;
 
-pub(super) enum Prepared {
+pub(crate) enum Prepared {
     Ready(Request),
     Partial,
     NotOurs,
@@ -18,7 +18,7 @@ pub(super) enum Prepared {
 
 /// Parses the request head at the start of `buf` and, when the fast path takes it, writes
 /// the head the upstream gets into `out`.
-pub(super) fn prepare(
+pub(crate) fn prepare(
     buf: &[u8],
     conn: &ConnInfo,
     out: &mut Vec<u8>,

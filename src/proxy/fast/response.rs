@@ -15,8 +15,8 @@ use crate::proxy::rewrite::{value_has_token, HopByHop};
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
 /// How the response body is delimited.
-#[derive(Clone, Copy)]
-pub(super) enum Framing {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Framing {
     Empty,
     Length(u64),
     Chunked,
@@ -25,12 +25,12 @@ pub(super) enum Framing {
 }
 
 /// A parsed response head.
-pub(super) struct ResponseHead {
-    pub(super) status: u16,
-    pub(super) framing: Framing,
+pub(crate) struct ResponseHead {
+    pub(crate) status: u16,
+    pub(crate) framing: Framing,
     /// The upstream connection can carry another request after this response.
-    pub(super) reusable: bool,
-    pub(super) head_len: usize,
+    pub(crate) reusable: bool,
+    pub(crate) head_len: usize,
 }
 
 /// Reads until a whole response head is buffered, skipping interim (1xx) responses, and
@@ -72,7 +72,7 @@ pub(super) async fn read_head(
     }
 }
 
-pub(super) enum Parsed {
+pub(crate) enum Parsed {
     Head(ResponseHead),
     /// A 1xx response of this many bytes, to skip.
     Interim(usize),
@@ -80,7 +80,7 @@ pub(super) enum Parsed {
     Bad(&'static str),
 }
 
-pub(super) fn parse_response(buf: &[u8], req: &Request, out: &mut Vec<u8>) -> Parsed {
+pub(crate) fn parse_response(buf: &[u8], req: &Request, out: &mut Vec<u8>) -> Parsed {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS * 2];
     let mut resp = httparse::Response::new(&mut headers);
     let head_len = match resp.parse(buf) {
@@ -91,6 +91,11 @@ pub(super) fn parse_response(buf: &[u8], req: &Request, out: &mut Vec<u8>) -> Pa
     let (Some(status), Some(version)) = (resp.code, resp.version) else {
         return Parsed::Bad("malformed response head");
     };
+    // httparse reads any three digits; below 100 is no status (RFC 9110 §15), and written
+    // back it would not be three digits (found by the `http1_response` fuzz target).
+    if status < 100 {
+        return Parsed::Bad("malformed status code");
+    }
     if status == 101 {
         return Parsed::Bad("101 Switching Protocols to a request without Upgrade");
     }
@@ -231,6 +236,14 @@ mod tests {
                 Parsed::Partial => "partial".into(),
                 Parsed::Bad(w) => format!("bad {w}"),
             };
+        assert_eq!(
+            framing(
+                b"HTTP/1.0 002 OK\r\nContent-Length: 0\r\n\r\n",
+                &get,
+                &mut out
+            ),
+            "bad malformed status code"
+        );
         assert_eq!(
             framing(
                 b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",

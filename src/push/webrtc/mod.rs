@@ -230,7 +230,7 @@ pub async fn offer(
     }
     let slot = Slot(sh.clone());
     let creds = IceCreds::new();
-    let mut rtc = new_rtc(sh, creds.clone());
+    let mut rtc = new_rtc(&sh.crypto, &sh.cert, &sh.candidates, creds.clone());
     let answer = match rtc.sdp_api().accept_offer(offer) {
         Ok(a) => a,
         Err(e) => {
@@ -354,7 +354,7 @@ async fn read_offer(req: Request<Incoming>) -> Result<String, Response<Body>> {
 }
 
 /// Parses the offer and checks that it has a data channel section; the reason is one line.
-fn check_offer(text: &str) -> Result<SdpOffer, String> {
+pub(crate) fn check_offer(text: &str) -> Result<SdpOffer, String> {
     let offer = SdpOffer::from_sdp_string(text).map_err(|e| {
         // The parser's message carries a memory address ("at PointerOffset(0x…)"): noise.
         let e = e.to_string();
@@ -379,18 +379,24 @@ fn check_offer(text: &str) -> Result<SdpOffer, String> {
     Ok(offer)
 }
 
-fn new_rtc(sh: &Shared, creds: IceCreds) -> Rtc {
+/// A session's `Rtc`: ICE lite, data only, the shared certificate, `candidates` announced.
+pub(crate) fn new_rtc(
+    crypto: &Arc<CryptoProvider>,
+    cert: &DtlsCert,
+    candidates: &[SocketAddr],
+    creds: IceCreds,
+) -> Rtc {
     let now = Instant::now();
     let mut rtc = RtcConfig::new()
         .set_ice_lite(true)
-        .set_crypto_provider(sh.crypto.clone())
-        .set_dtls_cert(sh.cert.clone())
+        .set_crypto_provider(crypto.clone())
+        .set_dtls_cert(cert.clone())
         .set_local_ice_credentials(creds)
         // Data only: no codec is offered back, no RTCP stats are kept.
         .clear_codecs()
         .set_stats_interval(None)
         .build(now);
-    for c in &sh.candidates {
+    for c in candidates {
         match Candidate::host(*c, "udp") {
             Ok(c) => {
                 rtc.add_local_candidate(c);
