@@ -17,6 +17,7 @@ CRIER_BIN=${CRIER_BIN:-target/release/crier}
 LOADGEN_BIN=${LOADGEN_BIN:-target/release/crier-loadgen}
 OUT=${OUT:-benches/soak}
 RUN_DIR=${RUN_DIR:-$(mktemp -d /tmp/crier-soak.XXXXXX)}
+mkdir -p "$RUN_DIR"
 if [[ ${SOAK_SHORT:-0} == 1 ]]; then
     args=(--size 1000 --conns 1000 --channels 100 --rate 500 --seconds 30 --warmup-frac 0.4 --reload-every 5 --hot-rate 200)
     BUFFER=${BUFFER:-20}

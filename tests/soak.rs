@@ -34,13 +34,24 @@ fn a_short_soak_with_faults_passes() {
         .join("publish.sock");
     let out = Command::new(env!("CARGO_BIN_EXE_crier-loadgen"))
         .args(["soak", "--sub-url", &c.url("/live/{channel}")])
-        .args(["--pub-url", "http://127.0.0.1:9/pub/{channel}", "--pub-unix"])
+        .args([
+            "--pub-url",
+            "http://127.0.0.1:9/pub/{channel}",
+            "--pub-unix",
+        ])
         .arg(&sock)
         .args(["--proxy-url", &c.url("")])
         .args(["--upstream-listen", &format!("127.0.0.1:{port}")])
         .args(["--pid", &c.pid().to_string()])
         .args(["--conns", "1000", "--channels", "100", "--rate", "500"])
-        .args(["--seconds", "30", "--warmup-frac", "0.4", "--reload-every", "5"])
+        .args([
+            "--seconds",
+            "30",
+            "--warmup-frac",
+            "0.4",
+            "--reload-every",
+            "5",
+        ])
         .args(["--hot-rate", "200"])
         .args(["--drain-max", "30"])
         .output()
@@ -56,7 +67,10 @@ fn a_short_soak_with_faults_passes() {
     let subs = &v["subscribers"];
     assert_eq!(subs["subscribers"], 1000);
     assert!(v["reloads"].as_u64() >= Some(4), "{v}");
-    assert!(subs["reconnects"].as_u64() > Some(50), "readers reconnected: {v}");
+    assert!(
+        subs["reconnects"].as_u64() > Some(50),
+        "readers reconnected: {v}"
+    );
     assert!(v["proxy"]["reset_answers"].as_u64() > Some(0), "{v}");
     assert!(v["proxy"]["stall_answers"].as_u64() > Some(0), "{v}");
 }
