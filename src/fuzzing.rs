@@ -16,7 +16,7 @@ use bytes::Bytes;
 
 use crate::hub::{Message, MessageId};
 use crate::model::ConnInfo;
-use crate::proxy::fast::chunked::ChunkScanner;
+use crate::proxy::fast::chunked::scan_parts;
 use crate::proxy::fast::request::{prepare, Prepared};
 use crate::proxy::fast::response::{parse_response, Framing, Parsed};
 use crate::proxy::fast::Request;
@@ -383,20 +383,6 @@ fn reference_chunked(b: &[u8]) -> RefChunked {
         Ok(httparse::Status::Partial) => RefChunked::Partial,
         Err(_) => RefChunked::Bad,
     }
-}
-
-/// Scans `parts` in order, as reads deliver them.
-fn scan_parts(parts: &[&[u8]]) -> Result<(usize, bool), &'static str> {
-    let mut s = ChunkScanner::default();
-    let mut total = 0;
-    for p in parts {
-        let (n, done) = s.scan(p)?;
-        total += n;
-        if done {
-            return Ok((total, true));
-        }
-    }
-    Ok((total, false))
 }
 
 /// The chunk scanner. It finds the same end however the body is split across reads, and

@@ -112,22 +112,25 @@ fn hex(b: u8) -> Option<u64> {
     (b as char).to_digit(16).map(u64::from)
 }
 
+/// Scans `parts` in order, as reads deliver them: (bytes of the body, whether it ended).
+/// For the tests and the fuzz target's properties.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn scan_parts(parts: &[&[u8]]) -> Result<(usize, bool), &'static str> {
+    let mut s = ChunkScanner::default();
+    let mut total = 0;
+    for p in parts {
+        let (n, done) = s.scan(p)?;
+        total += n;
+        if done {
+            return Ok((total, true));
+        }
+    }
+    Ok((total, false))
+}
+
 #[cfg(test)]
 mod tests {
-    use super::*;
-
-    fn scan_all(parts: &[&[u8]]) -> Result<(usize, bool), &'static str> {
-        let mut s = ChunkScanner::default();
-        let mut total = 0;
-        for p in parts {
-            let (n, done) = s.scan(p)?;
-            total += n;
-            if done {
-                return Ok((total, true));
-            }
-        }
-        Ok((total, false))
-    }
+    use super::scan_parts as scan_all;
 
     #[test]
     fn chunked_end_is_found_across_any_split() {
