@@ -218,7 +218,7 @@ pub async fn run(a: SoakArgs) -> Result<(), String> {
     let mut tasks = Vec::with_capacity(subs.len());
     for (i, s) in subs.iter().enumerate() {
         if a.ramp_rate > 0.0 {
-            sleep_until(t0 + Duration::from_secs_f64(i as f64 / a.ramp_rate)).await;
+            tokio::time::sleep_until(t0 + Duration::from_secs_f64(i as f64 / a.ramp_rate)).await;
         }
         let src = Ipv4Addr::new(127, 0, 0, 2 + (i % a.sources.max(1) as usize) as u8);
         let (run, s) = (run.clone(), s.clone());
@@ -472,10 +472,6 @@ pub async fn run(a: SoakArgs) -> Result<(), String> {
     }
 }
 
-async fn sleep_until(t: Instant) {
-    tokio::time::sleep_until(t).await
-}
-
 fn fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
@@ -625,7 +621,7 @@ async fn sse_sub(run: &Run, s: &Sub, src: Ipv4Addr) {
         let mut lines = Lines::default();
         let mut parser = sse::Parser::default();
         let mut on_bytes = |d: &[u8], acct: &mut Acct| {
-            let mut more = true;
+            // False once the body is over.
             dechunk.feed(d, &mut |body: &[u8]| {
                 lines.feed(body, &mut |l: &[u8]| {
                     if let Some(ev) = parser.line(l) {
@@ -637,9 +633,7 @@ async fn sse_sub(run: &Run, s: &Sub, src: Ipv4Addr) {
                         }
                     }
                 })
-            });
-            more &= !matches!(dechunk, Dechunk::Done);
-            more
+            })
         };
         let first = raw.buf[head.body_at..raw.len].to_vec();
         on_bytes(&first, &mut lock(s));
