@@ -619,6 +619,59 @@ async fn resume_after_teardown_gets_exactly_the_rest() {
     assert_eq!(s, StatusCode::BAD_REQUEST);
 }
 
+/// In a cluster (issue 17), a WebRTC subscriber on one node resumes from an id another node
+/// gave, from Redis's history, and then gets what any node publishes, once each, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_cluster_a_session_resumes_from_another_nodes_id_and_gets_every_nodes_publishes() {
+    if let Some(why) = common::redis::absent() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let redis = common::redis::RedisServer::start(false);
+    let cluster = format!(
+        "[cluster]\nredis = [{:?}]\nkey_prefix = \"rtc:\"\n",
+        redis.url()
+    );
+    let up = Upstream::start().await;
+    let a = Crier::start(&up.url(), &format!("{WEBRTC}{cluster}")).await;
+    let b = Crier::start(&up.url(), &format!("{WEBRTC}{cluster}")).await;
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        ids.push(a.publish("rtc", format!("m{i}")).await);
+    }
+    // Node B never saw the channel: the resume comes from Redis.
+    let url = b.url("/live/rtc");
+    let (mut p, _) = Peer::connect(&format!("{url}?last_event_id={}", ids[1])).await;
+    p.open().await;
+    let got = p.receive(2).await;
+    let got_ids: Vec<&str> = got.iter().map(|v| v["id"].as_str().expect("id")).collect();
+    assert_eq!(got_ids, [ids[2].as_str(), ids[3].as_str()]);
+    // Live: publishes alternating over both nodes reach the session once each, in order.
+    for i in 4..8 {
+        let on = if i % 2 == 0 { &a } else { &b };
+        ids.push(on.publish("rtc", format!("m{i}")).await);
+    }
+    let got = p.receive(4).await;
+    let got: Vec<(&str, &str)> = got
+        .iter()
+        .map(|v| {
+            (
+                v["id"].as_str().expect("id"),
+                v["data"].as_str().expect("data"),
+            )
+        })
+        .collect();
+    let want: Vec<(&str, String)> = (4..8).map(|i| (ids[i].as_str(), format!("m{i}"))).collect();
+    assert_eq!(
+        got,
+        want.iter()
+            .map(|(i, d)| (*i, d.as_str()))
+            .collect::<Vec<_>>()
+    );
+    p.run_until(Duration::from_millis(500), |_| false).await;
+    assert!(p.received.is_empty(), "a duplicate: {:?}", p.received);
+}
+
 /// The `{"subscribed","id"}` lines a multiplexed session starts with: (name, position).
 fn starts(got: &[serde_json::Value]) -> Vec<(String, String)> {
     got.iter()
