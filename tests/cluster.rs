@@ -747,6 +747,9 @@ fn redis_calls(redis: &RedisServer, commands: &[&str]) -> u64 {
         .sum()
 }
 
+/// One publish's answer: status, id, the body sent, how long the answer took.
+type Answer = (u16, Option<String>, String, Duration);
+
 /// `publishers` tasks posting to `urls` in turn, each `per` times (or until `stop`): every
 /// answer as (status, id, body).
 fn publishers(
@@ -755,7 +758,7 @@ fn publishers(
     per: usize,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-) -> Vec<tokio::task::JoinHandle<Vec<(u16, Option<String>, String, Duration)>>> {
+) -> Vec<tokio::task::JoinHandle<Vec<Answer>>> {
     use std::sync::atomic::Ordering;
     (0..publishers)
         .map(|p| {

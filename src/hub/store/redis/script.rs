@@ -357,36 +357,21 @@ mod tests {
         let Some(Fanout::Messages(es)) = got else {
             panic!("{got:?}");
         };
-        let seen: Vec<(String, String, Option<&str>, &[u8], &[u8])> = es
+        let seen: Vec<String> = es
             .iter()
             .map(|e| {
-                (
-                    e.id.to_string(),
-                    e.prev.to_string(),
-                    e.event.as_deref(),
-                    &e.content_type[..],
-                    &e.body[..],
+                format!(
+                    "{} {} {:?} {:?} {:?}",
+                    e.id, e.prev, e.event, e.content_type, e.body
                 )
             })
             .collect();
         assert_eq!(
             seen,
-            vec![
-                (
-                    "7-0".into(),
-                    "6-4".into(),
-                    None,
-                    &b"text/plain"[..],
-                    &b"a\nb"[..]
-                ),
-                (
-                    "7-1".into(),
-                    "7-0".into(),
-                    Some("ev"),
-                    &b"x/y"[..],
-                    &b""[..]
-                ),
-                ("7-2".into(), "7-1".into(), None, &b"t"[..], &b"\n\n"[..]),
+            [
+                r#"7-0 6-4 None b"text/plain" b"a\nb""#,
+                r#"7-1 7-0 Some("ev") b"x/y" b"""#,
+                r#"7-2 7-1 None b"t" b"\n\n""#,
             ]
         );
     }
