@@ -36,7 +36,7 @@ use crate::metrics::Metrics;
 use crate::model::{ChannelName, Transport};
 use store::Engine;
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum HubError {
     #[error("too many channels (channels.max_channels = {0})")]
     TooManyChannels(usize),

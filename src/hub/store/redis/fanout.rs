@@ -177,7 +177,7 @@ impl<'a> Session<'a> {
                     };
                     let payload = bytes::Bytes::copy_from_slice(msg.get_payload_bytes());
                     match script::parse_fanout(payload) {
-                        Some(Fanout::Message(e)) => self.received(name, e).await?,
+                        Some(Fanout::Messages(es)) => self.received(name, es).await?,
                         Some(Fanout::Deleted(node)) => self.deleted(name, &node),
                         None => tracing::debug!(topic, "fan-out message not understood"),
                     }
@@ -325,23 +325,27 @@ impl<'a> Session<'a> {
         gone
     }
 
-    /// One entry from the fan-out.
-    async fn received(&self, name: &str, e: Entry) -> Result<(), Lost> {
+    /// The entries of one publish call from the fan-out, in id order.
+    async fn received(&self, name: &str, entries: Vec<Entry>) -> Result<(), Lost> {
         let Some((chan, true)) = self.lookup(name) else {
-            return Ok(()); // not loaded yet: the load reads it from the stream
+            return Ok(()); // not loaded yet: the load reads them from the stream
         };
-        let head = chan.head_id();
-        if e.id <= head {
+        let mut entries = entries.into_iter();
+        while let Some(e) = entries.next() {
+            let head = chan.head_id();
+            if e.id <= head {
+                continue;
+            }
+            if e.prev == head {
+                self.hub.append_fanout(&chan, message(e, true));
+                continue;
+            }
+            // A hole: what came between the head and this entry is in the stream, or lost.
+            // The read brings the rest of this call's entries too (they were stored with it);
+            // they are chained after it, in case the stream has lost them meanwhile.
+            self.catch_up(&chan).await?;
+            self.chain(&chan, std::iter::once(e).chain(entries).collect(), true);
             return Ok(());
-        }
-        if e.prev == head {
-            self.hub.append_fanout(&chan, message(e, true));
-            return Ok(());
-        }
-        // A hole: what came between the head and this entry is in the stream, or lost.
-        self.catch_up(&chan).await?;
-        if e.id > chan.head_id() {
-            self.chain(&chan, vec![e], true);
         }
         Ok(())
     }

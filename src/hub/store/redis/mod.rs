@@ -3,7 +3,10 @@
 //!
 //! A publish is one Lua script on the channel's shard ([`script::PUBLISH`]): XADD with the id
 //! Redis assigns, trim, expire, and PUBLISH of the entry on the channel's fan-out topic, in one
-//! atomic step; a 201 means Redis has it. No node appends what it publishes itself: every node,
+//! atomic step; a 201 means Redis has it. Group commit, per channel: publishes to a channel
+//! that come while its call is in flight wait, and go together in the next call (one script,
+//! one fan-out message, up to [`MAX_BATCH`]), each answered with its own id; a lone publish
+//! goes at once. No node appends what it publishes itself: every node,
 //! the publishing one too, appends only what the fan-out brings, so all of them deliver one
 //! order ([`fanout`]). Each entry carries the channel's previous id, so a node sees at once
 //! when it missed something (a dropped pub/sub connection, an outage) and fills the hole from
@@ -50,6 +53,10 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the meta hash (head id, count) outlives the last publish beyond the buffer TTL:
 /// as long as the hub remembers a freed channel's last id.
 const META_EXTRA: Duration = Duration::from_secs(24 * 3600);
+/// Most publishes one script call carries (the rest wait for the next call)...
+pub(super) const MAX_BATCH: usize = 256;
+/// ... and about how many body bytes (a larger message still goes, alone).
+const MAX_BATCH_BYTES: usize = 1 << 20;
 
 /// The engine: one [`Shard`] per URL.
 pub struct Redis {
@@ -80,6 +87,25 @@ pub(super) struct Shard {
     shard_count: usize,
     /// Shared tables' topics and their followers ([`SharedTable::follow`]).
     tables: Mutex<Vec<(String, mpsc::UnboundedSender<TableChange>)>>,
+    /// Channels with a publish call in flight, and the publishes waiting for the next one.
+    /// parking_lot: held to queue or take, never across a call.
+    queues: Mutex<HashMap<Arc<str>, Vec<Queued>>>,
+}
+
+/// A publish waiting for its channel's script call.
+struct Queued {
+    chan: Arc<Channel>,
+    event: Option<Box<str>>,
+    content_type: http::HeaderValue,
+    body: bytes::Bytes,
+    headers: http::HeaderMap,
+    done: oneshot::Sender<Result<Stored, HubError>>,
+}
+
+/// A publish Redis has: its id and the stream's length after.
+struct Stored {
+    id: String,
+    len: u64,
 }
 
 /// A channel this node listens to.
@@ -151,6 +177,7 @@ impl Redis {
                 connected: connected.clone(),
                 shard_count: config.redis.len(),
                 tables: Mutex::new(Vec::new()),
+                queues: Mutex::new(HashMap::new()),
             });
             pending.push((shard.clone(), rx));
             shards.push(shard);
@@ -271,6 +298,119 @@ impl Shard {
         self.metrics
             .cluster_command_duration
             .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Queues a publish for its channel's next script call, and makes that call at once when
+    /// none is in flight (a lone publish does not wait).
+    fn enqueue(self: &Arc<Self>, hub: &Hub, q: Queued) {
+        let first = {
+            let mut queues = self.queues.lock();
+            match queues.get_mut(&q.chan.name) {
+                Some(waiting) => {
+                    waiting.push(q);
+                    None
+                }
+                None => {
+                    queues.insert(q.chan.name.clone(), Vec::new());
+                    Some(q)
+                }
+            }
+        };
+        if let Some(q) = first {
+            // A task of its own: the call and the ones after it (what queued meanwhile) run
+            // to the end whatever becomes of the publish that started them.
+            tokio::spawn(self.clone().flush(hub.clone(), vec![q]));
+        }
+    }
+
+    /// Publishes `batch`, tells the observers (webhooks) of each message in id order and
+    /// answers its publishers, then does the same with what queued for the channel meanwhile,
+    /// until nothing waits.
+    async fn flush(self: Arc<Self>, hub: Hub, mut batch: Vec<Queued>) {
+        let name = batch[0].chan.name.clone();
+        loop {
+            let answer = self.publish_batch(&batch).await;
+            match answer {
+                Ok((ids, len)) => {
+                    for (q, (id, parsed)) in batch.drain(..).zip(ids) {
+                        let message = Arc::new(Message::new(
+                            parsed,
+                            q.event,
+                            q.content_type,
+                            q.body,
+                            Instant::now(),
+                        ));
+                        hub.observe_published(&name, &message, &q.headers);
+                        let _ = q.done.send(Ok(Stored { id, len }));
+                    }
+                }
+                Err(e) => {
+                    for q in batch.drain(..) {
+                        let _ = q.done.send(Err(e.clone()));
+                    }
+                }
+            }
+            let mut queues = self.queues.lock();
+            let Some(waiting) = queues.get_mut(&name) else {
+                return; // not reached: only this task removes the entry
+            };
+            if waiting.is_empty() {
+                queues.remove(&name);
+                return;
+            }
+            let mut bytes = 0;
+            let take = waiting
+                .iter()
+                .take(MAX_BATCH)
+                .position(|q| {
+                    bytes += q.body.len();
+                    bytes > MAX_BATCH_BYTES
+                })
+                .unwrap_or(waiting.len().min(MAX_BATCH))
+                .max(1);
+            batch = waiting.drain(..take).collect();
+        }
+    }
+
+    /// One script call for a group of publishes to one channel: their ids (in order, as
+    /// text and parsed) and the stream's length after. An error refuses them all (none was
+    /// answered yet).
+    async fn publish_batch(
+        &self,
+        batch: &[Queued],
+    ) -> Result<(Vec<(String, MessageId)>, u64), HubError> {
+        let chan = &batch[0].chan;
+        let policy = chan.policy();
+        let keys = Keys::of(&self.prefix, &chan.name);
+        let ttl_ms = policy.buffer_ttl.as_millis().max(1) as u64;
+        let mut call = script::PUBLISH.prepare_invoke();
+        call.key(&keys.stream)
+            .key(&keys.meta)
+            .arg(&keys.topic)
+            .arg(policy.buffer_messages)
+            .arg(ttl_ms)
+            .arg(ttl_ms + META_EXTRA.as_millis() as u64)
+            .arg(chan.head_id().to_string());
+        for q in batch {
+            call.arg(q.content_type.as_bytes())
+                .arg(q.body.as_ref())
+                .arg(q.event.as_deref().unwrap_or(""));
+        }
+        let (ids, len, _n): (Vec<String>, u64, u64) = self.run(&call).await?;
+        if ids.len() != batch.len() {
+            return Err(unavailable(
+                &self.name,
+                format!("{} ids for {} messages", ids.len(), batch.len()),
+            ));
+        }
+        let ids = ids
+            .into_iter()
+            .map(|id| match id.parse() {
+                Ok(parsed) => Ok((id, parsed)),
+                Err(_) => Err(unavailable(&self.name, format!("unexpected id {id:?}"))),
+            })
+            .collect::<Result<_, _>>()?;
+        Ok((ids, len))
     }
 
     /// Makes `chan` active here: the fan-out task subscribes to its topic and loads its tail.
@@ -395,50 +535,35 @@ impl Engine for Redis {
             let (chan, _) = hub.get_or_create(channel, None)?;
             let shard = self.shard(channel.as_str());
             shard.activate(&chan, false);
-            let policy = chan.policy();
-            let keys = Keys::of(&shard.prefix, channel.as_str());
-            let ttl_ms = policy.buffer_ttl.as_millis().max(1) as u64;
-            let event = msg.event.as_deref().unwrap_or("");
-            let answer: Result<(String, u64, u64), HubError> = shard
-                .run(
-                    script::PUBLISH
-                        .key(&keys.stream)
-                        .key(&keys.meta)
-                        .arg(&keys.topic)
-                        .arg(policy.buffer_messages)
-                        .arg(ttl_ms)
-                        .arg(ttl_ms + META_EXTRA.as_millis() as u64)
-                        .arg(msg.content_type.as_bytes())
-                        .arg(msg.body.as_ref())
-                        .arg(event)
-                        .arg(chan.head_id().to_string()),
-                )
-                .await;
-            let (id, len, _n) = match answer {
-                Ok(a) => a,
-                Err(e) => {
+            let (done, answer) = oneshot::channel();
+            shard.enqueue(
+                hub,
+                Queued {
+                    chan: chan.clone(),
+                    event: msg.event,
+                    content_type: msg.content_type,
+                    body: msg.body,
+                    headers: msg.headers,
+                    done,
+                },
+            );
+            let stored = match answer.await {
+                Ok(Ok(s)) => s,
+                r => {
                     // Nothing was accepted: a channel made for this publish goes again (an
                     // outage must not fill max_channels with empty channels).
                     hub.release_if_idle(&chan);
-                    return Err(e);
+                    return Err(match r {
+                        Ok(Err(e)) => e,
+                        _ => HubError::ShuttingDown, // the runtime stopped the call
+                    });
                 }
             };
-            let parsed: MessageId = id
-                .parse()
-                .map_err(|_| unavailable(&shard.name, format!("unexpected id {id:?}")))?;
-            let m = Arc::new(Message::new(
-                parsed,
-                msg.event,
-                msg.content_type,
-                msg.body,
-                Instant::now(),
-            ));
-            hub.observe_published(channel.as_str(), &m, &msg.headers);
             Ok(PublishReceipt {
-                id,
+                id: stored.id,
                 channel: channel.as_str().to_string(),
                 subscribers: chan.subscriber_count(),
-                buffered: (len as usize).min(policy.buffer_messages),
+                buffered: (stored.len as usize).min(chan.policy().buffer_messages),
             })
         })
     }

@@ -17,13 +17,24 @@ use bytes::Bytes;
 
 use crate::hub::MessageId;
 
-/// XADD with the next id, trim, expire, update the head and count, and PUBLISH the entry: one
-/// atomic step, so an id is never published without being stored, nor stored unannounced.
-/// The id is Redis's `*` unless the clock (Redis's) has not passed the head: then the head's
-/// ms and seq + 1. The head is the meta's; when Redis has none (it lost its data, or the
-/// channel expired), the highest of the stream's top and the publishing node's own head
-/// (`ARGV[8]`), so ids keep rising for the nodes that still hold the old tail; the entry's `p`
-/// is then `0-0` (unknown), which every node reports as a gap.
+/// XADD of every message of one call (a group of publishes to one channel, in order), trim,
+/// expire, update the head and count, and PUBLISH the entries: one atomic step, so an id is
+/// never published without being stored, nor stored unannounced. Each entry's `p` is the
+/// previous entry's id, so the chain stays exact through the group. An id is Redis's `*`
+/// (above the stream's last id, whatever the clock says) unless, for the first entry, the
+/// clock (Redis's) has not passed the head: then the head's ms and seq + 1 (the stream may
+/// have been deleted or expired while the head stayed). The
+/// head is the meta's; when Redis has none (it lost its data, or the channel expired), the
+/// highest of the stream's top and the publishing node's own head (`ARGV[5]`), so ids keep
+/// rising for the nodes that still hold the old tail; the first entry's `p` is then `0-0`
+/// (unknown), which every node reports as a gap.
+///
+/// KEYS: stream, meta. ARGV: topic, buffer_messages, stream TTL ms, meta TTL ms, node head,
+/// then per message content type, body, event (`''`: none). Each `redis.call` from Lua costs
+/// a few µs more than the command itself, so the script makes as few as it can: no per-entry
+/// id arithmetic, the count trim folded into the last XADD. Returns the ids (in order), the
+/// stream's length and the count. One message is announced as `m…` (see [`parse_fanout`]),
+/// several as one `b…` message holding them all.
 pub(super) static PUBLISH: LazyLock<::redis::Script> = LazyLock::new(|| {
     ::redis::Script::new(
         r#"
@@ -41,7 +52,7 @@ local prev = last
 local base = last
 if not last then
   prev = '0-0'
-  base = ARGV[8]
+  base = ARGV[5]
   local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
   if top and above(top[1], base) then
     base = top[1]
@@ -49,27 +60,50 @@ if not last then
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local id = '*'
 local bms, bseq = split(base)
-if now <= bms then
-  id = string.format('%d', bms) .. '-' .. string.format('%d', bseq + 1)
+local count = math.floor((#ARGV - 5) / 3)
+local ids = {}
+local out = {}
+for i = 0, count - 1 do
+  local ct, body, ev = ARGV[6 + 3 * i], ARGV[7 + 3 * i], ARGV[8 + 3 * i]
+  local id = '*'
+  if i == 0 and now <= bms then
+    id = string.format('%d', bms) .. '-' .. string.format('%d', bseq + 1)
+  end
+  -- The last one trims by count (about buffer_messages: whole nodes of the stream go).
+  if i < count - 1 then
+    if ev == '' then
+      id = redis.call('XADD', KEYS[1], id, 'p', prev, 't', ct, 'b', body)
+    else
+      id = redis.call('XADD', KEYS[1], id, 'p', prev, 't', ct, 'b', body, 'e', ev)
+    end
+  elseif ev == '' then
+    id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], id, 'p', prev, 't', ct, 'b', body)
+  else
+    id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], id, 'p', prev, 't', ct, 'b', body, 'e', ev)
+  end
+  ids[#ids + 1] = id
+  if count == 1 then
+    out[1] = 'm' .. id .. '\n' .. prev .. '\n' .. ev .. '\n' .. ct .. '\n' .. body
+  else
+    out[#out + 1] = id .. '\n' .. prev .. '\n' .. ev .. '\n' .. ct .. '\n' .. #body .. '\n' .. body
+  end
+  prev = id
 end
-local fields = {'p', prev, 't', ARGV[5], 'b', ARGV[6]}
-if ARGV[7] ~= '' then
-  fields[#fields + 1] = 'e'
-  fields[#fields + 1] = ARGV[7]
-end
-id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], id, unpack(fields))
 local minid = now - tonumber(ARGV[3])
 if minid > 0 then
   redis.call('XTRIM', KEYS[1], 'MINID', string.format('%d', minid) .. '-0')
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('HSET', KEYS[2], 'last', id)
-local n = redis.call('HINCRBY', KEYS[2], 'n', 1)
+redis.call('HSET', KEYS[2], 'last', prev)
+local n = redis.call('HINCRBY', KEYS[2], 'n', count)
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
-redis.call('PUBLISH', ARGV[1], 'm' .. id .. '\n' .. prev .. '\n' .. ARGV[7] .. '\n' .. ARGV[5] .. '\n' .. ARGV[6])
-return {id, redis.call('XLEN', KEYS[1]), n}
+if count == 1 then
+  redis.call('PUBLISH', ARGV[1], out[1])
+else
+  redis.call('PUBLISH', ARGV[1], 'b' .. count .. '\n' .. table.concat(out))
+end
+return {ids, redis.call('XLEN', KEYS[1]), n}
 "#,
     )
 });
@@ -152,38 +186,82 @@ pub(super) struct Entry {
 /// What a fan-out message says.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Fanout {
-    Message(Entry),
+    /// Entries of one publish call, in id order (each one's `prev` the one before's).
+    Messages(Vec<Entry>),
     /// The channel was deleted by the node of that id.
     Deleted(String),
 }
 
-/// `m<id>\n<prev>\n<event>\n<content type>\n<body>` or `d<node>`. None: not ours.
+/// Most entries one `b` message is taken to hold (a bound on what a garbled count allocates;
+/// the publishing side sends at most [`super::MAX_BATCH`]).
+const MAX_ENTRIES: usize = 65536;
+
+/// `m<id>\n<prev>\n<event>\n<content type>\n<body>` (one entry: the body runs to the end),
+/// `b<n>\n` then n times `<id>\n<prev>\n<event>\n<content type>\n<body length>\n<body>`
+/// (several, in order), or `d<node>`. None: not ours.
 pub(super) fn parse_fanout(payload: Bytes) -> Option<Fanout> {
-    match payload.first()? {
+    let kind = *payload.first()?;
+    let mut r = Reader(payload.slice(1..));
+    match kind {
         b'd' => Some(Fanout::Deleted(
             String::from_utf8_lossy(&payload[1..]).into_owned(),
         )),
         b'm' => {
-            let mut rest = payload.slice(1..);
-            let mut field = || {
-                let i = rest.iter().position(|b| *b == b'\n')?;
-                let f = rest.slice(..i);
-                rest = rest.slice(i + 1..);
-                Some(f)
-            };
-            let id = parse_id(&field()?)?;
-            let prev = parse_id(&field()?)?;
-            let event = field()?;
-            let content_type = field()?;
-            Some(Fanout::Message(Entry {
+            let (id, prev, event, content_type) = r.head()?;
+            Some(Fanout::Messages(vec![Entry {
                 id,
                 prev,
-                event: event_name(&event),
+                event,
                 content_type,
-                body: rest,
-            }))
+                body: r.0,
+            }]))
+        }
+        b'b' => {
+            let n: usize = std::str::from_utf8(&r.field()?).ok()?.parse().ok()?;
+            if n == 0 || n > MAX_ENTRIES {
+                return None;
+            }
+            let mut entries = Vec::with_capacity(n);
+            for _ in 0..n {
+                let (id, prev, event, content_type) = r.head()?;
+                let len: usize = std::str::from_utf8(&r.field()?).ok()?.parse().ok()?;
+                let body = r.take(len)?;
+                entries.push(Entry {
+                    id,
+                    prev,
+                    event,
+                    content_type,
+                    body,
+                });
+            }
+            r.0.is_empty().then_some(Fanout::Messages(entries))
         }
         _ => None,
+    }
+}
+
+/// What is left of a fan-out message.
+struct Reader(Bytes);
+
+impl Reader {
+    /// Up to the next newline (consumed).
+    fn field(&mut self) -> Option<Bytes> {
+        let i = self.0.iter().position(|b| *b == b'\n')?;
+        let f = self.0.slice(..i);
+        self.0 = self.0.slice(i + 1..);
+        Some(f)
+    }
+
+    fn take(&mut self, len: usize) -> Option<Bytes> {
+        (len <= self.0.len()).then(|| self.0.split_to(len))
+    }
+
+    /// An entry's id, previous id, event and content type.
+    fn head(&mut self) -> Option<(MessageId, MessageId, Option<Box<str>>, Bytes)> {
+        let id = parse_id(&self.field()?)?;
+        let prev = parse_id(&self.field()?)?;
+        let event = event_name(&self.field()?);
+        Some((id, prev, event, self.field()?))
     }
 }
 
@@ -246,7 +324,7 @@ mod tests {
         ));
         assert_eq!(
             got,
-            Some(Fanout::Message(Entry {
+            Some(Fanout::Messages(vec![Entry {
                 id: MessageId {
                     ms: 1700000000000,
                     seq: 3
@@ -258,15 +336,52 @@ mod tests {
                 event: Some("news".into()),
                 content_type: Bytes::from_static(b"text/plain"),
                 body: Bytes::from_static(b"line 1\nline 2"),
-            }))
+            }]))
         );
         assert_eq!(
             parse_fanout(Bytes::from_static(b"dnode-1")),
             Some(Fanout::Deleted("node-1".into()))
         );
-        for bad in [&b""[..], b"x", b"m1-0\n", b"mjunk\n0-0\n\nt\nb"] {
+        for bad in [
+            &b""[..],
+            b"x",
+            b"m1-0\n",
+            b"mjunk\n0-0\n\nt\nb",
+            b"b0\n",
+            b"bx\n",
+            b"b2\n5-1\n5-0\n\nt\n1\nx",
+            b"b1\n5-1\n5-0\n\nt\n3\nxy",
+            b"b1\n5-1\n5-0\n\nt\n1\nxy",
+        ] {
             assert_eq!(parse_fanout(Bytes::copy_from_slice(bad)), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_group_of_entries_parses_in_order() {
+        let got = parse_fanout(Bytes::from_static(
+            b"b3\n7-0\n6-4\n\ntext/plain\n3\na\nb7-1\n7-0\nev\nx/y\n0\n7-2\n7-1\n\nt\n2\n\n\n",
+        ));
+        let Some(Fanout::Messages(es)) = got else {
+            panic!("{got:?}");
+        };
+        let seen: Vec<String> = es
+            .iter()
+            .map(|e| {
+                format!(
+                    "{} {} {:?} {:?} {:?}",
+                    e.id, e.prev, e.event, e.content_type, e.body
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                r#"7-0 6-4 None b"text/plain" b"a\nb""#,
+                r#"7-1 7-0 Some("ev") b"x/y" b"""#,
+                r#"7-2 7-1 None b"t" b"\n\n""#,
+            ]
+        );
     }
 
     #[test]

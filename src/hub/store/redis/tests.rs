@@ -251,3 +251,124 @@ async fn every_byte_event_and_content_type_reach_the_other_node() {
     assert_eq!(m.event.as_deref(), Some("tick.1"));
     assert_eq!(m.content_type, "application/octet-stream");
 }
+
+/// A second node (hub and engine) on the same Redis.
+fn node_on(url: &str, c: Config) -> Hub {
+    let cluster = ClusterConfig {
+        redis: vec![url.to_string()],
+        key_prefix: "t:".into(),
+        password_file: None,
+        ca_file: None,
+    };
+    let metrics = Arc::new(Metrics::new());
+    let engine = Arc::new(Redis::new(&cluster, None, metrics.clone()).expect("test setup"));
+    let h = Hub::with_engine(Arc::new(c), metrics, engine.clone());
+    engine.start(&h);
+    h
+}
+
+/// How many times Redis ran each of these commands (INFO commandstats).
+async fn calls(url: &str, commands: &[&str]) -> u64 {
+    let client = ::redis::Client::open(url).expect("test setup");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("test setup");
+    let info: String = ::redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .expect("test setup");
+    commands
+        .iter()
+        .map(|c| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(&format!("cmdstat_{c}:calls=")))
+                .and_then(|rest| rest.split(',').next())
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+#[tokio::test]
+async fn concurrent_publishes_to_a_channel_share_script_calls_and_keep_one_chain() {
+    if let Some(why) = absent() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    const N: usize = 600;
+    let mut c = Config::default();
+    c.channels.buffer = BufferPolicy {
+        buffer_messages: 2 * N,
+        buffer_ttl: Duration::from_secs(600),
+    };
+    let server = Server::start();
+    let url = server.url();
+    let a = hub_on(server, c.clone());
+    let b = node_on(&url, c);
+    let mut subs = Vec::new();
+    for h in [&a, &b] {
+        subs.push(
+            h.subscribe(&name("many"), Transport::Sse, Start::Newest, None)
+                .await
+                .expect("test setup"),
+        );
+    }
+    let before = calls(&url, &["evalsha", "eval"]).await;
+    // All at once, half on each node: each node's first goes alone, the rest queue behind it.
+    let tasks: Vec<_> = (0..N)
+        .map(|i| {
+            let h = if i % 2 == 0 { a.clone() } else { b.clone() };
+            tokio::spawn(async move { h.publish(&name("many"), msg(&format!("p{i}"))).await })
+        })
+        .collect();
+    let mut sent = std::collections::HashMap::new();
+    for (i, t) in tasks.into_iter().enumerate() {
+        let r = t.await.expect("the task ends").expect("accepted");
+        let id: crate::hub::MessageId = r.id.parse().expect("an id");
+        assert!(
+            sent.insert(id, format!("p{i}")).is_none(),
+            "{id} given twice"
+        );
+    }
+    let scripts = calls(&url, &["evalsha", "eval"]).await - before;
+    assert_eq!(calls(&url, &["xadd"]).await, N as u64);
+    assert!(
+        scripts * 10 <= N as u64,
+        "{N} publishes took {scripts} script calls: they were not grouped"
+    );
+    // Every node delivers every message once, in id order, each with its own body.
+    for sub in &mut subs {
+        let mut out = Vec::new();
+        while out.len() < N {
+            let r = tokio::time::timeout(Duration::from_secs(10), sub.next(&mut out, N))
+                .await
+                .expect("delivered");
+            assert!(matches!(r, Read::Messages(_)), "{r:?}");
+        }
+        assert_eq!(out.len(), N);
+        assert!(out.windows(2).all(|w| w[0].id < w[1].id), "id order");
+        for m in &out {
+            assert_eq!(
+                sent.get(&m.id).map(|b| b.as_bytes()),
+                Some(&m.body[..]),
+                "{}",
+                m.id
+            );
+        }
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), sub.next(&mut out, N))
+                .await
+                .is_err(),
+            "nothing more"
+        );
+    }
+    // Both nodes' heads and the cluster's count agree with what was published.
+    let newest = sent.keys().max().copied();
+    for h in [&a, &b] {
+        let s = h.stats("many").await.expect("stats").expect("a channel");
+        assert_eq!(s.published, N as u64);
+        assert_eq!(s.last_id, newest.map(|i| i.to_string()));
+    }
+}
