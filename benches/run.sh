@@ -233,7 +233,7 @@ crier_config() { # variant workload dir node
     sed -e "s|@RUN@|$dir|g; s|@BUFFER@|$BUFFER|g; s|^worker_threads = .*|worker_threads = $WORKERS|; $ports" \
         "$PEERS/crier.toml"
     case $variant in
-    crier-file) ;; # below: the store line goes into [channels]
+    crier-file|crier-file-base) ;; # below: the store line goes into [channels]
     crier-cluster) sed -e "s|@REDIS_PORT@|$REDIS_PORT|g" "$PEERS/crier-cluster.toml" ;;
     crier-rules10) cat "$PEERS/crier-publish-on.toml" ;;
     crier-postrule) cat "$PEERS/crier-publish-on-post.toml" ;;
@@ -245,10 +245,10 @@ crier_config() { # variant workload dir node
 start_crier() { # variant workload node → appends to SERVER_PIDS; fails with START_ERROR
     local variant=$1 w=$2 node=$3 dir=$RUN_DIR/$1 bin=$CRIER_BIN pid public=18080 publish=18081
     if [[ $node == 2 ]]; then dir=$RUN_DIR/$1/node2 public=18480 publish=18481; fi
-    if [[ $variant == crier-base ]]; then bin=$CRIER_BASE_BIN; fi
+    if [[ $variant == crier-base || $variant == crier-file-base ]]; then bin=$CRIER_BASE_BIN; fi
     mkdir -p "$dir"
     crier_config "$variant" "$w" "$dir" "$node" >"$dir/crier.toml"
-    if [[ $variant == crier-file ]]; then
+    if [[ $variant == crier-file || $variant == crier-file-base ]]; then
         sed -i "/^\[channels\]/a store = \"$dir/channels.redb\"" "$dir/crier.toml"
     fi
     local logged
@@ -299,7 +299,7 @@ start_server() { # name [workload]: fails (START_ERROR says why) when the server
     ports_free || exit 1
     SERVER_PIDS=() EXTRA_PIDS=() START_ERROR=""
     case $name in
-    crier | crier-base | crier-file | crier-rules10 | crier-postrule | crier-poll)
+    crier | crier-base | crier-file | crier-file-base | crier-rules10 | crier-postrule | crier-poll)
         start_crier "$name" "$w" 1 || return 1
         ;;
     crier-cluster)

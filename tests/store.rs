@@ -21,6 +21,8 @@ struct Node {
     child: Child,
     public: SocketAddr,
     publish: SocketAddr,
+    /// Its log lines up to the addresses.
+    startup: Vec<String>,
     /// Its log lines after the addresses.
     log: mpsc::Receiver<String>,
 }
@@ -87,6 +89,7 @@ impl Node {
             child,
             public: public.expect("public address"),
             publish: publish.expect("publish address"),
+            startup: seen,
             log: rx,
         }
     }
@@ -235,6 +238,15 @@ async fn every_acknowledged_publish_survives_sigkill() {
     // Right after the last acknowledgement: no chance to flush anything more.
     assert_eq!(node.stop(libc::SIGKILL), None);
     let node = Node::start(dir.path(), extra);
+    // The database is made durable about once a second: the last publishes were only in the
+    // journal, and the restart applied them from there.
+    assert!(
+        node.startup
+            .iter()
+            .any(|l| l.contains("journal records written after the last checkpoint")),
+        "the restart applied nothing from the journal:\n{}",
+        node.startup.join("\n")
+    );
     for (k, sent) in acked.iter_mut().enumerate() {
         sent.sort_by_key(|s| id_of(&s.id));
         let url = format!("{}?last_event_id=earliest", node.live(&format!("k{k}")));
@@ -395,6 +407,12 @@ async fn the_store_file_is_private_and_bounded() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600);
+    let journal = dir.path().join("channels.redb.journal");
+    let mode = std::fs::metadata(&journal)
+        .expect("made")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the journal too");
     let c = client();
     let body = "x".repeat(200);
     let mut size_after = Vec::new();

@@ -10,10 +10,16 @@
 //!
 //! Group commit: one writer thread (a plain std thread: redb blocks, the runtime must not)
 //! owns the database. Publishers send their message and wait on a oneshot; the writer takes
-//! everything queued (up to [`MAX_BATCH`]), assigns ids, writes them and the trims in one
-//! transaction, commits with one fsync, then appends the batch to the local tails (in id
-//! order, waking subscribers) and answers every publisher. Durability costs each publish one
-//! commit's latency; concurrent publishes share it, so throughput stays.
+//! everything queued (up to [`MAX_BATCH`]), assigns ids, encodes them and the trims once
+//! ([`changes`]), appends that to the journal with one fsync ([`journal`]), then appends the
+//! batch to the local tails (in id order, waking subscribers) and answers every publisher;
+//! only then does the database get the same changes, in a commit without fsync, and about
+//! once a second a durable one (a checkpoint) after which the journal starts over. (Two
+//! journal writes in flight at once, from threads of their own, were tried: fsyncs overlap
+//! on the device, but batches get smaller and the publish rate did not rise.)
+//! Durability costs each publish one journal write's latency; concurrent publishes share
+//! it, so throughput stays. At start the journal's records after the last checkpoint are
+//! applied again: the database and its journal (`PATH.journal`) are one store.
 //!
 //! The writer keeps its own copy of each channel's stored tail (log keys, ids, times), so
 //! trimming by count (at publish) and by TTL (once a second) deletes from the file without a
@@ -28,7 +34,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use tokio::sync::{oneshot, watch};
 
 use super::{Engine, EngineFuture};
@@ -36,14 +42,24 @@ use crate::config::{BufferPolicy, Config};
 use crate::hub::PublishReceipt;
 use crate::hub::{Channel, ChannelStats, Hub, HubError, Message, MessageId, NewMessage};
 use crate::model::ChannelName;
+use changes::Changes;
+use journal::Journal;
+
+mod changes;
+mod journal;
 
 /// Global sequence → one message (see [`encode`]).
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
-/// Channel name → (last id ms, last id seq, floor ms, floor seq, last change unix ms).
-const CHANNELS: TableDefinition<&str, (u64, u64, u64, u64, u64)> = TableDefinition::new("channels");
-/// `format` → the layout version, so a newer layout is refused rather than misread.
+/// A channel's row: (last id ms, last id seq, floor ms, floor seq, last change unix ms).
+type Row = (u64, u64, u64, u64, u64);
+/// Channel name → its row.
+const CHANNELS: TableDefinition<&str, Row> = TableDefinition::new("channels");
+/// `format` → the layout version, so a newer layout is refused rather than misread;
+/// `journal` → the sequence of the last journal record the database holds.
 const META: TableDefinition<&str, u64> = TableDefinition::new("crier");
-const FORMAT: u64 = 1;
+/// 2: with a journal (a crier that reads 1 only would miss what is in it). 1 is read too.
+const FORMAT: u64 = 2;
+const JOURNALED: &str = "journal";
 
 /// Most publishes one commit takes: a bound on one transaction's size and on how long the
 /// first publisher of a batch waits for the last; past it the rest go in the next commit.
@@ -53,6 +69,11 @@ const MAX_BATCH: usize = 4096;
 const GATHER: Duration = Duration::from_micros(500);
 /// How often the writer drops expired messages from the file (the hub's sweep interval).
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(1);
+/// The longest the database goes without a durable commit (a checkpoint) while it changes:
+/// a bound on what a restart applies again from the journal.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// A checkpoint comes sooner once this much of the journal is used.
+const CHECKPOINT_BYTES: u64 = journal::JOURNAL_BYTES / 4 * 3;
 /// How long an empty channel's row is kept (the hub keeps its tombstones as long).
 const TOMBSTONE_TTL_MS: u64 = 24 * 3600 * 1000;
 /// redb's page cache: the file is read whole at start and then only written.
@@ -60,7 +81,7 @@ const CACHE_BYTES: usize = 64 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
-    #[error("channels.store {path}: {reason}; crier leaves the file as it is (move it aside to start with empty buffers)")]
+    #[error("channels.store {path}: {reason}; crier leaves the file as it is (move it and its .journal aside to start with empty buffers)")]
     Open { path: PathBuf, reason: String },
 }
 
@@ -71,30 +92,27 @@ fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// One record of the log: version 1, then ids and time (u64 LE), then the channel, the event
-/// name (flag byte, then length-prefixed) and the content type (u32 LE length-prefixed), then
-/// the body to the end.
-fn encode(channel: &str, id: MessageId, at_ms: u64, msg: &NewMessage) -> Vec<u8> {
+/// One record of the log, appended to `v`: version 1, then ids and time (u64 LE), then the
+/// channel, the event name (flag byte, then length-prefixed) and the content type (u32 LE
+/// length-prefixed), then the body to the end.
+fn encode_into(v: &mut Vec<u8>, channel: &str, id: MessageId, at_ms: u64, msg: &NewMessage) {
     let event = msg.event.as_deref();
     let ct = msg.content_type.as_bytes();
-    let mut v = Vec::with_capacity(
-        38 + channel.len() + event.map_or(0, str::len) + ct.len() + msg.body.len(),
-    );
+    v.reserve(38 + channel.len() + event.map_or(0, str::len) + ct.len() + msg.body.len());
     v.push(1u8);
     v.extend_from_slice(&id.ms.to_le_bytes());
     v.extend_from_slice(&id.seq.to_le_bytes());
     v.extend_from_slice(&at_ms.to_le_bytes());
-    put(&mut v, channel.as_bytes());
+    put(v, channel.as_bytes());
     match event {
         Some(e) => {
             v.push(1);
-            put(&mut v, e.as_bytes());
+            put(v, e.as_bytes());
         }
         None => v.push(0),
     }
-    put(&mut v, ct);
+    put(v, ct);
     v.extend_from_slice(&msg.body);
-    v
 }
 
 fn put(v: &mut Vec<u8>, b: &[u8]) {
@@ -183,7 +201,7 @@ struct Stored {
 }
 
 impl Stored {
-    fn row(&self) -> (u64, u64, u64, u64, u64) {
+    fn row(&self) -> Row {
         (
             self.last.ms,
             self.last.seq,
@@ -260,8 +278,10 @@ pub struct File {
     ops: mpsc::Sender<Op>,
     /// True (or the sender gone) once the writer has closed the database.
     done: watch::Receiver<bool>,
-    /// Publish batches committed so far (each one transaction and one fsync).
+    /// Publish batches committed so far (each one journal record and one fsync).
     commits: Arc<AtomicU64>,
+    /// Durable commits of the database so far (one at start, then about once a second).
+    checkpoints: Arc<AtomicU64>,
     /// The contract suite's temporary directory, removed with the engine.
     #[cfg(test)]
     _dir: Option<tempfile::TempDir>,
@@ -308,6 +328,7 @@ impl File {
         let (tx, rx) = mpsc::channel();
         let (done_tx, done) = watch::channel(false);
         let commits = writer.commits.clone();
+        let checkpoints = writer.checkpoints.clone();
         std::thread::Builder::new()
             .name("crier-store".into())
             .spawn(move || writer.run(rx, done_tx))
@@ -318,6 +339,7 @@ impl File {
                 ops: tx,
                 done,
                 commits,
+                checkpoints,
                 #[cfg(test)]
                 _dir: None,
             },
@@ -333,6 +355,18 @@ impl File {
     pub fn commits(&self) -> u64 {
         self.commits.load(Ordering::Relaxed)
     }
+
+    /// Durable commits of the database since the file was opened.
+    pub fn checkpoints(&self) -> u64 {
+        self.checkpoints.load(Ordering::Relaxed)
+    }
+}
+
+/// The journal that belongs to the store at `path`: `PATH.journal`, next to it.
+pub fn journal_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".journal");
+    PathBuf::from(p)
 }
 
 /// Opens the database and reads it: the writer's state and what the hub gets back.
@@ -341,7 +375,50 @@ fn open_db(path: &Path, config: &Config) -> Result<(Writer, Restored), String> {
         .set_cache_size(CACHE_BYTES)
         .create(path)
         .map_err(|e| format!("not a readable message store: {e}"))?;
-    check_format(&db)?;
+    let created = check_format(&db)?;
+    let jpath = journal_path(path);
+    let (mut journal, replay) = Journal::open(&jpath, journaled(&db)?)
+        .map_err(|e| format!("its journal {}: {e}", jpath.display()))?;
+    // What was acknowledged after the last checkpoint is in the journal only: applied again,
+    // with the marker, in one durable commit. Records found next to a database made just now
+    // belong to one that is gone (moved aside): they are of no use without it.
+    if created && !replay.records.is_empty() {
+        tracing::warn!(
+            journal = %jpath.display(),
+            "channels.store: a new store, so the {} records of the journal next to it (from an earlier store) are ignored",
+            replay.records.len()
+        );
+    }
+    {
+        let tx = db.begin_write().map_err(|e| e.to_string())?;
+        if !created {
+            for rec in &replay.records {
+                changes::apply(&tx, rec).map_err(|e| match e {
+                    changes::ApplyError::Damaged => format!(
+                        "its journal {} holds a record crier did not write",
+                        jpath.display()
+                    ),
+                    changes::ApplyError::Db(e) => format!("cannot apply its journal: {e}"),
+                })?;
+            }
+        }
+        tx.open_table(META)
+            .and_then(|mut t| {
+                t.insert(JOURNALED, replay.last_seq)?;
+                t.insert("format", FORMAT)?;
+                Ok(())
+            })
+            .map_err(|e| e.to_string())?;
+        tx.commit().map_err(|e| e.to_string())?;
+    }
+    journal.reset();
+    if !created && !replay.records.is_empty() {
+        tracing::info!(
+            journal = %jpath.display(),
+            "channels.store: applied {} journal records written after the last checkpoint",
+            replay.records.len()
+        );
+    }
     let now_ms = unix_ms();
     let (mut chans, next_key, mut bodies) = read_all(&db, config, true)?;
     // What the policies (perhaps changed since) no longer keep goes, from the file too.
@@ -352,16 +429,34 @@ fn open_db(path: &Path, config: &Config) -> Result<(Writer, Restored), String> {
             touched.push(name.clone());
         }
     }
-    let writer = Writer {
+    let mut writer = Writer {
         db,
+        journal,
         chans,
         next_key,
+        applied: replay.last_seq,
+        dirty: false,
+        last_checkpoint: Instant::now(),
         stale: false,
+        broken: false,
         commits: Arc::default(),
+        checkpoints: Arc::new(AtomicU64::new(1)),
+        changes: Changes::default(),
     };
     if !removed.is_empty() {
+        // Not journaled: if this is lost, the next start trims again.
+        let mut c = Changes::default();
+        for k in &removed {
+            c.remove(*k);
+        }
+        for name in &touched {
+            if let Some(st) = writer.chans.get(name) {
+                c.row(name, st.row());
+            }
+        }
         writer
-            .write(&[], &removed, touched.iter(), &[])
+            .apply(&c)
+            .and_then(|()| writer.checkpoint())
             .map_err(|e| format!("cannot trim it: {e}"))?;
     }
     let gone: HashSet<u64> = removed.into_iter().collect();
@@ -398,8 +493,9 @@ fn open_db(path: &Path, config: &Config) -> Result<(Writer, Restored), String> {
 }
 
 /// A new file gets the format row; an old one must have ours (and a redb file that is
-/// something else, like the Web Push store, is refused rather than written into).
-fn check_format(db: &Database) -> Result<(), String> {
+/// something else, like the Web Push store, is refused rather than written into). True
+/// when the file is new.
+fn check_format(db: &Database) -> Result<bool, String> {
     let tx = db.begin_read().map_err(|e| e.to_string())?;
     let tables: Vec<String> = tx
         .list_tables()
@@ -416,7 +512,7 @@ fn check_format(db: &Database) -> Result<(), String> {
     };
     drop(tx);
     match format {
-        Some(FORMAT) => Ok(()),
+        Some(1 | FORMAT) => Ok(false),
         Some(v) => Err(format!(
             "written by a newer crier (store format {v}, this one reads {FORMAT})"
         )),
@@ -434,9 +530,18 @@ fn check_format(db: &Database) -> Result<(), String> {
                 .map_err(|e| e.to_string())?;
             tx.open_table(LOG).map_err(|e| e.to_string())?;
             tx.open_table(CHANNELS).map_err(|e| e.to_string())?;
-            tx.commit().map_err(|e| e.to_string())
+            tx.commit().map_err(|e| e.to_string())?;
+            Ok(true)
         }
     }
+}
+
+/// The last journal record the database holds (0: none, or a store of format 1).
+fn journaled(db: &Database) -> Result<u64, String> {
+    let tx = db.begin_read().map_err(|e| e.to_string())?;
+    let meta = tx.open_table(META).map_err(|e| e.to_string())?;
+    let v = meta.get(JOURNALED).map_err(|e| e.to_string())?;
+    Ok(v.map_or(0, |v| v.value()))
 }
 
 /// A message read back at start.
@@ -517,14 +622,27 @@ fn read_all(db: &Database, config: &Config, bodies: bool) -> Result<(Chans, u64,
     Ok((chans, next_key, out))
 }
 
-/// The writer thread's state: the only user of the database.
+/// The writer thread's state: the only user of the database and its journal.
 struct Writer {
     db: Database,
+    journal: Journal,
     chans: HashMap<Arc<str>, Stored>,
     next_key: u64,
+    /// The last journal record applied to the database (durably once checkpointed).
+    applied: u64,
+    /// Records applied since the last checkpoint.
+    dirty: bool,
+    last_checkpoint: Instant,
     /// A commit failed: `chans` may not match the file; it is read again before the next.
     stale: bool,
+    /// A journaled batch could not be applied to the database: only a restart, which reads
+    /// the journal back, makes the two agree again, so nothing more is written (and the
+    /// journal is never started over).
+    broken: bool,
     commits: Arc<AtomicU64>,
+    checkpoints: Arc<AtomicU64>,
+    /// The batch being encoded (kept, so its buffer is reused).
+    changes: Changes,
 }
 
 impl Writer {
@@ -575,6 +693,20 @@ impl Writer {
                 self.maintain();
                 next_maintenance = Instant::now() + MAINTENANCE_EVERY;
             }
+            if self.dirty
+                && (self.journal.used() >= CHECKPOINT_BYTES
+                    || self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY)
+            {
+                if let Err(e) = self.checkpoint() {
+                    tracing::error!("channels.store: checkpoint failed: {e}");
+                }
+            }
+        }
+        if self.dirty {
+            if let Err(e) = self.checkpoint() {
+                // The journal still holds it all: the next start applies it.
+                tracing::error!("channels.store: the last checkpoint failed: {e}");
+            }
         }
         tracing::info!(
             "channels.store: closed after {published} publishes and deletes in {} commits",
@@ -586,7 +718,7 @@ impl Writer {
         let _ = done.send(true);
     }
 
-    /// Reads the file again after a failed commit.
+    /// Reads the file again after a failed commit, and starts the journal over.
     fn recover(&mut self, config: &Config) -> bool {
         if !self.stale {
             return true;
@@ -595,50 +727,88 @@ impl Writer {
             Ok((chans, next_key, _)) => {
                 self.chans = chans;
                 self.next_key = next_key;
+            }
+            Err(e) => {
+                tracing::error!("channels.store: cannot read the file again: {e}");
+                return false;
+            }
+        }
+        // The failed record may be in the journal in part or whole: a durable database and
+        // a journal started over (the record's sequence is never used again) leave it out.
+        match self.checkpoint() {
+            Ok(()) => {
                 self.stale = false;
                 true
             }
             Err(e) => {
-                tracing::error!("channels.store: cannot read the file again: {e}");
+                tracing::error!("channels.store: cannot write the file: {e}");
                 false
             }
         }
     }
 
-    /// One transaction: `puts` inserted, `removed` log keys deleted, the rows of `touched`
-    /// written, the rows of `forgotten` deleted; committed with one fsync.
-    fn write<'a>(
-        &self,
-        puts: &[(u64, Vec<u8>)],
-        removed: &[u64],
-        touched: impl Iterator<Item = &'a Arc<str>>,
-        forgotten: &[Arc<str>],
-    ) -> Result<(), redb::Error> {
-        let tx = self.db.begin_write()?;
-        {
-            let mut log = tx.open_table(LOG)?;
-            for (k, v) in puts {
-                log.insert(k, v.as_slice())?;
-            }
-            for k in removed {
-                log.remove(k)?;
-            }
-            let mut rows = tx.open_table(CHANNELS)?;
-            for name in touched {
-                if let Some(st) = self.chans.get(name) {
-                    rows.insert(name.as_ref(), st.row())?;
-                }
-            }
-            for name in forgotten {
-                rows.remove(name.as_ref())?;
+    /// Appends `changes` to the journal and waits until they are on disk: from here on
+    /// they survive a crash. Returns the record's sequence.
+    fn log(&mut self, changes: &Changes) -> Result<u64, String> {
+        if !self.journal.fits(changes.bytes().len()) && self.journal.used() > 0 {
+            self.checkpoint().map_err(|e| format!("checkpoint: {e}"))?;
+        }
+        self.journal
+            .append(changes.bytes())
+            .map_err(|e| format!("journal {}: {e}", self.journal.path().display()))
+    }
+
+    /// Applies changes already journaled (as record `seq`) to the database, without fsync.
+    fn apply_logged(&mut self, seq: u64, changes: &Changes) {
+        match self.apply(changes) {
+            Ok(()) => self.applied = seq,
+            Err(e) => {
+                tracing::error!(
+                    "channels.store: a journaled write failed ({e}): nothing more is written; restart crier, which applies the journal again"
+                );
+                self.broken = true;
             }
         }
-        tx.commit()?;
+    }
+
+    /// One commit of `changes`, without fsync (see [`Writer::checkpoint`]).
+    fn apply(&mut self, changes: &Changes) -> Result<(), String> {
+        let mut tx = self.db.begin_write().map_err(|e| e.to_string())?;
+        tx.set_durability(Durability::None)
+            .map_err(|e| e.to_string())?;
+        changes::apply(&tx, changes.bytes()).map_err(|e| e.to_string())?;
+        tx.commit().map_err(|e| e.to_string())?;
+        self.dirty = true;
         Ok(())
     }
 
-    /// Group commit of one batch: ids, one transaction, then the local tails and answers.
+    /// A durable commit of everything applied, marking the journal records it holds; the
+    /// journal starts over.
+    fn checkpoint(&mut self) -> Result<(), String> {
+        if self.broken {
+            return Err("a journaled write is missing from the database".into());
+        }
+        let tx = self.db.begin_write().map_err(|e| e.to_string())?;
+        tx.open_table(META)
+            .and_then(|mut t| {
+                t.insert(JOURNALED, self.applied)?;
+                Ok(())
+            })
+            .map_err(|e| e.to_string())?;
+        tx.commit().map_err(|e| e.to_string())?;
+        self.journal.reset();
+        self.dirty = false;
+        self.last_checkpoint = Instant::now();
+        self.checkpoints.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Group commit of one batch: ids, one journal record, then the local tails and
+    /// answers, then the database.
     fn commit(&mut self, batch: Vec<Op>) {
+        if self.broken {
+            return fail(batch, "an earlier write failed; restart crier");
+        }
         if self.stale {
             let config = batch.iter().find_map(|op| match op {
                 Op::Publish { hub, .. } | Op::Delete { hub, .. } => Some(hub.config()),
@@ -649,7 +819,8 @@ impl Writer {
             }
         }
         let now_ms = unix_ms();
-        let mut puts = Vec::new();
+        let mut changes = std::mem::take(&mut self.changes);
+        changes.clear();
         let mut removed = Vec::new();
         let mut touched: HashSet<Arc<str>> = HashSet::new();
         let mut ids = Vec::with_capacity(batch.len());
@@ -682,7 +853,7 @@ impl Writer {
                     st.at_ms = now_ms;
                     let k = self.next_key;
                     self.next_key += 1;
-                    puts.push((k, encode(name.as_str(), id, now_ms, msg)));
+                    changes.put(k, |v| encode_into(v, name.as_str(), id, now_ms, msg));
                     st.tail.push_back(Entry {
                         key: k,
                         id,
@@ -704,43 +875,43 @@ impl Writer {
                 Op::Stop => ids.push(MessageId::ZERO),
             }
         }
-        if let Err(e) = self.write(&puts, &removed, touched.iter(), &[]) {
-            tracing::error!("channels.store: commit failed: {e}");
-            self.stale = true;
-            return fail(batch, &e.to_string());
+        // After the puts: a message trimmed in the batch that stored it goes again.
+        for k in &removed {
+            changes.remove(*k);
         }
-        self.commits.fetch_add(1, Ordering::Relaxed);
-        for (op, id) in batch.into_iter().zip(ids) {
-            match op {
-                Op::Publish {
-                    hub,
-                    name,
-                    chan,
-                    msg,
-                    reply,
-                } => {
-                    let m = Arc::new(Message::new(
-                        id,
-                        msg.event,
-                        msg.content_type,
-                        msg.body,
-                        Instant::now(),
-                    ));
-                    let receipt = hub.append_stored(&name, chan, m, &msg.headers);
-                    let _ = reply.send(Ok(receipt));
-                }
-                Op::Delete { hub, name, reply } => {
-                    let _ = reply.send(hub.delete_local(&name));
-                }
-                Op::Stop => {}
+        for name in &touched {
+            if let Some(st) = self.chans.get(name) {
+                changes.row(name, st.row());
             }
         }
+        // Nothing to write (deletes of channels already empty): nothing to wait for.
+        let logged = if changes.is_empty() {
+            Ok(None)
+        } else {
+            self.log(&changes).map(Some)
+        };
+        let seq = match logged {
+            Ok(seq) => seq,
+            Err(e) => {
+                tracing::error!("channels.store: commit failed: {e}");
+                self.stale = true;
+                self.changes = changes;
+                return fail(batch, &e);
+            }
+        };
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        answer(batch, ids);
+        // The publishers have their answers; the database's copy is not what they wait for.
+        if let Some(seq) = seq {
+            self.apply_logged(seq, &changes);
+        }
+        self.changes = changes;
     }
 
     /// Once a second: drops expired messages from the file, and forgets the rows of channels
     /// that have been empty for a day.
     fn maintain(&mut self) {
-        if self.stale {
+        if self.stale || self.broken {
             return; // the next publish reads the file again first
         }
         let now_ms = unix_ms();
@@ -757,10 +928,25 @@ impl Writer {
         if removed.is_empty() && forgotten.is_empty() {
             return;
         }
-        if let Err(e) = self.write(&[], &removed, touched.iter(), &forgotten) {
-            tracing::error!("channels.store: trimming failed: {e}");
-            self.stale = true;
-            return;
+        let mut changes = Changes::default();
+        for k in &removed {
+            changes.remove(*k);
+        }
+        for name in &touched {
+            if let Some(st) = self.chans.get(name) {
+                changes.row(name, st.row());
+            }
+        }
+        for name in &forgotten {
+            changes.forget(name);
+        }
+        match self.log(&changes) {
+            Ok(seq) => self.apply_logged(seq, &changes),
+            Err(e) => {
+                tracing::error!("channels.store: trimming failed: {e}");
+                self.stale = true;
+                return;
+            }
         }
         for name in &forgotten {
             self.chans.remove(name);
@@ -768,19 +954,56 @@ impl Writer {
     }
 }
 
-/// Answers every publish and delete of a batch that was not committed.
-fn fail(batch: Vec<Op>, why: &str) {
-    let err = || HubError::Unavailable(format!("the message store cannot write: {why}"));
-    for op in batch {
+/// Answers the publishes and deletes of a batch that is on disk: each message goes to its
+/// local tail (waking subscribers) in id order.
+fn answer(ops: Vec<Op>, ids: Vec<MessageId>) {
+    for (op, id) in ops.into_iter().zip(ids) {
         match op {
-            Op::Publish { reply, .. } => {
-                let _ = reply.send(Err(err()));
+            Op::Publish {
+                hub,
+                name,
+                chan,
+                msg,
+                reply,
+            } => {
+                let m = Arc::new(Message::new(
+                    id,
+                    msg.event,
+                    msg.content_type,
+                    msg.body,
+                    Instant::now(),
+                ));
+                let receipt = hub.append_stored(&name, chan, m, &msg.headers);
+                let _ = reply.send(Ok(receipt));
             }
-            Op::Delete { reply, .. } => {
-                let _ = reply.send(Err(err()));
+            Op::Delete { hub, name, reply } => {
+                let _ = reply.send(hub.delete_local(&name));
             }
             Op::Stop => {}
         }
+    }
+}
+
+/// Answers one publish or delete with `err`.
+fn refuse(op: Op, err: HubError) {
+    match op {
+        Op::Publish { reply, .. } => {
+            let _ = reply.send(Err(err));
+        }
+        Op::Delete { reply, .. } => {
+            let _ = reply.send(Err(err));
+        }
+        Op::Stop => {}
+    }
+}
+
+/// Answers every publish and delete of a batch that was not committed.
+fn fail(batch: Vec<Op>, why: &str) {
+    for op in batch {
+        refuse(
+            op,
+            HubError::Unavailable(format!("the message store cannot write: {why}")),
+        );
     }
 }
 
@@ -1127,6 +1350,11 @@ mod tests {
         let h = hub_at(&p, Config::default());
         let mode = std::fs::metadata(&p).expect("made").permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
+        let jmode = std::fs::metadata(journal_path(&p))
+            .expect("made")
+            .permissions()
+            .mode();
+        assert_eq!(jmode & 0o777, 0o600, "the journal too");
         stop(h).await;
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).expect("test setup");
         let h = hub_at(&p, Config::default());
@@ -1180,6 +1408,158 @@ mod tests {
         stored.sort();
         assert_eq!(acked.len(), 400);
         assert_eq!(stored, acked);
+        stop(h).await;
+    }
+
+    /// The files as a crash would leave them (SIGKILL keeps what was written, fsync or not),
+    /// copied to `to` while the engine runs.
+    fn crash_copy(p: &Path, to: &Path, with_journal: bool) -> PathBuf {
+        let c = to.join("c.redb");
+        std::fs::copy(p, &c).expect("test setup");
+        if with_journal {
+            std::fs::copy(journal_path(p), journal_path(&c)).expect("test setup");
+        }
+        c
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn publishes_after_the_last_checkpoint_come_back_from_the_journal() {
+        let dir = tempfile::tempdir().expect("test setup");
+        let p = dir.path().join("c.redb");
+        let c = config(10, 1000, Duration::from_secs(60));
+        let (file, restored) = File::open(&p, &c).expect("store opens");
+        let file = Arc::new(file);
+        let h = Hub::with_engine(Arc::new(c), Arc::new(Metrics::new()), file.clone());
+        restored.into_hub(&h);
+        let mut acked = Vec::new();
+        for i in 0..40 {
+            let ch = name(&format!("j{}", i % 2));
+            let r = h.publish(&ch, rich(&format!("m{i}"), "ev")).await;
+            acked.push(r.expect("published").id);
+        }
+        h.publish(&name("gone"), msg("x")).await.expect("published");
+        h.delete("gone").await.expect("deleted");
+        // The writer applies to the database after answering: let it finish the last one.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let checkpointed = file.checkpoints() > 1;
+        let crashed = tempfile::tempdir().expect("test setup");
+        let cp = crash_copy(&p, crashed.path(), true);
+        let bare = tempfile::tempdir().expect("test setup");
+        let bp = crash_copy(&p, bare.path(), false);
+        drop(file);
+        stop(h).await;
+
+        let h = hub_at(&cp, config(10, 1000, Duration::from_secs(60)));
+        let mut got = Vec::new();
+        for k in 0..2 {
+            let (_, ms) = all(&h, &format!("j{k}"), Start::Oldest).await;
+            assert!(ms
+                .iter()
+                .all(|m| m.event.as_deref() == Some("ev") && m.content_type == "application/json"));
+            got.extend(ms.iter().map(|m| (m.id.to_string(), m.body.clone())));
+        }
+        got.sort();
+        let mut want: Vec<_> = acked
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (id.clone(), Bytes::from(format!("m{i}"))))
+            .collect();
+        want.sort();
+        assert_eq!(got, want, "every acknowledged publish, as it was");
+        assert!(h.get("gone").is_none(), "the delete came back too");
+        stop(h).await;
+
+        // Without its journal the database is as of its last checkpoint (here: the start),
+        // so it was the journal that held them, and no commit waited for the database.
+        if !checkpointed {
+            let h = hub_at(&bp, config(10, 1000, Duration::from_secs(60)));
+            let (_, ms) = all(&h, "j0", Start::Oldest).await;
+            assert!(ms.is_empty(), "{} messages were in the database", ms.len());
+            stop(h).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_damaged_journal_record_stops_the_start_and_is_left_alone() {
+        let dir = tempfile::tempdir().expect("test setup");
+        let p = dir.path().join("c.redb");
+        let h = hub_at(&p, Config::default());
+        h.publish(&name("a"), msg("1")).await.expect("published");
+        stop(h).await;
+        // A whole record (its checksum right) whose content is not crier's.
+        let jp = journal_path(&p);
+        let (mut j, _) = Journal::open(&jp, 0).expect("test setup");
+        j.append(b"\xffnot a change").expect("test setup");
+        drop(j);
+        let journal = std::fs::read(&jp).expect("test setup");
+        for _ in 0..2 {
+            let err = File::open(&p, &Config::default())
+                .err()
+                .expect("refused, every time")
+                .to_string();
+            assert!(err.contains(&jp.display().to_string()), "{err}");
+            assert!(err.contains("did not write"), "{err}");
+        }
+        assert!(
+            std::fs::read(&jp).expect("kept") == journal,
+            "the journal unchanged"
+        );
+        // The database holds what it held (redb keeps its own header flags up to date on
+        // every open, so its bytes are not compared).
+        assert_eq!(log_rows(&p), 1);
+    }
+
+    #[tokio::test]
+    async fn a_journal_left_from_a_store_moved_aside_is_not_applied() {
+        let dir = tempfile::tempdir().expect("test setup");
+        let p = dir.path().join("c.redb");
+        let c = config(10, 100, Duration::from_secs(60));
+        let (file, restored) = File::open(&p, &c).expect("store opens");
+        let h = Hub::with_engine(Arc::new(c), Arc::new(Metrics::new()), Arc::new(file));
+        restored.into_hub(&h);
+        h.publish(&name("a"), msg("1")).await.expect("published");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // A crash, then the store (not its journal) moved aside to start empty.
+        let crashed = tempfile::tempdir().expect("test setup");
+        let cp = crash_copy(&p, crashed.path(), true);
+        stop(h).await;
+        std::fs::remove_file(&cp).expect("test setup");
+        let h = hub_at(&cp, Config::default());
+        assert!(h.get("a").is_none(), "a new store starts empty");
+        stop(h).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn checkpoints_start_the_journal_over_so_it_keeps_its_size() {
+        let dir = tempfile::tempdir().expect("test setup");
+        let p = dir.path().join("c.redb");
+        let mut c = config(10, 20, Duration::from_secs(60));
+        c.channels.max_message_size = 64 * 1024;
+        let (file, restored) = File::open(&p, &c).expect("store opens");
+        let file = Arc::new(file);
+        let h = Hub::with_engine(Arc::new(c), Arc::new(Metrics::new()), file.clone());
+        restored.into_hub(&h);
+        // ~24 MiB through a 16 MiB journal, one record per publish.
+        let body = "z".repeat(16 * 1024);
+        for i in 0..1_200 {
+            h.publish(&name(&format!("s{}", i % 4)), msg(&body))
+                .await
+                .expect("published");
+        }
+        let len = std::fs::metadata(journal_path(&p)).expect("journal").len();
+        assert_eq!(len, journal::JOURNAL_BYTES, "the journal kept its size");
+        assert!(
+            file.checkpoints() >= 2,
+            "{} checkpoints",
+            file.checkpoints()
+        );
+        drop(file);
+        stop(h).await;
+        let h = hub_at(&p, config(10, 20, Duration::from_secs(60)));
+        for k in 0..4 {
+            let (_, ms) = all(&h, &format!("s{k}"), Start::Oldest).await;
+            assert_eq!(ms.len(), 20);
+        }
         stop(h).await;
     }
 }

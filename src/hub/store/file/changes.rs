@@ -1,0 +1,151 @@
+//! One batch of changes to the store, encoded once: the journal record's payload, and what is
+//! applied to the database (live, and again when the journal is read back at start).
+//!
+//! Each change is a tag byte and its fields (integers u64 LE, strings and bytes u32 LE
+//! length-prefixed): `1` log key and record (see [`super::encode_into`]), `2` log key
+//! removed, `3` channel row (name, last ms, last seq, floor ms, floor seq, change unix ms),
+//! `4` channel row removed (name).
+
+use redb::WriteTransaction;
+
+use super::{Row, CHANNELS, LOG};
+
+const PUT: u8 = 1;
+const REMOVE: u8 = 2;
+const ROW: u8 = 3;
+const FORGET: u8 = 4;
+
+/// The encoded changes of one transaction.
+#[derive(Default)]
+pub(super) struct Changes {
+    buf: Vec<u8>,
+}
+
+impl Changes {
+    pub fn clear(&mut self) {
+        self.buf.clear();
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// Inserts log record `key`, its bytes written by `record` into the payload.
+    pub fn put(&mut self, key: u64, record: impl FnOnce(&mut Vec<u8>)) {
+        self.buf.push(PUT);
+        self.buf.extend_from_slice(&key.to_le_bytes());
+        let at = self.buf.len();
+        self.buf.extend_from_slice(&[0; 4]);
+        record(&mut self.buf);
+        let n = (self.buf.len() - at - 4) as u32;
+        self.buf[at..at + 4].copy_from_slice(&n.to_le_bytes());
+    }
+
+    pub fn remove(&mut self, key: u64) {
+        self.buf.push(REMOVE);
+        self.buf.extend_from_slice(&key.to_le_bytes());
+    }
+
+    pub fn row(&mut self, name: &str, row: Row) {
+        self.buf.push(ROW);
+        put_bytes(&mut self.buf, name.as_bytes());
+        for v in [row.0, row.1, row.2, row.3, row.4] {
+            self.buf.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+
+    pub fn forget(&mut self, name: &str) {
+        self.buf.push(FORGET);
+        put_bytes(&mut self.buf, name.as_bytes());
+    }
+}
+
+fn put_bytes(v: &mut Vec<u8>, b: &[u8]) {
+    v.extend_from_slice(&(b.len() as u32).to_le_bytes());
+    v.extend_from_slice(b);
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(super) enum ApplyError {
+    #[error("a journal record is damaged")]
+    Damaged,
+    #[error(transparent)]
+    Db(#[from] redb::Error),
+}
+
+impl From<redb::TableError> for ApplyError {
+    fn from(e: redb::TableError) -> Self {
+        ApplyError::Db(e.into())
+    }
+}
+
+impl From<redb::StorageError> for ApplyError {
+    fn from(e: redb::StorageError) -> Self {
+        ApplyError::Db(e.into())
+    }
+}
+
+/// Applies one payload's changes in `tx`. A payload that does not parse (a record crier
+/// did not write) is [`ApplyError::Damaged`]; what came before it in `tx` is then not to
+/// be committed.
+pub(super) fn apply(tx: &WriteTransaction, payload: &[u8]) -> Result<(), ApplyError> {
+    let mut log = tx.open_table(LOG)?;
+    let mut rows = tx.open_table(CHANNELS)?;
+    let mut r = Cursor(payload);
+    while let Some(tag) = r.take(1) {
+        match tag[0] {
+            PUT => {
+                let key = r.u64()?;
+                let record = r.bytes()?;
+                log.insert(key, record)?;
+            }
+            REMOVE => {
+                log.remove(r.u64()?)?;
+            }
+            ROW => {
+                let name = r.str()?;
+                let row = (r.u64()?, r.u64()?, r.u64()?, r.u64()?, r.u64()?);
+                rows.insert(name, row)?;
+            }
+            FORGET => {
+                rows.remove(r.str()?)?;
+            }
+            _ => return Err(ApplyError::Damaged),
+        }
+    }
+    Ok(())
+}
+
+struct Cursor<'a>(&'a [u8]);
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Some(a)
+    }
+
+    fn u64(&mut self) -> Result<u64, ApplyError> {
+        let b = self.take(8).ok_or(ApplyError::Damaged)?;
+        Ok(u64::from_le_bytes(
+            b.try_into().map_err(|_| ApplyError::Damaged)?,
+        ))
+    }
+
+    fn bytes(&mut self) -> Result<&'a [u8], ApplyError> {
+        let b = self.take(4).ok_or(ApplyError::Damaged)?;
+        let n = u32::from_le_bytes(b.try_into().map_err(|_| ApplyError::Damaged)?) as usize;
+        self.take(n).ok_or(ApplyError::Damaged)
+    }
+
+    fn str(&mut self) -> Result<&'a str, ApplyError> {
+        std::str::from_utf8(self.bytes()?).map_err(|_| ApplyError::Damaged)
+    }
+}
