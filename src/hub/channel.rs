@@ -2,9 +2,9 @@
 //! the notification its live subscribers wait on.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::RwLock;
 use tokio::sync::Notify;
@@ -54,7 +54,134 @@ pub struct Channel {
     observing: parking_lot::Mutex<()>,
     /// Where this channel asks to be swept when its oldest message will expire.
     expiries: std::sync::Arc<Expiries>,
+    /// Publish pacing on a busy channel (see [`Paced`]).
+    pace: Pace,
     me: std::sync::Weak<Channel>,
+}
+
+/// A publish to a channel with at least this many subscribers is paced (see [`Paced`]).
+pub const PACE_MIN_SUBSCRIBERS: usize = 1000;
+/// How many messages the subscribers may be behind a paced publish when it is answered:
+/// enough that a subscriber still writes several messages per syscall (the fan-out's
+/// throughput), few enough that a message waits behind a few others, not a backlog.
+pub const PACE_BEHIND: u64 = 8;
+/// The share of the subscribers that must be that close: the rest (stalled or slow
+/// clients) do not hold the publisher up.
+const PACE_SHARE_PERCENT: usize = 99;
+/// The longest a publish is held back.
+const PACE_MAX: Duration = Duration::from_millis(25);
+/// Paced messages tracked at once: twice the window, so the message a publish waits for is
+/// still tracked while as many publishers again append after it.
+const PACE_SLOTS: usize = 2 * PACE_BEHIND as usize + 1;
+
+/// How far the readers of the last paced messages are. A slot is set by the append of its
+/// message under the state lock and counted by readers under the read lock, so it never
+/// changes while a reader looks at it.
+#[derive(Default)]
+struct PaceSlot {
+    /// One past its message's seq (0: none).
+    mark: AtomicU64,
+    /// Readers that have read past `mark` since it was set, and how many it waits for.
+    reached: AtomicUsize,
+    target: AtomicUsize,
+}
+
+#[derive(Default)]
+struct Pace {
+    /// Set by the first paced append: until then a read costs one load here, nothing more.
+    tracking: std::sync::atomic::AtomicBool,
+    slots: [PaceSlot; PACE_SLOTS],
+    /// The newest mark whose target was reached.
+    done: AtomicU64,
+    notify: Notify,
+}
+
+/// A publish that waits for its channel's subscribers to come close.
+///
+/// When a publisher outruns the fan-out, each message queues behind the ones before it in
+/// every subscriber, so its delivery latency grows with the backlog. A publish to a busy
+/// channel is answered once 99 % of the subscribers have read the message [`PACE_BEHIND`]
+/// before it (or after [`PACE_MAX`]): the wait moves to the publisher (its next publish is
+/// sent later), publish→delivery stays at a few messages' fan-out, and subscribers still
+/// write several messages at a time. The cost: the publisher's rate on such a channel
+/// follows the fan-out's, and one atomic add per subscriber per paced message (by the reader
+/// that passes it).
+pub struct Paced {
+    chan: Arc<Channel>,
+    /// The mark to wait for.
+    mark: u64,
+}
+
+impl std::fmt::Debug for Paced {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Paced")
+            .field("channel", &self.chan.name)
+            .field("mark", &self.mark)
+            .finish()
+    }
+}
+
+impl Paced {
+    /// Resolves once the share of subscribers has read the message it waits for, or after
+    /// [`PACE_MAX`].
+    pub async fn wait(self) {
+        let pace = &self.chan.pace;
+        let until = tokio::time::Instant::now() + PACE_MAX;
+        loop {
+            let notified = pace.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            // A newer mark reached means this one was passed too.
+            if pace.done.load(Ordering::Acquire) >= self.mark {
+                return;
+            }
+            if tokio::time::timeout_at(until, notified).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+impl Pace {
+    fn slot(&self, mark: u64) -> &PaceSlot {
+        &self.slots[(mark % PACE_SLOTS as u64) as usize]
+    }
+
+    /// A reader moved from `from` to `to`: counts it for each paced mark it passed (only the
+    /// last slots' worth can still be tracked).
+    fn passed(&self, from: u64, to: u64) {
+        if !self.tracking.load(Ordering::Relaxed) {
+            return;
+        }
+        for mark in (from + 1).max(to.saturating_sub(PACE_SLOTS as u64 - 1))..=to {
+            let slot = self.slot(mark);
+            if slot.mark.load(Ordering::Acquire) != mark {
+                continue;
+            }
+            let n = slot.reached.fetch_add(1, Ordering::AcqRel) + 1;
+            if n == slot.target.load(Ordering::Relaxed) {
+                self.done.fetch_max(mark, Ordering::AcqRel);
+                self.notify.notify_waiters();
+            }
+        }
+    }
+
+    /// Tracks the message with seq `mark - 1`, read by `subscribers`; returns the mark its
+    /// publish waits for, if that one is tracked and not reached yet.
+    fn track(&self, mark: u64, subscribers: usize) -> Option<u64> {
+        let slot = self.slot(mark);
+        slot.reached.store(0, Ordering::Relaxed);
+        slot.target.store(
+            (subscribers * PACE_SHARE_PERCENT).div_ceil(100),
+            Ordering::Relaxed,
+        );
+        slot.mark.store(mark, Ordering::Release);
+        self.tracking.store(true, Ordering::Relaxed);
+        let wait = mark.checked_sub(PACE_BEHIND)?;
+        (self.slot(wait).mark.load(Ordering::Acquire) == wait
+            && self.done.load(Ordering::Acquire) < wait)
+            .then_some(wait)
+    }
 }
 
 struct State {
@@ -98,10 +225,12 @@ pub enum Start {
     After(MessageId),
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub struct AppendOutcome {
     pub id: MessageId,
     pub buffered: usize,
+    /// The publish is to wait for its subscribers (a busy channel, see [`Paced`]).
+    pub paced: Option<Paced>,
 }
 
 /// What [`Channel::append_assigned`] did.
@@ -171,6 +300,7 @@ impl Channel {
             subscribers: Default::default(),
             observing: parking_lot::Mutex::new(()),
             expiries,
+            pace: Pace::default(),
             me: me.clone(),
         })
     }
@@ -202,21 +332,30 @@ impl Channel {
         }
         let id = MessageId::next_after(Some(st.last_id.unwrap_or(st.floor)), unix_millis());
         let msg = Arc::new(Message::new(id, event, content_type, body, now));
-        Some(self.push_and_tell(st, msg, now, on_append))
+        Some(self.push_and_tell(st, msg, now, on_append, true))
     }
 
     /// Appends under the state lock, lets it go, wakes the subscribers, then tells the
-    /// observers (in id order, see `observing`).
+    /// observers (in id order, see `observing`). With `pace`, a busy channel's append sets
+    /// the pacing mark (see [`Paced`]).
     fn push_and_tell(
         &self,
         mut st: parking_lot::RwLockWriteGuard<'_, State>,
         msg: Arc<Message>,
         now: Instant,
         on_append: Option<impl FnOnce(&Arc<Message>)>,
+        pace: bool,
     ) -> AppendOutcome {
         let was_empty = st.messages.is_empty();
         let told = on_append.map(|f| (f, msg.clone()));
-        let outcome = st.push(msg, &self.policy, now);
+        let mut outcome = st.push(msg, &self.policy, now);
+        let subscribers = if pace { self.subscriber_count() } else { 0 };
+        if subscribers >= PACE_MIN_SUBSCRIBERS {
+            let mark = st.first_seq + st.messages.len() as u64;
+            if let Some(wait) = self.pace.track(mark, subscribers) {
+                outcome.paced = self.me.upgrade().map(|chan| Paced { chan, mark: wait });
+            }
+        }
         let expiry = was_empty
             .then(|| {
                 st.messages
@@ -254,7 +393,7 @@ impl Channel {
         if st.last_id.unwrap_or(st.floor) >= msg.id {
             return Assigned::Stale;
         }
-        Assigned::Appended(self.push_and_tell(st, msg, now, on_append))
+        Assigned::Appended(self.push_and_tell(st, msg, now, on_append, false))
     }
 
     /// A storage engine found that messages after this channel's head are lost for good (a
@@ -354,7 +493,9 @@ impl Channel {
         if start < st.messages.len() {
             let n = (st.messages.len() - start).min(max);
             out.extend(st.messages.range(start..start + n).cloned());
+            let from = *next_seq;
             *next_seq += n as u64;
+            self.pace.passed(from, *next_seq);
             return Read::Messages(n);
         }
         match st.closed {
@@ -447,6 +588,7 @@ impl State {
         AppendOutcome {
             id,
             buffered: self.messages.len(),
+            paced: None,
         }
     }
 

@@ -22,7 +22,7 @@ use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 
 pub use channel::{
-    AppendOutcome, Assigned, Channel, ChannelStats, CloseReason, Read, Start, StartPosition,
+    AppendOutcome, Assigned, Channel, ChannelStats, CloseReason, Paced, Read, Start, StartPosition,
     SubscriberCounts,
 };
 pub use message::{BadMessageId, Message, MessageId, ENCODING_SLOTS};
@@ -244,12 +244,13 @@ impl Hub {
 
     /// Appends a message to the local tail of a channel (created when new), assigning its id,
     /// and wakes its subscribers. The body is stored once; nothing here depends on the number
-    /// of subscribers. The memory engine's publish.
+    /// of subscribers. The memory engine's publish: on a busy channel it is to wait before
+    /// answering (the [`Paced`] given back).
     pub(crate) fn append_local(
         &self,
         name: &ChannelName,
         msg: NewMessage,
-    ) -> Result<PublishReceipt, HubError> {
+    ) -> Result<(PublishReceipt, Option<Paced>), HubError> {
         let now = Instant::now();
         let observers = self.observers();
         loop {
@@ -274,12 +275,13 @@ impl Hub {
             };
             self.inner.metrics.messages_published.inc();
             chan.count_fanout(&self.inner.metrics, msg.body.len());
-            return Ok(PublishReceipt {
+            let receipt = PublishReceipt {
                 id: out.id.to_string(),
                 channel: name.as_str().to_string(),
                 subscribers: chan.subscriber_count(),
                 buffered: out.buffered,
-            });
+            };
+            return Ok((receipt, out.paced));
         }
     }
 
@@ -778,6 +780,75 @@ mod tests {
 
     fn hub() -> Hub {
         Hub::new(Arc::new(Config::default()), Arc::new(Metrics::new()))
+    }
+
+    /// `n` subscribers of `channel` that read everything as it comes, counting what they read.
+    async fn readers(h: &Hub, channel: &str, n: usize) -> Arc<std::sync::atomic::AtomicUsize> {
+        let read = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        for _ in 0..n {
+            let mut s = h
+                .subscribe(&name(channel), Transport::Sse, Start::Newest, None)
+                .await
+                .expect("test setup");
+            let read = read.clone();
+            tokio::spawn(async move {
+                let mut out = Vec::new();
+                while let Read::Messages(k) = s.next(&mut out, 64).await {
+                    read.fetch_add(k, std::sync::atomic::Ordering::Relaxed);
+                    out.clear();
+                }
+            });
+        }
+        read
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_publish_to_a_busy_channel_is_answered_once_its_subscribers_are_close() {
+        let h = hub();
+        let n = channel::PACE_MIN_SUBSCRIBERS + 200;
+        let read = readers(&h, "busy", n).await;
+        // A channel with few subscribers is not paced.
+        let _few = readers(&h, "quiet", 10).await;
+        let (_, paced) = h.append_local(&name("quiet"), msg("q")).expect("published");
+        assert!(paced.is_none());
+        let behind = channel::PACE_BEHIND as usize;
+        for k in 1..=behind + 12 {
+            h.publish(&name("busy"), msg(&k.to_string()))
+                .await
+                .expect("published");
+            // 99 % of the subscribers have read the one PACE_BEHIND before, and so every one
+            // before that.
+            let got = read.load(std::sync::atomic::Ordering::Relaxed);
+            let want = k.saturating_sub(behind) * (n * 99 / 100);
+            assert!(
+                got >= want,
+                "after publish {k}: {got} reads by {n} subscribers, {want} expected"
+            );
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn subscribers_that_do_not_read_hold_a_paced_publish_up_only_briefly() {
+        let h = hub();
+        let mut idle = Vec::new();
+        for _ in 0..channel::PACE_MIN_SUBSCRIBERS + 10 {
+            idle.push(
+                h.subscribe(&name("stuck"), Transport::Sse, Start::Newest, None)
+                    .await
+                    .expect("test setup"),
+            );
+        }
+        let publishes = async {
+            for k in 0..10 {
+                h.publish(&name("stuck"), msg(&k.to_string()))
+                    .await
+                    .expect("published");
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), publishes)
+            .await
+            .expect("paced publishes are answered even when nobody reads");
+        drop(idle);
     }
 
     #[tokio::test]

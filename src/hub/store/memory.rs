@@ -1,5 +1,6 @@
 //! The memory engine: the local tails are the whole truth. A publish appends under the
-//! channel's lock and returns; nothing outlives the process.
+//! channel's lock and returns (on a busy channel once its subscribers have had their turn:
+//! [`crate::hub::Paced`]); nothing outlives the process.
 
 use std::future::ready;
 
@@ -18,8 +19,16 @@ impl Engine for Memory {
         channel: &'a ChannelName,
         msg: NewMessage,
     ) -> EngineFuture<'a, Result<PublishReceipt, HubError>> {
-        // All the work happens here, synchronously; the future only carries the answer.
-        Box::pin(ready(hub.append_local(channel, msg)))
+        // All the work happens here, synchronously; the future carries the answer, and on a
+        // busy channel waits for the fan-out first.
+        let appended = hub.append_local(channel, msg);
+        Box::pin(async move {
+            let (receipt, paced) = appended?;
+            if let Some(p) = paced {
+                p.wait().await;
+            }
+            Ok(receipt)
+        })
     }
 
     fn delete<'a>(
