@@ -8,7 +8,7 @@
 
 use redb::WriteTransaction;
 
-use super::{Row, CHANNELS, LOG};
+use super::{Reader, Row, CHANNELS, LOG};
 
 const PUT: u8 = 1;
 const REMOVE: u8 = 2;
@@ -95,24 +95,26 @@ impl From<redb::StorageError> for ApplyError {
 pub(super) fn apply(tx: &WriteTransaction, payload: &[u8]) -> Result<(), ApplyError> {
     let mut log = tx.open_table(LOG)?;
     let mut rows = tx.open_table(CHANNELS)?;
-    let mut r = Cursor(payload);
+    let mut r = Reader(payload);
     while let Some(tag) = r.take(1) {
         match tag[0] {
             PUT => {
-                let key = r.u64()?;
-                let record = r.bytes()?;
-                log.insert(key, record)?;
+                let key = u64(&mut r)?;
+                log.insert(key, bytes(&mut r)?)?;
             }
             REMOVE => {
-                log.remove(r.u64()?)?;
+                log.remove(u64(&mut r)?)?;
             }
             ROW => {
-                let name = r.str()?;
-                let row = (r.u64()?, r.u64()?, r.u64()?, r.u64()?, r.u64()?);
-                rows.insert(name, row)?;
+                let name = name(&mut r)?;
+                let mut row = [0u64; 5];
+                for v in &mut row {
+                    *v = u64(&mut r)?;
+                }
+                rows.insert(name, (row[0], row[1], row[2], row[3], row[4]))?;
             }
             FORGET => {
-                rows.remove(r.str()?)?;
+                rows.remove(name(&mut r)?)?;
             }
             _ => return Err(ApplyError::Damaged),
         }
@@ -120,32 +122,15 @@ pub(super) fn apply(tx: &WriteTransaction, payload: &[u8]) -> Result<(), ApplyEr
     Ok(())
 }
 
-struct Cursor<'a>(&'a [u8]);
+fn u64(r: &mut Reader<'_>) -> Result<u64, ApplyError> {
+    r.u64().ok_or(ApplyError::Damaged)
+}
 
-impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        if self.0.len() < n {
-            return None;
-        }
-        let (a, b) = self.0.split_at(n);
-        self.0 = b;
-        Some(a)
-    }
+fn bytes<'a>(r: &mut Reader<'a>) -> Result<&'a [u8], ApplyError> {
+    r.bytes().ok_or(ApplyError::Damaged)
+}
 
-    fn u64(&mut self) -> Result<u64, ApplyError> {
-        let b = self.take(8).ok_or(ApplyError::Damaged)?;
-        Ok(u64::from_le_bytes(
-            b.try_into().map_err(|_| ApplyError::Damaged)?,
-        ))
-    }
-
-    fn bytes(&mut self) -> Result<&'a [u8], ApplyError> {
-        let b = self.take(4).ok_or(ApplyError::Damaged)?;
-        let n = u32::from_le_bytes(b.try_into().map_err(|_| ApplyError::Damaged)?) as usize;
-        self.take(n).ok_or(ApplyError::Damaged)
-    }
-
-    fn str(&mut self) -> Result<&'a str, ApplyError> {
-        std::str::from_utf8(self.bytes()?).map_err(|_| ApplyError::Damaged)
-    }
+/// A channel name: length-prefixed UTF-8.
+fn name<'a>(r: &mut Reader<'a>) -> Result<&'a str, ApplyError> {
+    std::str::from_utf8(bytes(r)?).map_err(|_| ApplyError::Damaged)
 }
