@@ -37,6 +37,8 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("webhook_signature", check_webhook_signature),
     ("webpush_subscription", check_webpush_subscription),
     ("webrtc_offer", check_webrtc_offer),
+    ("journal", check_journal),
+    ("fanout", check_fanout),
 ];
 
 /// Splits off the first byte (the target's knobs) from the rest.
@@ -1034,6 +1036,115 @@ pub fn check_webrtc_offer(data: &[u8]) {
             "our answer does not parse: {sdp}"
         );
     }
+}
+
+/// The store's journal (src/hub/store/file/journal.rs), read back at start from a file that
+/// a crash, a bad disk or anyone may have left in any state: reading never panics, gives a
+/// chain that reads back the same once written again, and of records crier wrote, whatever
+/// one byte of the file became, gives back a prefix of them, never anything else.
+pub fn check_journal(data: &[u8]) {
+    use crate::hub::store::fuzz::{frame_record, scan};
+    const PAGE: usize = 4096;
+    let (k, rest) = knobs(data);
+    let applied = u64::from(k % 4);
+    // Anything: the chain it reads, framed again from its first sequence, reads the same.
+    let (records, end, last) = scan(rest, 0);
+    assert!(end as usize <= rest.len().div_ceil(PAGE) * PAGE + PAGE);
+    let first = last + 1 - records.len() as u64;
+    let mut file = Vec::new();
+    let mut rec = Vec::new();
+    for (i, r) in records.iter().enumerate() {
+        frame_record(first + i as u64, r, &mut rec).expect("small record");
+        file.extend_from_slice(&rec);
+    }
+    let (again, _, again_last) = scan(&file, 0);
+    assert_eq!(again, records);
+    assert_eq!(again_last, last);
+    // Records crier wrote (payloads: `rest` split at 0xff), then one byte changed.
+    let payloads: Vec<&[u8]> = rest.split(|b| *b == 0xff).take(16).collect();
+    let mut file = Vec::new();
+    for (i, p) in payloads.iter().enumerate() {
+        frame_record(10 + i as u64, p, &mut rec).expect("small record");
+        file.extend_from_slice(&rec);
+    }
+    let (whole, _, _) = scan(&file, applied + 9);
+    let want: Vec<&[u8]> = payloads.iter().skip(applied as usize).copied().collect();
+    assert_eq!(whole, want, "every record back after the applied one");
+    if !file.is_empty() {
+        let at = (usize::from(k) * 7919 + rest.len()) % file.len();
+        file[at] ^= k | 1;
+        let (got, _, _) = scan(&file, 9);
+        assert!(got.len() <= payloads.len());
+        for (g, p) in got.iter().zip(&payloads) {
+            assert_eq!(
+                g.as_slice(),
+                *p,
+                "a damaged journal gave back something not written"
+            );
+        }
+    }
+}
+
+/// The Redis fan-out messages (src/hub/store/redis/script.rs `parse_fanout`), which come
+/// from the network: any bytes parse or are refused without a panic, and entries written
+/// in the documented `b` format (a reference encoder here) come back exactly.
+pub fn check_fanout(data: &[u8]) {
+    use crate::hub::store::fuzz::{parse_fanout, Entry, Fanout};
+    let _ = parse_fanout(Bytes::copy_from_slice(data));
+    let (k, rest) = knobs(data);
+    let entries: Vec<Entry> = rest
+        .chunks(24)
+        .take(8)
+        .enumerate()
+        .map(|(i, c)| {
+            let n = |a: usize| c.get(a).copied().map_or(0, u64::from);
+            let text: String = c
+                .iter()
+                .filter(|b| b.is_ascii_alphanumeric())
+                .map(|b| *b as char)
+                .collect();
+            Entry {
+                id: MessageId {
+                    ms: n(0) * 1000 + i as u64 + 1,
+                    seq: n(1),
+                },
+                prev: MessageId {
+                    ms: n(2),
+                    seq: n(3),
+                },
+                event: (k & 1 == 1 && !text.is_empty()).then(|| text.clone().into()),
+                content_type: Bytes::from(if k & 2 == 2 {
+                    "application/json"
+                } else {
+                    "text/plain"
+                }),
+                // Bodies are any bytes, newlines included: their length frames them.
+                body: Bytes::copy_from_slice(c),
+            }
+        })
+        .collect();
+    if entries.is_empty() {
+        return;
+    }
+    let mut wire = format!("b{}\n", entries.len()).into_bytes();
+    for e in &entries {
+        wire.extend_from_slice(
+            format!(
+                "{}\n{}\n{}\n{}\n{}\n",
+                e.id,
+                e.prev,
+                e.event.as_deref().unwrap_or(""),
+                std::str::from_utf8(&e.content_type).expect("ascii"),
+                e.body.len()
+            )
+            .as_bytes(),
+        );
+        wire.extend_from_slice(&e.body);
+    }
+    assert_eq!(
+        parse_fanout(Bytes::from(wire)),
+        Some(Fanout::Messages(entries))
+    );
 }
 
 #[cfg(test)]

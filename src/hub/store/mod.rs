@@ -30,6 +30,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 pub use file::{File, FileError};
+
+/// What the fuzz targets reach inside the engines (src/fuzzing.rs).
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) mod fuzz {
+    pub(crate) use super::file::fuzz::{frame_record, scan};
+    pub(crate) use super::redis::fuzz::{parse_fanout, Entry, Fanout};
+}
 pub use memory::Memory;
 pub use redis::{ClusterError, Redis, SharedTable, TableChange};
 

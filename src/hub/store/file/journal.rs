@@ -102,7 +102,7 @@ impl Journal {
             path: path.to_path_buf(),
             offset: end,
             len: bytes.len() as u64,
-            next_seq: last.max(applied) + 1,
+            next_seq: last.max(applied).saturating_add(1),
             buf: Vec::new(),
         };
         if journal.len < JOURNAL_BYTES {
@@ -149,21 +149,10 @@ impl Journal {
     /// The sequence is used up even if the write then fails, so a record that reached the
     /// disk in part or whole without an answer can never be taken for a later one.
     fn frame(&mut self, payload: &[u8], out: &mut Vec<u8>) -> io::Result<Slot> {
-        let len = u32::try_from(payload.len())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "journal record too large"))?
-            .to_le_bytes();
         let seq = self.next_seq;
         self.next_seq += 1;
-        let seq_bytes = seq.to_le_bytes();
-        let total = framed(payload.len()) as usize;
-        out.clear();
-        out.reserve(total);
-        out.extend_from_slice(&MAGIC);
-        out.extend_from_slice(&len);
-        out.extend_from_slice(&seq_bytes);
-        out.extend_from_slice(&checksum(&len, &seq_bytes, payload).to_le_bytes());
-        out.extend_from_slice(payload);
-        out.resize(total, 0);
+        frame_record(seq, payload, out)?;
+        let total = out.len();
         let slot = Slot {
             seq,
             offset: self.offset,
@@ -197,6 +186,25 @@ impl Journal {
     }
 }
 
+/// Frames record `seq` of `payload` into `out` (replacing what it held): header, payload,
+/// zeros to the page.
+pub(crate) fn frame_record(seq: u64, payload: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
+    let len = u32::try_from(payload.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "journal record too large"))?
+        .to_le_bytes();
+    let seq_bytes = seq.to_le_bytes();
+    let total = framed(payload.len()) as usize;
+    out.clear();
+    out.reserve(total);
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&len);
+    out.extend_from_slice(&seq_bytes);
+    out.extend_from_slice(&checksum(&len, &seq_bytes, payload).to_le_bytes());
+    out.extend_from_slice(payload);
+    out.resize(total, 0);
+    Ok(())
+}
+
 /// A record's size on disk: header and payload, up to the next page.
 fn framed(payload: usize) -> u64 {
     (HEADER as u64 + payload as u64).div_ceil(PAGE) * PAGE
@@ -204,7 +212,7 @@ fn framed(payload: usize) -> u64 {
 
 /// Reads the chain of records from the start of `bytes`: the payloads of those after
 /// `applied`, where the chain ends, and the last sequence in it (0 if none).
-fn scan(bytes: &[u8], applied: u64) -> (Vec<Vec<u8>>, u64, u64) {
+pub(crate) fn scan(bytes: &[u8], applied: u64) -> (Vec<Vec<u8>>, u64, u64) {
     let mut records = Vec::new();
     let mut at = 0usize;
     let mut last: Option<u64> = None;
@@ -219,7 +227,11 @@ fn scan(bytes: &[u8], applied: u64) -> (Vec<Vec<u8>>, u64, u64) {
         let Some(payload) = bytes.get(at + HEADER..at + HEADER + n) else {
             break;
         };
-        if checksum(len, seq, payload) != crc_v || last.is_some_and(|l| seq_v != l + 1) {
+        // The last sequence never comes from a file: the ones after it must stay countable.
+        if seq_v == u64::MAX
+            || checksum(len, seq, payload) != crc_v
+            || last.is_some_and(|l| seq_v != l + 1)
+        {
             break;
         }
         if seq_v > applied {

@@ -48,6 +48,12 @@ use journal::Journal;
 mod changes;
 mod journal;
 
+/// What the fuzz targets check of the journal (src/fuzzing.rs).
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) mod fuzz {
+    pub(crate) use super::journal::{frame_record, scan};
+}
+
 /// Global sequence → one message (see [`encode`]).
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 /// A channel's row: (last id ms, last id seq, floor ms, floor seq, last change unix ms).

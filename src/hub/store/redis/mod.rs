@@ -32,6 +32,12 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 pub use error::ClusterError;
+
+/// What the fuzz targets check of the fan-out format (src/fuzzing.rs).
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) mod fuzz {
+    pub(crate) use super::script::{parse_fanout, Entry, Fanout};
+}
 pub use table::{SharedTable, TableChange};
 
 use super::{Engine, EngineFuture};

@@ -174,18 +174,18 @@ pub(super) fn channel_of_topic<'a>(prefix: &str, topic: &'a str) -> Option<&'a s
 
 /// One stream entry, from the fan-out or from a stream read.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct Entry {
-    pub(super) id: MessageId,
+pub(crate) struct Entry {
+    pub(crate) id: MessageId,
     /// The channel's previous id when this was published (`0-0`: Redis had no head).
-    pub(super) prev: MessageId,
-    pub(super) event: Option<Box<str>>,
-    pub(super) content_type: Bytes,
-    pub(super) body: Bytes,
+    pub(crate) prev: MessageId,
+    pub(crate) event: Option<Box<str>>,
+    pub(crate) content_type: Bytes,
+    pub(crate) body: Bytes,
 }
 
 /// What a fan-out message says.
 #[derive(Debug, PartialEq, Eq)]
-pub(super) enum Fanout {
+pub(crate) enum Fanout {
     /// Entries of one publish call, in id order (each one's `prev` the one before's).
     Messages(Vec<Entry>),
     /// The channel was deleted by the node of that id.
@@ -199,7 +199,7 @@ const MAX_ENTRIES: usize = 65536;
 /// `m<id>\n<prev>\n<event>\n<content type>\n<body>` (one entry: the body runs to the end),
 /// `b<n>\n` then n times `<id>\n<prev>\n<event>\n<content type>\n<body length>\n<body>`
 /// (several, in order), or `d<node>`. None: not ours.
-pub(super) fn parse_fanout(payload: Bytes) -> Option<Fanout> {
+pub(crate) fn parse_fanout(payload: Bytes) -> Option<Fanout> {
     let kind = *payload.first()?;
     let mut r = Reader(payload.slice(1..));
     match kind {
