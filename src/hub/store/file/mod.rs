@@ -905,7 +905,9 @@ impl Writer {
                 return fail(batch, &e);
             }
         };
-        self.commits.fetch_add(1, Ordering::Relaxed);
+        if seq.is_some() {
+            self.commits.fetch_add(1, Ordering::Relaxed);
+        }
         answer(batch, ids);
         // The publishers have their answers; the database's copy is not what they wait for.
         if let Some(seq) = seq {
