@@ -29,7 +29,6 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -44,9 +43,11 @@ use crate::hub::{Channel, ChannelStats, Hub, HubError, Message, MessageId, NewMe
 use crate::model::ChannelName;
 use changes::Changes;
 use journal::Journal;
+use queue::Queue;
 
 mod changes;
 mod journal;
+mod queue;
 
 /// What the fuzz targets check of the journal (src/fuzzing.rs).
 #[cfg(any(test, feature = "fuzzing"))]
@@ -280,8 +281,8 @@ enum Op {
 /// The file engine: a handle to the writer thread.
 pub struct File {
     path: PathBuf,
-    /// To the writer thread; its end goes when the thread does, so a send after that fails.
-    ops: mpsc::Sender<Op>,
+    /// To the writer thread; closed when the thread ends, so a push after that fails.
+    ops: Arc<Queue<Op>>,
     /// True (or the sender gone) once the writer has closed the database.
     done: watch::Receiver<bool>,
     /// Publish batches committed so far (each one journal record and one fsync).
@@ -331,18 +332,21 @@ impl File {
             Ok(r) => r.map_err(fail)?,
             Err(_) => return Err(fail("the file is damaged (reading it failed)".into())),
         };
-        let (tx, rx) = mpsc::channel();
+        let queue = Arc::new(Queue::new());
         let (done_tx, done) = watch::channel(false);
         let commits = writer.commits.clone();
         let checkpoints = writer.checkpoints.clone();
         std::thread::Builder::new()
             .name("crier-store".into())
-            .spawn(move || writer.run(rx, done_tx))
+            .spawn({
+                let queue = queue.clone();
+                move || writer.run(queue, done_tx)
+            })
             .map_err(|e| fail(format!("cannot start the writer thread: {e}")))?;
         Ok((
             File {
                 path: path.to_path_buf(),
-                ops: tx,
+                ops: queue,
                 done,
                 commits,
                 checkpoints,
@@ -652,48 +656,35 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(mut self, rx: mpsc::Receiver<Op>, done: watch::Sender<bool>) {
+    fn run(mut self, queue: Arc<Queue<Op>>, done: watch::Sender<bool>) {
+        // However the writer ends (a panic too), later publishes are refused, not left waiting.
+        let _closing = CloseOnDrop(queue.clone());
         let mut next_maintenance = Instant::now() + MAINTENANCE_EVERY;
         let mut stop = false;
         // The size of the last batch: how many to wait for (see below).
         let mut expect = 1;
         let mut published = 0u64;
+        let mut taken = Vec::new();
         while !stop {
-            let wait = next_maintenance.saturating_duration_since(Instant::now());
-            let mut batch = Vec::new();
-            match rx.recv_timeout(wait) {
-                Ok(Op::Stop) => stop = true,
-                Ok(op) => batch.push(op),
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => stop = true,
+            queue.take(1, next_maintenance, MAX_BATCH, &mut taken);
+            // While fewer have come than the last commit took, wait a moment for the rest:
+            // its publishers got their answers together and are sending their next messages
+            // now; taking them in this commit rather than the next halves their wait (one
+            // commit instead of two). The queue wakes the writer once for all of them.
+            if !taken.is_empty() && taken.len() < expect {
+                let more = expect - taken.len();
+                let room = MAX_BATCH - taken.len();
+                queue.take(more, Instant::now() + GATHER, room, &mut taken);
             }
-            // Everything queued meanwhile joins this commit. While fewer have come than the
-            // last commit took, wait a moment for the rest: its publishers got their answers
-            // together and are sending their next messages now; taking them in this commit
-            // rather than the next halves their wait (one commit instead of two).
-            let gather_until = Instant::now() + GATHER;
-            while !stop && !batch.is_empty() && batch.len() < MAX_BATCH {
-                let next = match rx.try_recv() {
-                    Ok(op) => Ok(op),
-                    Err(mpsc::TryRecvError::Empty) => {
-                        let left = gather_until.saturating_duration_since(Instant::now());
-                        if batch.len() >= expect || left.is_zero() {
-                            break;
-                        }
-                        rx.recv_timeout(left).map_err(|_| ())
-                    }
-                    Err(mpsc::TryRecvError::Disconnected) => Err(()),
-                };
-                match next {
-                    Ok(Op::Stop) => stop = true,
-                    Ok(op) => batch.push(op),
-                    Err(()) => break,
-                }
+            // What came after a stop is not written: its publishers are told "closed".
+            if let Some(at) = taken.iter().position(|op| matches!(op, Op::Stop)) {
+                stop = true;
+                taken.truncate(at);
             }
-            if !batch.is_empty() {
-                expect = batch.len();
-                published += batch.len() as u64;
-                self.commit(batch);
+            if !taken.is_empty() {
+                expect = taken.len();
+                published += taken.len() as u64;
+                self.commit(std::mem::take(&mut taken));
             }
             if Instant::now() >= next_maintenance {
                 self.maintain();
@@ -719,7 +710,7 @@ impl Writer {
             self.commits.load(Ordering::Relaxed)
         );
         // Publishes sent after the stop are answered "closed" when their senders drop.
-        drop(rx);
+        drop(queue.close());
         drop(self); // closes the database and releases its lock
         let _ = done.send(true);
     }
@@ -962,6 +953,15 @@ impl Writer {
     }
 }
 
+/// Closes the writer's queue when dropped.
+struct CloseOnDrop(Arc<Queue<Op>>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        drop(self.0.close());
+    }
+}
+
 /// Answers the publishes and deletes of a batch that is on disk: each message goes to its
 /// local tail (waking subscribers) in id order.
 fn answer(ops: Vec<Op>, ids: Vec<MessageId>) {
@@ -1027,7 +1027,7 @@ impl Engine for File {
             let (chan, _) = hub.get_or_create(channel, None)?;
             let (reply, answer) = oneshot::channel();
             self.ops
-                .send(Op::Publish {
+                .push(Op::Publish {
                     hub: hub.clone(),
                     name: channel.clone(),
                     chan,
@@ -1047,7 +1047,7 @@ impl Engine for File {
         Box::pin(async move {
             let (reply, answer) = oneshot::channel();
             self.ops
-                .send(Op::Delete {
+                .push(Op::Delete {
                     hub: hub.clone(),
                     name: channel.into(),
                     reply,
@@ -1066,7 +1066,7 @@ impl Engine for File {
     }
 
     fn close(&self) {
-        let _ = self.ops.send(Op::Stop);
+        let _ = self.ops.push(Op::Stop);
     }
 
     fn closed(&self) -> Option<EngineFuture<'_, ()>> {
@@ -1080,7 +1080,7 @@ impl Engine for File {
 
 impl Drop for File {
     fn drop(&mut self) {
-        let _ = self.ops.send(Op::Stop);
+        let _ = self.ops.push(Op::Stop);
     }
 }
 
