@@ -52,6 +52,10 @@ const OFFER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Datagrams queued for one session between the socket task and the session task. UDP
 /// semantics when full: dropped, and SCTP retransmits what mattered.
 const SESSION_QUEUE: usize = 64;
+/// A session's end of its queue. The datagrams go boxed: tokio's channel allocates its
+/// slots 32 at a time and keeps them, so 72-byte datagrams inline would cost every session
+/// 2.3 KB for as long as it lives, idle or not; a pointer a slot is 256 bytes.
+type Queue = mpsc::Sender<Box<Datagram>>;
 /// Remote addresses one session may be reached from (a host and a reflexive candidate, a
 /// NAT rebinding or two); bounds what a peer can make crier remember.
 const MAX_ADDRS_PER_SESSION: usize = 4;
@@ -103,10 +107,10 @@ struct Registry {
     by_id: HashMap<String, Entry>,
     /// Our ICE username fragment → the session: how a STUN request finds its session.
     /// Value: (session id, queue).
-    by_ufrag: HashMap<String, (String, mpsc::Sender<Datagram>)>,
+    by_ufrag: HashMap<String, (String, Queue)>,
     /// A peer address seen in a STUN request for a session → the session: how DTLS and
     /// SCTP datagrams (which carry no username) find it. Value: (ufrag, queue).
-    by_addr: HashMap<SocketAddr, (String, mpsc::Sender<Datagram>)>,
+    by_addr: HashMap<SocketAddr, (String, Queue)>,
 }
 
 struct Entry {
@@ -380,22 +384,26 @@ pub(crate) fn check_offer(text: &str) -> Result<SdpOffer, String> {
 }
 
 /// A session's `Rtc`: ICE lite, data only, the shared certificate, `candidates` announced.
+/// Boxed: an `Rtc` is 10 KB, and inline it would sit in every future that holds one — twice
+/// in the session task's (an async fn keeps its argument and the moved-in local apart).
 pub(crate) fn new_rtc(
     crypto: &Arc<CryptoProvider>,
     cert: &DtlsCert,
     candidates: &[SocketAddr],
     creds: IceCreds,
-) -> Rtc {
+) -> Box<Rtc> {
     let now = Instant::now();
-    let mut rtc = RtcConfig::new()
-        .set_ice_lite(true)
-        .set_crypto_provider(crypto.clone())
-        .set_dtls_cert(cert.clone())
-        .set_local_ice_credentials(creds)
-        // Data only: no codec is offered back, no RTCP stats are kept.
-        .clear_codecs()
-        .set_stats_interval(None)
-        .build(now);
+    let mut rtc = Box::new(
+        RtcConfig::new()
+            .set_ice_lite(true)
+            .set_crypto_provider(crypto.clone())
+            .set_dtls_cert(cert.clone())
+            .set_local_ice_credentials(creds)
+            // Data only: no codec is offered back, no RTCP stats are kept.
+            .clear_codecs()
+            .set_stats_interval(None)
+            .build(now),
+    );
     for c in candidates {
         match Candidate::host(*c, "udp") {
             Ok(c) => {
