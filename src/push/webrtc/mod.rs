@@ -7,10 +7,12 @@
 //! The position is fixed at the POST (the hub subscription starts then), so messages published
 //! while ICE, DTLS and SCTP come up are delivered once the client's first data channel opens.
 //!
-//! Three parts: this file (signalling and the session registry), `udp.rs` (the one task that
-//! owns the socket and hands each datagram to its session) and `session.rs` (one task per
-//! session driving its str0m `Rtc` from `poll_output` timeouts).
+//! Four parts: this file (signalling and the session registry), `udp.rs` (the one task that
+//! owns the socket and hands each datagram to its session), `session.rs` (one task per
+//! session driving its str0m `Rtc` from `poll_output` timeouts) and `dtls.rs` (the sessions'
+//! crypto: DTLS without the SRTP keys a data-only session never uses).
 
+mod dtls;
 mod session;
 mod udp;
 
@@ -143,7 +145,7 @@ impl WebRtc {
                 c.set_port(local.port());
             }
         }
-        let crypto = str0m::crypto::from_feature_flags();
+        let crypto = dtls::provider();
         let cert = crypto
             .dtls_provider
             .generate_certificate()
