@@ -7,10 +7,12 @@
 //! The position is fixed at the POST (the hub subscription starts then), so messages published
 //! while ICE, DTLS and SCTP come up are delivered once the client's first data channel opens.
 //!
-//! Three parts: this file (signalling and the session registry), `udp.rs` (the one task that
-//! owns the socket and hands each datagram to its session) and `session.rs` (one task per
-//! session driving its str0m `Rtc` from `poll_output` timeouts).
+//! Four parts: this file (signalling and the session registry), `udp.rs` (the one task that
+//! owns the socket and hands each datagram to its session), `session.rs` (one task per
+//! session driving its str0m `Rtc` from `poll_output` timeouts) and `dtls.rs` (the sessions'
+//! crypto: DTLS without the SRTP keys a data-only session never uses).
 
+mod dtls;
 mod session;
 mod udp;
 
@@ -52,6 +54,10 @@ const OFFER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Datagrams queued for one session between the socket task and the session task. UDP
 /// semantics when full: dropped, and SCTP retransmits what mattered.
 const SESSION_QUEUE: usize = 64;
+/// A session's end of its queue. The datagrams go boxed: tokio's channel allocates its
+/// slots 32 at a time and keeps them, so 72-byte datagrams inline would cost every session
+/// 2.3 KB for as long as it lives, idle or not; a pointer a slot is 256 bytes.
+type Queue = mpsc::Sender<Box<Datagram>>;
 /// Remote addresses one session may be reached from (a host and a reflexive candidate, a
 /// NAT rebinding or two); bounds what a peer can make crier remember.
 const MAX_ADDRS_PER_SESSION: usize = 4;
@@ -103,10 +109,10 @@ struct Registry {
     by_id: HashMap<String, Entry>,
     /// Our ICE username fragment → the session: how a STUN request finds its session.
     /// Value: (session id, queue).
-    by_ufrag: HashMap<String, (String, mpsc::Sender<Datagram>)>,
+    by_ufrag: HashMap<String, (String, Queue)>,
     /// A peer address seen in a STUN request for a session → the session: how DTLS and
     /// SCTP datagrams (which carry no username) find it. Value: (ufrag, queue).
-    by_addr: HashMap<SocketAddr, (String, mpsc::Sender<Datagram>)>,
+    by_addr: HashMap<SocketAddr, (String, Queue)>,
 }
 
 struct Entry {
@@ -139,7 +145,7 @@ impl WebRtc {
                 c.set_port(local.port());
             }
         }
-        let crypto = str0m::crypto::from_feature_flags();
+        let crypto = dtls::provider();
         let cert = crypto
             .dtls_provider
             .generate_certificate()
@@ -380,22 +386,26 @@ pub(crate) fn check_offer(text: &str) -> Result<SdpOffer, String> {
 }
 
 /// A session's `Rtc`: ICE lite, data only, the shared certificate, `candidates` announced.
+/// Boxed: an `Rtc` is 10 KB, and inline it would sit in every future that holds one — twice
+/// in the session task's (an async fn keeps its argument and the moved-in local apart).
 pub(crate) fn new_rtc(
     crypto: &Arc<CryptoProvider>,
     cert: &DtlsCert,
     candidates: &[SocketAddr],
     creds: IceCreds,
-) -> Rtc {
+) -> Box<Rtc> {
     let now = Instant::now();
-    let mut rtc = RtcConfig::new()
-        .set_ice_lite(true)
-        .set_crypto_provider(crypto.clone())
-        .set_dtls_cert(cert.clone())
-        .set_local_ice_credentials(creds)
-        // Data only: no codec is offered back, no RTCP stats are kept.
-        .clear_codecs()
-        .set_stats_interval(None)
-        .build(now);
+    let mut rtc = Box::new(
+        RtcConfig::new()
+            .set_ice_lite(true)
+            .set_crypto_provider(crypto.clone())
+            .set_dtls_cert(cert.clone())
+            .set_local_ice_credentials(creds)
+            // Data only: no codec is offered back, no RTCP stats are kept.
+            .clear_codecs()
+            .set_stats_interval(None)
+            .build(now),
+    );
     for c in candidates {
         match Candidate::host(*c, "udp") {
             Ok(c) => {

@@ -48,9 +48,10 @@ pub(super) struct Session {
     pub(super) _slot: Slot,
     pub(super) registered: Registered,
     pub(super) id: String,
-    pub(super) rtc: Rtc,
+    /// Boxed (see `new_rtc`): the task's future stays a few hundred bytes.
+    pub(super) rtc: Box<Rtc>,
     pub(super) feed: Feed,
-    pub(super) rx: mpsc::Receiver<Datagram>,
+    pub(super) rx: mpsc::Receiver<Box<Datagram>>,
     pub(super) stop: CancellationToken,
     /// When the offer was POSTed: the handshake histogram measures from here.
     pub(super) posted: Instant,
@@ -297,4 +298,23 @@ fn subscribed(feed: &Feed, chan: usize) -> bytes::Bytes {
         }))
         .unwrap_or_default(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What every idle session keeps for its whole life stays small: its task's future holds
+    /// the `Session` (twice, see `new_rtc`), so the 10 KB `Rtc` is behind a pointer; and its
+    /// queue's slots, allocated 32 at a time, are pointers to datagrams, not datagrams.
+    #[test]
+    fn a_session_and_its_queue_slots_are_small() {
+        let session = std::mem::size_of::<Session>();
+        assert!(session <= 1024, "a Session is {session} bytes");
+        fn slot<T>(_: &mpsc::Receiver<T>) -> usize {
+            std::mem::size_of::<T>()
+        }
+        let (_tx, rx): (super::super::Queue, _) = mpsc::channel(1);
+        assert!(slot(&rx) <= 16, "a queue slot is {} bytes", slot(&rx));
+    }
 }

@@ -8,9 +8,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio::sync::mpsc::error::TrySendError;
 
-use super::{Datagram, Shared, MAX_ADDRS_PER_SESSION};
+use super::{Datagram, Queue, Shared, MAX_ADDRS_PER_SESSION};
 
 /// Larger than any datagram a WebRTC peer sends (its path MTU); a longer one is truncated
 /// by the kernel and then fails to parse in the session, like any corrupt datagram.
@@ -36,11 +36,11 @@ fn route(sh: &Shared, data: &[u8], source: SocketAddr) {
     let Some(tx) = find(sh, data, source) else {
         return;
     };
-    let d = Datagram {
+    let d = Box::new(Datagram {
         at: Instant::now(),
         source,
         data: data.to_vec(),
-    };
+    });
     match tx.try_send(d) {
         Ok(()) | Err(TrySendError::Closed(_)) => {}
         // The session is behind on its input: drop, as the network would.
@@ -49,7 +49,7 @@ fn route(sh: &Shared, data: &[u8], source: SocketAddr) {
 }
 
 /// The session a datagram is for: by ufrag (STUN), else by the peer address.
-fn find(sh: &Shared, data: &[u8], source: SocketAddr) -> Option<mpsc::Sender<Datagram>> {
+fn find(sh: &Shared, data: &[u8], source: SocketAddr) -> Option<Queue> {
     let mut reg = sh.registry.lock();
     let Some(ufrag) = stun_local_ufrag(data) else {
         return reg.by_addr.get(&source).map(|(_, tx)| tx.clone());
