@@ -1,14 +1,13 @@
-//! One batch of changes to the store, encoded once: the journal record's payload, and what is
-//! applied to the database (live, and again when the journal is read back at start).
+//! One batch of changes to the store, encoded once: the journal record's payload, read back
+//! change by change when it is folded into what the next checkpoint writes ([`super::pending`]),
+//! live and again when the journal is read back at start.
 //!
 //! Each change is a tag byte and its fields (integers u64 LE, strings and bytes u32 LE
 //! length-prefixed): `1` log key and record (see [`super::encode_into`]), `2` log key
 //! removed, `3` channel row (name, last ms, last seq, floor ms, floor seq, change unix ms),
 //! `4` channel row removed (name).
 
-use redb::WriteTransaction;
-
-use super::{Reader, Row, CHANNELS, LOG};
+use super::{Reader, Row};
 
 const PUT: u8 = 1;
 const REMOVE: u8 = 2;
@@ -89,35 +88,41 @@ impl From<redb::StorageError> for ApplyError {
     }
 }
 
-/// Applies one payload's changes in `tx`. A payload that does not parse (a record crier
-/// did not write) is [`ApplyError::Damaged`]; what came before it in `tx` is then not to
-/// be committed.
-pub(super) fn apply(tx: &WriteTransaction, payload: &[u8]) -> Result<(), ApplyError> {
-    let mut log = tx.open_table(LOG)?;
-    let mut rows = tx.open_table(CHANNELS)?;
+/// One change, as read back from a payload.
+pub(super) enum Change<'a> {
+    Put(u64, &'a [u8]),
+    Remove(u64),
+    Row(&'a str, Row),
+    Forget(&'a str),
+}
+
+/// Calls `f` with each change of one payload, in order. A payload that does not parse (a
+/// record crier did not write) is [`ApplyError::Damaged`]; the changes before it have
+/// been passed on, so whatever `f` built is then not to be used.
+pub(super) fn each(
+    payload: &[u8],
+    mut f: impl FnMut(Change<'_>) -> Result<(), ApplyError>,
+) -> Result<(), ApplyError> {
     let mut r = Reader(payload);
     while let Some(tag) = r.take(1) {
-        match tag[0] {
+        let change = match tag[0] {
             PUT => {
                 let key = u64(&mut r)?;
-                log.insert(key, bytes(&mut r)?)?;
+                Change::Put(key, bytes(&mut r)?)
             }
-            REMOVE => {
-                log.remove(u64(&mut r)?)?;
-            }
+            REMOVE => Change::Remove(u64(&mut r)?),
             ROW => {
                 let name = name(&mut r)?;
                 let mut row = [0u64; 5];
                 for v in &mut row {
                     *v = u64(&mut r)?;
                 }
-                rows.insert(name, (row[0], row[1], row[2], row[3], row[4]))?;
+                Change::Row(name, (row[0], row[1], row[2], row[3], row[4]))
             }
-            FORGET => {
-                rows.remove(name(&mut r)?)?;
-            }
+            FORGET => Change::Forget(name(&mut r)?),
             _ => return Err(ApplyError::Damaged),
-        }
+        };
+        f(change)?;
     }
     Ok(())
 }

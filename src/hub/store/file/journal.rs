@@ -4,9 +4,9 @@
 //! metadata (measured here: 0.29 ms of a 0.39 ms commit, for ~31 messages); an overwrite of
 //! a few pages already allocated in a file costs one data flush (~0.1 ms). So each batch is
 //! written here first, as one checksummed record, and acknowledged once that record is on
-//! disk; the database gets the same changes in a commit without fsync, and is made durable
-//! (a checkpoint) about once a second, after which the journal starts over at its beginning.
-//! At start the records the database does not hold yet are read back and applied.
+//! disk; the database gets the changes of every record since the last one in one durable
+//! commit (a checkpoint) about once a second, after which the journal starts over at its
+//! beginning. At start the records the database does not hold yet are read back and applied.
 //!
 //! Layout: the file is preallocated (zeros written, so an append never changes its size or
 //! block map and `fdatasync` flushes only data). Records start on page boundaries, so a torn

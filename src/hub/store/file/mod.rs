@@ -12,9 +12,10 @@
 //! owns the database. Publishers send their message and wait on a oneshot; the writer takes
 //! everything queued (up to [`MAX_BATCH`]), assigns ids, encodes them and the trims once
 //! ([`changes`]), appends that to the journal with one fsync ([`journal`]), then appends the
-//! batch to the local tails (in id order, waking subscribers) and answers every publisher;
-//! only then does the database get the same changes, in a commit without fsync, and about
-//! once a second a durable one (a checkpoint) after which the journal starts over. (Two
+//! batch to the local tails (in id order, waking subscribers) and answers every publisher.
+//! The database gets the changes about once a second, folded ([`pending`]: a message trimmed
+//! in between never reaches it), in one durable commit (a checkpoint) after which the journal
+//! starts over. (Two
 //! journal writes in flight at once, from threads of their own, were tried: fsyncs overlap
 //! on the device, but batches get smaller and the publish rate did not rise.)
 //! Durability costs each publish one journal write's latency; concurrent publishes share
@@ -33,7 +34,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use tokio::sync::{oneshot, watch};
 
 use super::{Engine, EngineFuture};
@@ -43,10 +44,12 @@ use crate::hub::{Channel, ChannelStats, Hub, HubError, Message, MessageId, NewMe
 use crate::model::ChannelName;
 use changes::Changes;
 use journal::Journal;
+use pending::Pending;
 use queue::Queue;
 
 mod changes;
 mod journal;
+mod pending;
 mod queue;
 
 /// What the fuzz targets check of the journal (src/fuzzing.rs).
@@ -402,15 +405,19 @@ fn open_db(path: &Path, config: &Config) -> Result<(Writer, Restored), String> {
     {
         let tx = db.begin_write().map_err(|e| e.to_string())?;
         if !created {
-            for rec in &replay.records {
-                changes::apply(&tx, rec).map_err(|e| match e {
+            let mut replayed = Pending::default();
+            replay
+                .records
+                .iter()
+                .try_for_each(|rec| replayed.absorb(rec))
+                .and_then(|()| replayed.write(&tx))
+                .map_err(|e| match e {
                     changes::ApplyError::Damaged => format!(
                         "its journal {} holds a record crier did not write",
                         jpath.display()
                     ),
                     changes::ApplyError::Db(e) => format!("cannot apply its journal: {e}"),
                 })?;
-            }
         }
         tx.open_table(META)
             .and_then(|mut t| {
@@ -452,6 +459,7 @@ fn open_db(path: &Path, config: &Config) -> Result<(Writer, Restored), String> {
         commits: Arc::default(),
         checkpoints: Arc::new(AtomicU64::new(1)),
         changes: Changes::default(),
+        pending: Pending::default(),
     };
     if !removed.is_empty() {
         // Not journaled: if this is lost, the next start trims again.
@@ -465,7 +473,9 @@ fn open_db(path: &Path, config: &Config) -> Result<(Writer, Restored), String> {
             }
         }
         writer
-            .apply(&c)
+            .pending
+            .absorb(c.bytes())
+            .map_err(|e| e.to_string())
             .and_then(|()| writer.checkpoint())
             .map_err(|e| format!("cannot trim it: {e}"))?;
     }
@@ -638,21 +648,23 @@ struct Writer {
     journal: Journal,
     chans: HashMap<Arc<str>, Stored>,
     next_key: u64,
-    /// The last journal record applied to the database (durably once checkpointed).
+    /// The last journal record folded into `pending` (in the database once checkpointed).
     applied: u64,
-    /// Records applied since the last checkpoint.
+    /// Records journaled since the last checkpoint.
     dirty: bool,
     last_checkpoint: Instant,
     /// A commit failed: `chans` may not match the file; it is read again before the next.
     stale: bool,
-    /// A journaled batch could not be applied to the database: only a restart, which reads
-    /// the journal back, makes the two agree again, so nothing more is written (and the
-    /// journal is never started over).
+    /// A journaled batch could not be folded into `pending`: only a restart, which reads the
+    /// journal back, makes the two agree again, so nothing more is written (and the journal
+    /// is never started over).
     broken: bool,
     commits: Arc<AtomicU64>,
     checkpoints: Arc<AtomicU64>,
     /// The batch being encoded (kept, so its buffer is reused).
     changes: Changes,
+    /// What the journal holds since the last checkpoint, for the database.
+    pending: Pending,
 }
 
 impl Writer {
@@ -720,25 +732,22 @@ impl Writer {
         if !self.stale {
             return true;
         }
+        // Everything acknowledged goes to the database first; the failed record may be in
+        // the journal in part or whole: a durable database and a journal started over (the
+        // record's sequence is never used again) leave it out.
+        if let Err(e) = self.checkpoint() {
+            tracing::error!("channels.store: cannot write the file: {e}");
+            return false;
+        }
         match read_all(&self.db, config, false) {
             Ok((chans, next_key, _)) => {
                 self.chans = chans;
                 self.next_key = next_key;
-            }
-            Err(e) => {
-                tracing::error!("channels.store: cannot read the file again: {e}");
-                return false;
-            }
-        }
-        // The failed record may be in the journal in part or whole: a durable database and
-        // a journal started over (the record's sequence is never used again) leave it out.
-        match self.checkpoint() {
-            Ok(()) => {
                 self.stale = false;
                 true
             }
             Err(e) => {
-                tracing::error!("channels.store: cannot write the file: {e}");
+                tracing::error!("channels.store: cannot read the file again: {e}");
                 false
             }
         }
@@ -755,10 +764,13 @@ impl Writer {
             .map_err(|e| format!("journal {}: {e}", self.journal.path().display()))
     }
 
-    /// Applies changes already journaled (as record `seq`) to the database, without fsync.
+    /// Keeps changes already journaled (as record `seq`) for the next checkpoint.
     fn apply_logged(&mut self, seq: u64, changes: &Changes) {
-        match self.apply(changes) {
-            Ok(()) => self.applied = seq,
+        match self.pending.absorb(changes.bytes()) {
+            Ok(()) => {
+                self.applied = seq;
+                self.dirty = true;
+            }
             Err(e) => {
                 tracing::error!(
                     "channels.store: a journaled write failed ({e}): nothing more is written; restart crier, which applies the journal again"
@@ -768,24 +780,15 @@ impl Writer {
         }
     }
 
-    /// One commit of `changes`, without fsync (see [`Writer::checkpoint`]).
-    fn apply(&mut self, changes: &Changes) -> Result<(), String> {
-        let mut tx = self.db.begin_write().map_err(|e| e.to_string())?;
-        tx.set_durability(Durability::None)
-            .map_err(|e| e.to_string())?;
-        changes::apply(&tx, changes.bytes()).map_err(|e| e.to_string())?;
-        tx.commit().map_err(|e| e.to_string())?;
-        self.dirty = true;
-        Ok(())
-    }
-
-    /// A durable commit of everything applied, marking the journal records it holds; the
-    /// journal starts over.
+    /// One durable commit of everything journaled since the last one, marking the journal
+    /// records it holds; the journal starts over. When it fails, nothing is lost: the
+    /// journal and `pending` still hold it all, for the next try.
     fn checkpoint(&mut self) -> Result<(), String> {
         if self.broken {
             return Err("a journaled write is missing from the database".into());
         }
         let tx = self.db.begin_write().map_err(|e| e.to_string())?;
+        self.pending.write(&tx).map_err(|e| e.to_string())?;
         tx.open_table(META)
             .and_then(|mut t| {
                 t.insert(JOURNALED, self.applied)?;
@@ -793,6 +796,7 @@ impl Writer {
             })
             .map_err(|e| e.to_string())?;
         tx.commit().map_err(|e| e.to_string())?;
+        self.pending.clear();
         self.journal.reset();
         self.dirty = false;
         self.last_checkpoint = Instant::now();
