@@ -662,7 +662,7 @@ log "load average at end: $LOAD_END"
 describe_crier() { "$1" --version 2>/dev/null | head -1 || echo '?'; }
 versions="$(describe_crier "$CRIER_BIN") ($CRIER_BIN; tree $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo '?'))"
 if [[ -n "${CRIER_BASE_BIN:-}" ]]; then
-    versions+="; crier-base: $(describe_crier "$CRIER_BASE_BIN") ($CRIER_BASE_BIN$( [[ -f $CRIER_BASE_BIN.rev ]] && echo "; $(cat "$CRIER_BASE_BIN.rev")"))"
+    versions+="; crier-base: $(describe_crier "$CRIER_BASE_BIN") ($CRIER_BASE_BIN$( [[ -f $CRIER_BASE_BIN.rev ]] && echo "; $(cat "$CRIER_BASE_BIN.rev")" || true))"
 fi
 versions+="; $("$NGINX" -v 2>&1 | sed 's/^nginx version: //'); nchan $(dpkg-query -W -f='${Version}' libnginx-mod-nchan 2>/dev/null); pushpin $(dpkg-query -W -f='${Version}' pushpin 2>/dev/null || echo -); redis $(redis-server --version 2>/dev/null | grep -o 'v=[0-9.]*' || echo -); $( (wrk -v 2>&1 || true) | head -1 | cut -d' ' -f1-2)"
 jq -n \
