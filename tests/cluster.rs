@@ -959,3 +959,74 @@ async fn redis_killed_during_grouped_publishes_loses_no_acknowledged_message() {
         &missing[..missing.len().min(5)]
     );
 }
+
+/// How many connections Redis has subscribed to `channel`'s fan-out topic.
+fn listeners(redis: &RedisServer, channel: &str) -> u64 {
+    let topic = format!("test:{{{channel}}}:f");
+    let out = redis.command(&["PUBSUB", "NUMSUB", &topic]);
+    // *2, the topic, then :<count>
+    out.lines()
+        .find_map(|l| l.strip_prefix(':'))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("PUBSUB NUMSUB answered {out:?}"))
+}
+
+#[tokio::test]
+async fn a_node_listens_only_to_channels_it_has_subscribers_for() {
+    need_redis!();
+    let redis = RedisServer::start(false);
+    let up = Upstream::start().await;
+    let a = node(&up, &[redis.url()]).await;
+    let b = node(&up, &[redis.url()]).await;
+    // b only publishes: it listens to no fan-out topic.
+    let first = b.publish("quiet", "one").await;
+    assert_eq!(
+        listeners(&redis, "quiet"),
+        0,
+        "a publish-only node does not listen"
+    );
+    // And it lets such a channel go a buffer TTL later (until then it counts against
+    // max_channels, as a buffered channel does): c has a TTL of 1 s.
+    let c = Crier::start(
+        &up.url(),
+        &format!(
+            "{}[channels]\nbuffer_ttl = \"1s\"\n",
+            cluster(&[redis.url()])
+        ),
+    )
+    .await;
+    c.publish("brief", "x").await;
+    assert_eq!(listeners(&redis, "brief"), 0);
+    assert_eq!(metric(&c, "crier_channels").await, Some(1.0));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&c, "crier_channels").await != Some(0.0) {
+        assert!(Instant::now() < deadline, "c let the channel go");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A subscriber on a reads what b published from the stream, then b's next publish live.
+    let mut sse = SseClient::connect(&a.url("/live/quiet?last_event_id=earliest"), None).await;
+    wait_subscribers(&a, "quiet", 1).await;
+    assert_eq!(
+        listeners(&redis, "quiet"),
+        1,
+        "a listens for its subscriber"
+    );
+    let second = b.publish("quiet", "two").await;
+    let got = sse_n(&mut sse, 2).await;
+    assert_eq!(
+        got.iter()
+            .map(|e| (e.id.clone(), e.data.clone()))
+            .collect::<Vec<_>>(),
+        vec![(Some(first), "one".into()), (Some(second), "two".into())]
+    );
+    assert_eq!(listeners(&redis, "quiet"), 1, "b still does not listen");
+    // A subscriber on b makes b listen too, and it gets what a publishes.
+    let mut sse_b = SseClient::connect(&b.url("/live/quiet"), None).await;
+    wait_subscribers(&b, "quiet", 1).await;
+    assert_eq!(listeners(&redis, "quiet"), 2);
+    let third = a.publish("quiet", "three").await;
+    for s in [&mut sse, &mut sse_b] {
+        let e = sse_n(s, 1).await.remove(0);
+        assert_eq!((e.id, e.data), (Some(third.clone()), "three".into()));
+    }
+}

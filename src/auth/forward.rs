@@ -292,12 +292,13 @@ mod tests {
 
     #[test]
     fn cache_expires_and_stays_bounded() {
-        let c = AuthCache::new(Duration::from_millis(50));
+        // Long enough that a test thread descheduled on a busy machine does not see it expire.
+        let c = AuthCache::new(Duration::from_millis(500));
         c.put([1; 32], &Verdict::Allow);
         c.put([2; 32], &Verdict::Unavailable);
         assert!(matches!(c.get(&[1; 32]), Some(Ok(()))));
         assert!(c.get(&[2; 32]).is_none(), "errors are not cached");
-        std::thread::sleep(Duration::from_millis(60));
+        std::thread::sleep(Duration::from_millis(510));
         assert!(c.get(&[1; 32]).is_none(), "expired");
 
         let c = AuthCache::new(Duration::from_secs(60));

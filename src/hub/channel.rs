@@ -2,7 +2,7 @@
 //! the notification its live subscribers wait on.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -56,6 +56,8 @@ pub struct Channel {
     expiries: std::sync::Arc<Expiries>,
     /// Publish pacing on a busy channel (see [`Paced`]).
     pace: Pace,
+    /// Put on the sweep's schedule once by [`Channel::free_later`].
+    free_scheduled: AtomicBool,
     me: std::sync::Weak<Channel>,
 }
 
@@ -301,8 +303,20 @@ impl Channel {
             observing: parking_lot::Mutex::new(()),
             expiries,
             pace: Pace::default(),
+            free_scheduled: AtomicBool::new(false),
             me: me.clone(),
         })
+    }
+
+    /// A channel that holds nothing here (a cluster node publishes to it without listening)
+    /// is freed by the sweep one buffer TTL from now if it is still idle and empty then: until
+    /// then it counts against `max_channels`, as a channel whose messages are buffered does.
+    /// Scheduled once per channel, however often it is published to.
+    pub(crate) fn free_later(&self) {
+        if !self.free_scheduled.swap(true, Ordering::Relaxed) {
+            self.expiries
+                .schedule(Instant::now() + self.policy.buffer_ttl, self.me.clone());
+        }
     }
 
     pub fn notify(&self) -> &Arc<Notify> {

@@ -487,10 +487,14 @@ impl Many {
             live += usize::from(e.sub.is_some());
         }
         if out.len() > start {
-            // One order across channels: the hub's order of appends.
+            // One order across channels: by the millisecond of the id (the clock of whoever
+            // assigned it: this node, or the channels' Redis), then by the hub's order of
+            // appends. Append order alone is not enough: a node that opens a channel after
+            // others loads its whole tail from the engine at once (a cluster node resuming
+            // channels it did not listen to), appending it after newer messages of the others.
             out[start..].sort_by_key(|item| match item {
-                Item::Message { msg, .. } => msg.order(),
-                Item::Ended(_) => u64::MAX,
+                Item::Message { msg, .. } => (msg.id.ms, msg.order()),
+                Item::Ended(_) => (u64::MAX, u64::MAX),
             });
             return Some(Next::Items);
         }

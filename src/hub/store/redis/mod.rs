@@ -13,7 +13,8 @@
 //! the stream, or, when the stream no longer has it, tells its subscribers of the gap.
 //!
 //! A node listens to a channel's topic only while the channel is active here (it has local
-//! subscribers, or was published to from here, and for a few seconds after). Opening a channel
+//! subscribers, and for a few seconds after the last one left; publishing from here does not
+//! count: what a node publishes reaches it like anyone else's, if it listens). Opening a channel
 //! subscribes first, then reads the stream's tail, so nothing falls between the two.
 
 mod error;
@@ -335,6 +336,7 @@ impl Shard {
     async fn flush(self: Arc<Self>, hub: Hub, mut batch: Vec<Queued>) {
         let name = batch[0].chan.name.clone();
         loop {
+            let chan = batch[batch.len() - 1].chan.clone();
             let answer = self.publish_batch(&batch).await;
             match answer {
                 Ok((ids, len)) => {
@@ -362,6 +364,12 @@ impl Shard {
             };
             if waiting.is_empty() {
                 queues.remove(&name);
+                drop(queues);
+                // A channel this node only publishes to holds nothing here (its tail is not
+                // kept): the sweep lets it go a buffer TTL from now.
+                if !self.active.lock().contains_key(&name) {
+                    chan.free_later();
+                }
                 return;
             }
             let mut bytes = 0;
@@ -536,11 +544,12 @@ impl Engine for Redis {
         msg: NewMessage,
     ) -> EngineFuture<'a, Result<PublishReceipt, HubError>> {
         Box::pin(async move {
-            // The channel limit is this node's, as with every engine; the channel is active
-            // here from now on, so this node's tail gets the message from the fan-out too.
+            // The channel limit is this node's, as with every engine. Publishing does not
+            // make the channel active here: a node listens only to channels it has
+            // subscribers for (a subscriber opening it here reads the tail from the stream),
+            // so a publish-only node costs Redis no fan-out message, and itself no parse.
             let (chan, _) = hub.get_or_create(channel, None)?;
             let shard = self.shard(channel.as_str());
-            shard.activate(&chan, false);
             let (done, answer) = oneshot::channel();
             shard.enqueue(
                 hub,
