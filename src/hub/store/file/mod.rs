@@ -15,9 +15,8 @@
 //! batch to the local tails (in id order, waking subscribers) and answers every publisher.
 //! The database gets the changes about once a second, folded ([`pending`]: a message trimmed
 //! in between never reaches it), in one durable commit (a checkpoint) after which the journal
-//! starts over. (Two
-//! journal writes in flight at once, from threads of their own, were tried: fsyncs overlap
-//! on the device, but batches get smaller and the publish rate did not rise.)
+//! starts over. (Two journal writes in flight at once, from threads of their own, were tried:
+//! fsyncs overlap on the device, but batches get smaller and the publish rate did not rise.)
 //! Durability costs each publish one journal write's latency; concurrent publishes share
 //! it, so throughput stays. At start the journal's records after the last checkpoint are
 //! applied again: the database and its journal (`PATH.journal`) are one store.
