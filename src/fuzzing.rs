@@ -1087,31 +1087,39 @@ pub fn check_journal(data: &[u8]) {
 
 /// The Redis fan-out messages (src/hub/store/redis/script.rs `parse_fanout`), which come
 /// from the network: any bytes parse or are refused without a panic, and entries written
-/// in the documented `b` format (a reference encoder here) come back exactly.
+/// in the documented `b` format (a reference encoder here: consecutive ids from the first,
+/// each one's previous id the one before) come back exactly.
 pub fn check_fanout(data: &[u8]) {
     use crate::hub::store::fuzz::{parse_fanout, Entry, Fanout};
     let _ = parse_fanout(Bytes::copy_from_slice(data));
     let (k, rest) = knobs(data);
+    let n = |c: &[u8], a: usize| c.get(a).copied().map_or(0, u64::from);
+    let first = MessageId {
+        ms: n(rest, 0) * 1000 + 1,
+        seq: n(rest, 1),
+    };
+    let mut prev = MessageId {
+        ms: n(rest, 2),
+        seq: n(rest, 3),
+    };
+    let head = prev;
     let entries: Vec<Entry> = rest
         .chunks(24)
         .take(8)
         .enumerate()
         .map(|(i, c)| {
-            let n = |a: usize| c.get(a).copied().map_or(0, u64::from);
             let text: String = c
                 .iter()
                 .filter(|b| b.is_ascii_alphanumeric())
                 .map(|b| *b as char)
                 .collect();
-            Entry {
-                id: MessageId {
-                    ms: n(0) * 1000 + i as u64 + 1,
-                    seq: n(1),
-                },
-                prev: MessageId {
-                    ms: n(2),
-                    seq: n(3),
-                },
+            let id = MessageId {
+                ms: first.ms,
+                seq: first.seq + i as u64,
+            };
+            let e = Entry {
+                id,
+                prev,
                 event: (k & 1 == 1 && !text.is_empty()).then(|| text.clone().into()),
                 content_type: Bytes::from(if k & 2 == 2 {
                     "application/json"
@@ -1120,22 +1128,22 @@ pub fn check_fanout(data: &[u8]) {
                 }),
                 // Bodies are any bytes, newlines included: their length frames them.
                 body: Bytes::copy_from_slice(c),
-            }
+            };
+            prev = id;
+            e
         })
         .collect();
     if entries.is_empty() {
         return;
     }
-    let mut wire = format!("b{}\n", entries.len()).into_bytes();
+    let mut wire = format!("b{}\n{}\n{}\n", entries.len(), first, head).into_bytes();
     for e in &entries {
         wire.extend_from_slice(
             format!(
-                "{}\n{}\n{}\n{}\n{}\n",
-                e.id,
-                e.prev,
+                "{}\n{}\n{}\n",
+                e.body.len(),
                 e.event.as_deref().unwrap_or(""),
                 std::str::from_utf8(&e.content_type).expect("ascii"),
-                e.body.len()
             )
             .as_bytes(),
         );

@@ -199,14 +199,22 @@ impl Redis {
 
     /// Asks every shard for a PING: a refused connection, a bad password or a server that
     /// does not answer is a start-up error naming the shard.
+    /// A server older than Redis 7.0 is one too (the publish script needs `<ms>-*` ids).
     pub async fn check(&self) -> Result<(), ClusterError> {
         for s in &self.shards {
-            s.query_reason::<String>(&::redis::cmd("PING"))
+            let info = s
+                .query_reason::<String>(::redis::cmd("INFO").arg("server"))
                 .await
                 .map_err(|reason| ClusterError::Connect {
                     url: s.name.clone(),
                     reason,
                 })?;
+            too_old(&info).map_or(Ok(()), |reason| {
+                Err(ClusterError::Connect {
+                    url: s.name.clone(),
+                    reason,
+                })
+            })?;
         }
         Ok(())
     }
@@ -226,6 +234,16 @@ impl Redis {
     fn shard(&self, channel: &str) -> &Arc<Shard> {
         &self.shards[shard::shard_of(channel, self.shards.len())]
     }
+}
+
+/// Why a server is too old for crier, from its `INFO server` (None: new enough, or it does
+/// not say, as a proxy in front of it might not).
+fn too_old(info: &str) -> Option<String> {
+    let version = info
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("redis_version:"))?;
+    let major: u32 = version.split('.').next()?.parse().ok()?;
+    (major < 7).then(|| format!("Redis {version} is too old: crier needs 7.0 or later"))
 }
 
 /// A client for one URL, with the password of `password_file` when there is one, and for a
@@ -397,34 +415,67 @@ impl Shard {
         let policy = chan.policy();
         let keys = Keys::of(&self.prefix, &chan.name);
         let ttl_ms = policy.buffer_ttl.as_millis().max(1) as u64;
-        let mut call = script::PUBLISH.prepare_invoke();
-        call.key(&keys.stream)
-            .key(&keys.meta)
+        // EVALSHA built here rather than through redis's ScriptInvocation, which keeps each
+        // argument in an allocation of its own and copies them all again into the command.
+        let mut call = ::redis::cmd("EVALSHA");
+        call.arg(script::PUBLISH.get_hash())
+            .arg(2)
+            .arg(&keys.stream)
+            .arg(&keys.meta)
             .arg(&keys.topic)
             .arg(policy.buffer_messages)
             .arg(ttl_ms)
             .arg(ttl_ms + META_EXTRA.as_millis() as u64)
-            .arg(chan.head_id().to_string());
+            .arg(chan.head_id().to_string())
+            .arg(batch.len());
         for q in batch {
-            call.arg(q.content_type.as_bytes())
-                .arg(q.body.as_ref())
-                .arg(q.event.as_deref().unwrap_or(""));
+            call.arg(script::Packed {
+                event: q.event.as_deref().unwrap_or(""),
+                content_type: q.content_type.as_bytes(),
+                body: &q.body,
+            });
         }
-        let (ids, len, _n): (Vec<String>, u64, u64) = self.run(&call).await?;
-        if ids.len() != batch.len() {
-            return Err(unavailable(
-                &self.name,
-                format!("{} ids for {} messages", ids.len(), batch.len()),
-            ));
-        }
-        let ids = ids
-            .into_iter()
-            .map(|id| match id.parse() {
-                Ok(parsed) => Ok((id, parsed)),
-                Err(_) => Err(unavailable(&self.name, format!("unexpected id {id:?}"))),
+        let (first, len, _n): (String, u64, u64) = self.eval(&script::PUBLISH, &call).await?;
+        let first: MessageId = first
+            .parse()
+            .map_err(|_| unavailable(&self.name, format!("unexpected id {first:?}")))?;
+        // The script gives a call's messages consecutive ids from the first.
+        let ids = (0..batch.len() as u64)
+            .map(|i| match first.seq.checked_add(i) {
+                Some(seq) => {
+                    let id = MessageId { ms: first.ms, seq };
+                    Ok((id.to_string(), id))
+                }
+                None => Err(unavailable(&self.name, format!("unexpected id {first}"))),
             })
             .collect::<Result<_, _>>()?;
         Ok((ids, len))
+    }
+
+    /// Runs `call`, an EVALSHA of `script`, with the deadline, timing it; loads the script
+    /// first when Redis does not have it (a restarted or flushed Redis).
+    async fn eval<T: ::redis::FromRedisValue>(
+        &self,
+        script: &::redis::Script,
+        call: &::redis::Cmd,
+    ) -> Result<T, HubError> {
+        let mut conn = self.conn.clone();
+        let started = Instant::now();
+        let r = tokio::time::timeout(COMMAND_TIMEOUT, async {
+            match call.query_async(&mut conn).await {
+                Err(e)
+                    if e.kind()
+                        == ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoScript) =>
+                {
+                    script.load_async(&mut conn).await?;
+                    call.query_async(&mut conn).await
+                }
+                r => r,
+            }
+        })
+        .await;
+        self.timed(started);
+        error::reason(r, COMMAND_TIMEOUT).map_err(|e| unavailable(&self.name, e))
     }
 
     /// Makes `chan` active here: the fan-out task subscribes to its topic and loads its tail.
@@ -639,26 +690,27 @@ impl Engine for Redis {
             let shard = self.shard(channel);
             let keys = Keys::of(&shard.prefix, channel);
             let mut pipe = ::redis::pipe();
-            pipe.cmd("HMGET")
+            pipe.cmd("GET")
                 .arg(&keys.meta)
-                .arg("last")
-                .arg("n")
                 .cmd("XLEN")
                 .arg(&keys.stream);
             let mut conn = shard.conn.clone();
             let started = Instant::now();
             let r = tokio::time::timeout(
                 COMMAND_TIMEOUT,
-                pipe.query_async::<((Option<String>, Option<u64>), u64)>(&mut conn),
+                pipe.query_async::<(Option<String>, u64)>(&mut conn),
             )
             .await;
             shard.timed(started);
-            let ((last, n), len) = match r {
+            let (meta, len) = match r {
                 Ok(Ok(v)) => v,
                 Ok(Err(e)) => return Err(unavailable(&shard.name, e)),
                 Err(_) => return Err(unavailable(&shard.name, "no answer in time")),
             };
-            let n = n.unwrap_or(0);
+            let (last, n) = meta.as_deref().map_or((None, 0), |m| {
+                let (last, n) = script::parse_meta(m);
+                (Some(last.to_string()), n)
+            });
             let local = hub.local_stats(channel);
             if n == 0 && local.is_none() {
                 return Ok(None);

@@ -3,13 +3,25 @@
 //! Per channel, all under one hash tag (`{channel}`) so the layout also works on Redis Cluster:
 //! - `<prefix>{<channel>}:s`, a stream: entry id = crier's message id (Redis assigns it:
 //!   `<ms>-<seq>` is already crier's shape); fields `p` (the previous id of the channel: the
-//!   chain every node checks for holes), `t` (content type), `b` (body), `e` (event name, if
-//!   any). Trimmed by count (`MAXLEN ~`) and age (`MINID`), and expires with its TTL.
-//! - `<prefix>{<channel>}:m`, a hash: `last` (the channel's head: its newest id, or the floor a
-//!   node saw when it first opened the channel) and `n` (messages published since the last
-//!   delete). It outlives the stream (a day more), so ids keep rising after a delete or expiry.
-//! - `<prefix>{<channel>}:f`, the fan-out topic (pub/sub): one message per publish, carrying
-//!   the entry, so a node costs one Redis message per publish, not one read per subscriber.
+//!   chain every node checks for holes) and `x` (the message, [`Packed`]). Trimmed by count
+//!   (`MAXLEN ~`) and age (`MINID`), and expires with its TTL.
+//! - `<prefix>{<channel>}:m`, a string `<last> <n>`: the channel's head (its newest id, or the
+//!   floor a node saw when it first opened the channel) and the messages published since the
+//!   last delete. It outlives the stream (a day more), so ids keep rising after a delete or
+//!   expiry.
+//! - `<prefix>{<channel>}:f`, the fan-out topic (pub/sub): one message per publish call,
+//!   carrying its entries, so a node costs one Redis message per call, not one read per
+//!   subscriber.
+//!
+//! Redis 7.0 or later (Valkey too): the script gives the entries after the first of a call
+//! ids of the form `<ms>-*`.
+//!
+//! Why the scripts look the way they do: every `redis.call` costs about a microsecond on top
+//! of the command, and this Redis's Lua hashes every byte of every string it makes (a body
+//! passed in is hashed once, each concatenation holding it once more). So a message goes in
+//! as one argument already framed the way the stream and the fan-out keep it (no per-message
+//! concatenation, no number formatting in Lua), the ids of one call are consecutive (the
+//! fan-out names only the first), and the bookkeeping is as few calls as the contract allows.
 
 use std::sync::LazyLock;
 
@@ -20,21 +32,22 @@ use crate::hub::MessageId;
 /// XADD of every message of one call (a group of publishes to one channel, in order), trim,
 /// expire, update the head and count, and PUBLISH the entries: one atomic step, so an id is
 /// never published without being stored, nor stored unannounced. Each entry's `p` is the
-/// previous entry's id, so the chain stays exact through the group. An id is Redis's `*`
-/// (above the stream's last id, whatever the clock says) unless, for the first entry, the
-/// clock (Redis's) has not passed the head: then the head's ms and seq + 1 (the stream may
-/// have been deleted or expired while the head stayed). The
-/// head is the meta's; when Redis has none (it lost its data, or the channel expired), the
-/// highest of the stream's top and the publishing node's own head (`ARGV[5]`), so ids keep
-/// rising for the nodes that still hold the old tail; the first entry's `p` is then `0-0`
-/// (unknown), which every node reports as a gap.
+/// previous entry's id, so the chain stays exact through the group.
+///
+/// The first id is Redis's `*` (above the stream's last id, whatever the clock says) unless
+/// that is not above the channel's head (the stream was deleted or expired while the head
+/// stayed, and Redis's clock has not passed it): then that entry goes again as the head's ms
+/// and seq + 1. The rest are `<first ms>-*`: the first's seq + 1, + 2, ..., so the ids of a
+/// call are consecutive and the fan-out names only the first. The head is the meta's; when
+/// Redis has none (it lost its data, or the channel expired), the highest of the stream's top
+/// and the publishing node's own head (`ARGV[5]`), so ids keep rising for the nodes that
+/// still hold the old tail; the first entry's `p` is then `0-0` (unknown), which every node
+/// reports as a gap. Age trimming takes the first id's ms as now (Redis's clock, or just
+/// above the head when that clock is behind).
 ///
 /// KEYS: stream, meta. ARGV: topic, buffer_messages, stream TTL ms, meta TTL ms, node head,
-/// then per message content type, body, event (`''`: none). Each `redis.call` from Lua costs
-/// a few µs more than the command itself, so the script makes as few as it can: no per-entry
-/// id arithmetic, the count trim folded into the last XADD. Returns the ids (in order), the
-/// stream's length and the count. One message is announced as `m…` (see [`parse_fanout`]),
-/// several as one `b…` message holding them all.
+/// the number of messages, then each message [`Packed`]. Returns the first id, the stream's
+/// length and the count. The fan-out message is described at [`parse_fanout`].
 pub(super) static PUBLISH: LazyLock<::redis::Script> = LazyLock::new(|| {
     ::redis::Script::new(
         r#"
@@ -47,63 +60,59 @@ local function above(a, b)
   local bm, bs = split(b)
   return am > bm or (am == bm and as > bs)
 end
-local last = redis.call('HGET', KEYS[2], 'last')
+local meta = redis.call('GET', KEYS[2])
+local last, n
+if meta then
+  local sp = string.find(meta, ' ', 1, true) or (#meta + 1)
+  last, n = string.sub(meta, 1, sp - 1), tonumber(string.sub(meta, sp + 1)) or 0
+end
 local prev = last
 local base = last
 if not last then
   prev = '0-0'
+  n = 0
   base = ARGV[5]
   local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
   if top and above(top[1], base) then
     base = top[1]
   end
 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local bms, bseq = split(base)
-local count = math.floor((#ARGV - 5) / 3)
-local ids = {}
-local out = {}
-for i = 0, count - 1 do
-  local ct, body, ev = ARGV[6 + 3 * i], ARGV[7 + 3 * i], ARGV[8 + 3 * i]
-  local id = '*'
-  if i == 0 and now <= bms then
-    id = string.format('%d', bms) .. '-' .. string.format('%d', bseq + 1)
-  end
-  -- The last one trims by count (about buffer_messages: whole nodes of the stream go).
-  if i < count - 1 then
-    if ev == '' then
-      id = redis.call('XADD', KEYS[1], id, 'p', prev, 't', ct, 'b', body)
-    else
-      id = redis.call('XADD', KEYS[1], id, 'p', prev, 't', ct, 'b', body, 'e', ev)
-    end
-  elseif ev == '' then
-    id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], id, 'p', prev, 't', ct, 'b', body)
-  else
-    id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], id, 'p', prev, 't', ct, 'b', body, 'e', ev)
-  end
-  ids[#ids + 1] = id
-  if count == 1 then
-    out[1] = 'm' .. id .. '\n' .. prev .. '\n' .. ev .. '\n' .. ct .. '\n' .. body
-  else
-    out[#out + 1] = id .. '\n' .. prev .. '\n' .. ev .. '\n' .. ct .. '\n' .. #body .. '\n' .. body
-  end
-  prev = id
+local count = #ARGV - 6
+-- The last XADD also trims by count (about buffer_messages: whole nodes of the stream go).
+local first
+if count == 1 then
+  first = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'p', prev, 'x', ARGV[7])
+else
+  first = redis.call('XADD', KEYS[1], '*', 'p', prev, 'x', ARGV[7])
 end
-local minid = now - tonumber(ARGV[3])
+local ms = split(first)
+if not above(first, base) then
+  redis.call('XDEL', KEYS[1], first)
+  local bseq
+  ms, bseq = split(base)
+  first = string.format('%d-%d', ms, bseq + 1)
+  redis.call('XADD', KEYS[1], first, 'p', prev, 'x', ARGV[7])
+end
+local out = {'b' .. ARGV[6] .. '\n' .. first .. '\n' .. prev .. '\n', ARGV[7]}
+prev = first
+local auto = string.format('%d-*', ms)
+for i = 8, #ARGV do
+  if i < #ARGV then
+    prev = redis.call('XADD', KEYS[1], auto, 'p', prev, 'x', ARGV[i])
+  else
+    prev = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], auto, 'p', prev, 'x', ARGV[i])
+  end
+  out[i - 5] = ARGV[i]
+end
+local minid = ms - tonumber(ARGV[3])
 if minid > 0 then
-  redis.call('XTRIM', KEYS[1], 'MINID', string.format('%d', minid) .. '-0')
+  redis.call('XTRIM', KEYS[1], 'MINID', string.format('%d-0', minid))
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('HSET', KEYS[2], 'last', prev)
-local n = redis.call('HINCRBY', KEYS[2], 'n', count)
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
-if count == 1 then
-  redis.call('PUBLISH', ARGV[1], out[1])
-else
-  redis.call('PUBLISH', ARGV[1], 'b' .. count .. '\n' .. table.concat(out))
-end
-return {ids, redis.call('XLEN', KEYS[1]), n}
+n = n + count
+redis.call('SET', KEYS[2], prev .. ' ' .. string.format('%d', n), 'PX', ARGV[4])
+redis.call('PUBLISH', ARGV[1], table.concat(out))
+return {first, redis.call('XLEN', KEYS[1]), n}
 "#,
     )
 });
@@ -114,12 +123,14 @@ return {ids, redis.call('XLEN', KEYS[1]), n}
 pub(super) static LOAD: LazyLock<::redis::Script> = LazyLock::new(|| {
     ::redis::Script::new(
         r#"
-local last = redis.call('HGET', KEYS[2], 'last')
-if not last then
+local meta = redis.call('GET', KEYS[2])
+local last
+if meta then
+  last = string.sub(meta, 1, (string.find(meta, ' ', 1, true) or (#meta + 1)) - 1)
+else
   local t = redis.call('TIME')
   last = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)) .. '-0'
-  redis.call('HSET', KEYS[2], 'last', last, 'n', 0)
-  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+  redis.call('SET', KEYS[2], last .. ' 0', 'PX', ARGV[2])
 end
 return {last, redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', ARGV[1])}
 "#,
@@ -132,16 +143,51 @@ return {last, redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', ARGV[1])}
 pub(super) static DELETE: LazyLock<::redis::Script> = LazyLock::new(|| {
     ::redis::Script::new(
         r#"
-local n = tonumber(redis.call('HGET', KEYS[2], 'n') or '0')
+local meta = redis.call('GET', KEYS[2])
+local n = 0
 local had = redis.call('DEL', KEYS[1])
-if redis.call('EXISTS', KEYS[2]) == 1 then
-  redis.call('HSET', KEYS[2], 'n', 0)
+if meta then
+  local sp = string.find(meta, ' ', 1, true) or (#meta + 1)
+  n = tonumber(string.sub(meta, sp + 1)) or 0
+  redis.call('SET', KEYS[2], string.sub(meta, 1, sp - 1) .. ' 0', 'KEEPTTL')
 end
 redis.call('PUBLISH', ARGV[1], 'd' .. ARGV[2])
 return n + had
 "#,
     )
 });
+
+/// One message as the publish script takes it and the stream (`x`) and the fan-out keep it:
+/// `<body length>\n<event>\n<content type>\n<body>` (event empty: none). Written straight
+/// into the command, so a body is copied once on its way out.
+pub(super) struct Packed<'a> {
+    pub(super) event: &'a str,
+    pub(super) content_type: &'a [u8],
+    pub(super) body: &'a [u8],
+}
+
+impl ::redis::ToRedisArgs for Packed<'_> {
+    fn write_redis_args<W>(&self, out: &mut W)
+    where
+        W: ?Sized + ::redis::RedisWrite,
+    {
+        use std::io::Write;
+        let mut w = out.writer_for_next_arg();
+        // The writer is the command's own buffer: writing to it does not fail.
+        let _ = write!(w, "{}\n{}\n", self.body.len(), self.event);
+        let _ = w.write_all(self.content_type);
+        let _ = w.write_all(b"\n");
+        let _ = w.write_all(self.body);
+    }
+}
+
+/// The head and count of a meta value (`<last> <n>`).
+pub(super) fn parse_meta(meta: &str) -> (&str, u64) {
+    match meta.split_once(' ') {
+        Some((last, n)) => (last, n.parse().unwrap_or(0)),
+        None => (meta, 0),
+    }
+}
 
 /// The keys and topic of one channel.
 pub(super) struct Keys {
@@ -196,9 +242,9 @@ pub(crate) enum Fanout {
 /// the publishing side sends at most [`super::MAX_BATCH`]).
 const MAX_ENTRIES: usize = 65536;
 
-/// `m<id>\n<prev>\n<event>\n<content type>\n<body>` (one entry: the body runs to the end),
-/// `b<n>\n` then n times `<id>\n<prev>\n<event>\n<content type>\n<body length>\n<body>`
-/// (several, in order), or `d<node>`. None: not ours.
+/// `b<n>\n<first id>\n<prev>\n` then n messages [`Packed`] (entry i, from 0, has the id
+/// `<first ms>-<first seq + i>` and the one before as its previous id; the first's is
+/// `<prev>`), or `d<node>`. None: not ours.
 pub(crate) fn parse_fanout(payload: Bytes) -> Option<Fanout> {
     let kind = *payload.first()?;
     let mut r = Reader(payload.slice(1..));
@@ -206,26 +252,20 @@ pub(crate) fn parse_fanout(payload: Bytes) -> Option<Fanout> {
         b'd' => Some(Fanout::Deleted(
             String::from_utf8_lossy(&payload[1..]).into_owned(),
         )),
-        b'm' => {
-            let (id, prev, event, content_type) = r.head()?;
-            Some(Fanout::Messages(vec![Entry {
-                id,
-                prev,
-                event,
-                content_type,
-                body: r.0,
-            }]))
-        }
         b'b' => {
             let n: usize = std::str::from_utf8(&r.field()?).ok()?.parse().ok()?;
             if n == 0 || n > MAX_ENTRIES {
                 return None;
             }
+            let first = parse_id(&r.field()?)?;
+            let mut prev = parse_id(&r.field()?)?;
             let mut entries = Vec::with_capacity(n);
-            for _ in 0..n {
-                let (id, prev, event, content_type) = r.head()?;
-                let len: usize = std::str::from_utf8(&r.field()?).ok()?.parse().ok()?;
-                let body = r.take(len)?;
+            for i in 0..n as u64 {
+                let id = MessageId {
+                    ms: first.ms,
+                    seq: first.seq.checked_add(i)?,
+                };
+                let (event, content_type, body) = r.packed()?;
                 entries.push(Entry {
                     id,
                     prev,
@@ -233,6 +273,7 @@ pub(crate) fn parse_fanout(payload: Bytes) -> Option<Fanout> {
                     content_type,
                     body,
                 });
+                prev = id;
             }
             r.0.is_empty().then_some(Fanout::Messages(entries))
         }
@@ -240,7 +281,7 @@ pub(crate) fn parse_fanout(payload: Bytes) -> Option<Fanout> {
     }
 }
 
-/// What is left of a fan-out message.
+/// What is left of a fan-out message or a stream entry's `x`.
 struct Reader(Bytes);
 
 impl Reader {
@@ -256,12 +297,12 @@ impl Reader {
         (len <= self.0.len()).then(|| self.0.split_to(len))
     }
 
-    /// An entry's id, previous id, event and content type.
-    fn head(&mut self) -> Option<(MessageId, MessageId, Option<Box<str>>, Bytes)> {
-        let id = parse_id(&self.field()?)?;
-        let prev = parse_id(&self.field()?)?;
+    /// One [`Packed`] message: its event, content type and body.
+    fn packed(&mut self) -> Option<(Option<Box<str>>, Bytes, Bytes)> {
+        let len: usize = std::str::from_utf8(&self.field()?).ok()?.parse().ok()?;
         let event = event_name(&self.field()?);
-        Some((id, prev, event, self.field()?))
+        let content_type = self.field()?;
+        Some((event, content_type, self.take(len)?))
     }
 }
 
@@ -284,24 +325,27 @@ pub(super) fn entry_of(v: &::redis::Value) -> Option<Entry> {
         return None;
     };
     let id = parse_id(&bulk(id)?)?;
-    let mut e = Entry {
-        id,
-        prev: MessageId::ZERO,
-        event: None,
-        content_type: Bytes::from_static(b"application/octet-stream"),
-        body: Bytes::new(),
-    };
+    let mut prev = MessageId::ZERO;
+    let mut message = None;
     for kv in fields.chunks_exact(2) {
         let value = bulk(&kv[1])?;
         match bulk(&kv[0])?.as_ref() {
-            b"p" => e.prev = parse_id(&value)?,
-            b"t" => e.content_type = value,
-            b"b" => e.body = value,
-            b"e" => e.event = event_name(&value),
+            b"p" => prev = parse_id(&value)?,
+            b"x" => {
+                let mut r = Reader(value);
+                message = r.packed().filter(|_| r.0.is_empty());
+            }
             _ => {}
         }
     }
-    Some(e)
+    let (event, content_type, body) = message?;
+    Some(Entry {
+        id,
+        prev,
+        event,
+        content_type,
+        body,
+    })
 }
 
 pub(super) fn bulk(v: &::redis::Value) -> Option<Bytes> {
@@ -317,11 +361,32 @@ pub(super) fn bulk(v: &::redis::Value) -> Option<Bytes> {
 mod tests {
     use super::*;
 
+    fn packed(event: &str, content_type: &str, body: &[u8]) -> Vec<u8> {
+        use ::redis::ToRedisArgs;
+        let mut args = Packed {
+            event,
+            content_type: content_type.as_bytes(),
+            body,
+        }
+        .to_redis_args();
+        assert_eq!(args.len(), 1, "one argument");
+        args.remove(0)
+    }
+
+    #[test]
+    fn a_message_is_one_framed_argument() {
+        assert_eq!(
+            packed("news", "text/plain", b"line 1\nline 2"),
+            b"13\nnews\ntext/plain\nline 1\nline 2"
+        );
+        assert_eq!(packed("", "t", b""), b"0\n\nt\n");
+    }
+
     #[test]
     fn fanout_messages_parse() {
-        let got = parse_fanout(Bytes::from_static(
-            b"m1700000000000-3\n1700000000000-2\nnews\ntext/plain\nline 1\nline 2",
-        ));
+        let mut wire = b"b1\n1700000000000-3\n1700000000000-2\n".to_vec();
+        wire.extend(packed("news", "text/plain", b"line 1\nline 2"));
+        let got = parse_fanout(Bytes::from(wire));
         assert_eq!(
             got,
             Some(Fanout::Messages(vec![Entry {
@@ -345,23 +410,29 @@ mod tests {
         for bad in [
             &b""[..],
             b"x",
-            b"m1-0\n",
-            b"mjunk\n0-0\n\nt\nb",
-            b"b0\n",
-            b"bx\n",
-            b"b2\n5-1\n5-0\n\nt\n1\nx",
-            b"b1\n5-1\n5-0\n\nt\n3\nxy",
-            b"b1\n5-1\n5-0\n\nt\n1\nxy",
+            b"m1-0\n0-0\n1\n\nt\nb",
+            b"b1\n",
+            b"b0\n5-1\n5-0\n",
+            b"bx\n5-1\n5-0\n1\n\nt\nx",
+            b"b1\njunk\n5-0\n1\n\nt\nx",
+            b"b1\n5-1\njunk\n1\n\nt\nx",
+            b"b2\n5-1\n5-0\n1\n\nt\nx",
+            b"b1\n5-1\n5-0\n3\n\nt\nxy",
+            b"b1\n5-1\n5-0\n1\n\nt\nxy",
+            b"b1\n5-1\n5-0\nx\n\nt\n",
+            b"b2\n5-18446744073709551615\n5-0\n0\n\nt\n0\n\nt\n",
         ] {
             assert_eq!(parse_fanout(Bytes::copy_from_slice(bad)), None, "{bad:?}");
         }
     }
 
     #[test]
-    fn a_group_of_entries_parses_in_order() {
-        let got = parse_fanout(Bytes::from_static(
-            b"b3\n7-0\n6-4\n\ntext/plain\n3\na\nb7-1\n7-0\nev\nx/y\n0\n7-2\n7-1\n\nt\n2\n\n\n",
-        ));
+    fn a_group_of_entries_parses_in_order_with_consecutive_ids() {
+        let mut wire = b"b3\n7-0\n6-4\n".to_vec();
+        wire.extend(packed("", "text/plain", b"a\nb"));
+        wire.extend(packed("ev", "x/y", b""));
+        wire.extend(packed("", "t", b"\n\n"));
+        let got = parse_fanout(Bytes::from(wire));
         let Some(Fanout::Messages(es)) = got else {
             panic!("{got:?}");
         };
@@ -382,6 +453,50 @@ mod tests {
                 r#"7-2 7-1 None b"t" b"\n\n""#,
             ]
         );
+    }
+
+    #[test]
+    fn stream_entries_parse_and_a_damaged_one_is_refused() {
+        use ::redis::Value::{Array, BulkString};
+        let entry = |fields: Vec<(&str, Vec<u8>)>| {
+            Array(vec![
+                BulkString(b"9-1".to_vec()),
+                Array(
+                    fields
+                        .into_iter()
+                        .flat_map(|(k, v)| [BulkString(k.as_bytes().to_vec()), BulkString(v)])
+                        .collect(),
+                ),
+            ])
+        };
+        let e = entry_of(&entry(vec![
+            ("p", b"9-0".to_vec()),
+            ("x", packed("ev", "text/plain", b"hi")),
+        ]))
+        .expect("parses");
+        assert_eq!(
+            (e.id.to_string(), e.prev.to_string(), e.event.as_deref()),
+            ("9-1".into(), "9-0".into(), Some("ev"))
+        );
+        assert_eq!(
+            (&e.content_type[..], &e.body[..]),
+            (&b"text/plain"[..], &b"hi"[..])
+        );
+        for bad in [
+            entry(vec![("p", b"9-0".to_vec())]),
+            entry(vec![("p", b"9-0".to_vec()), ("x", b"3\n\nt\nhi".to_vec())]),
+            entry(vec![("p", b"9-0".to_vec()), ("x", b"1\n\nt\nhi".to_vec())]),
+            entry(vec![("p", b"junk".to_vec()), ("x", packed("", "t", b"hi"))]),
+        ] {
+            assert_eq!(entry_of(&bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn meta_values_parse() {
+        assert_eq!(parse_meta("5-3 12"), ("5-3", 12));
+        assert_eq!(parse_meta("5-3"), ("5-3", 0));
+        assert_eq!(parse_meta("5-3 x"), ("5-3", 0));
     }
 
     #[test]

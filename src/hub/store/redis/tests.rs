@@ -372,3 +372,97 @@ async fn concurrent_publishes_to_a_channel_share_script_calls_and_keep_one_chain
         assert_eq!(s.last_id, newest.map(|i| i.to_string()));
     }
 }
+
+#[tokio::test]
+async fn a_head_ahead_of_redis_clock_keeps_ids_rising_and_consecutive() {
+    if let Some(why) = absent() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    const N: u64 = 40;
+    let server = Server::start();
+    let url = server.url();
+    let h = hub_on(server, Config::default());
+    h.publish(&name("ahead"), msg("first"))
+        .await
+        .expect("test setup");
+    // The channel was deleted when its head was a minute ahead of Redis's clock (another
+    // node's clock, or Redis's stepped back): the head stays, the stream is gone, and a `*`
+    // id would be below the head.
+    let ahead = super::unix_ms() + 60_000;
+    let client = ::redis::Client::open(url.as_str()).expect("test setup");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("test setup");
+    let _: () = ::redis::pipe()
+        .cmd("DEL")
+        .arg("t:{ahead}:s")
+        .ignore()
+        .cmd("SET")
+        .arg("t:{ahead}:m")
+        .arg(format!("{ahead}-5 1"))
+        .arg("PX")
+        .arg(600_000)
+        .ignore()
+        .query_async(&mut conn)
+        .await
+        .expect("test setup");
+    // All at once: the first call goes alone (and takes the head's ms), the rest in groups.
+    let tasks: Vec<_> = (0..N)
+        .map(|i| {
+            let h = h.clone();
+            tokio::spawn(async move { h.publish(&name("ahead"), msg(&format!("p{i}"))).await })
+        })
+        .collect();
+    let mut seqs = Vec::new();
+    for t in tasks {
+        let r = t.await.expect("the task ends").expect("accepted");
+        let id: crate::hub::MessageId = r.id.parse().expect("an id");
+        assert_eq!(id.ms, ahead, "{id}: above the head, not at Redis's clock");
+        seqs.push(id.seq);
+    }
+    seqs.sort_unstable();
+    assert_eq!(seqs, (6..6 + N).collect::<Vec<_>>());
+    // The stream holds exactly those (the entry first given a `*` id is gone), each chained
+    // to the one before, and the head and count follow.
+    let entries: ::redis::Value = ::redis::cmd("XRANGE")
+        .arg("t:{ahead}:s")
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .expect("test setup");
+    let ::redis::Value::Array(entries) = entries else {
+        panic!("{entries:?}");
+    };
+    let entries: Vec<_> = entries
+        .iter()
+        .map(|e| super::script::entry_of(e).expect("an entry"))
+        .collect();
+    assert_eq!(entries.len() as u64, N);
+    let mut prev = crate::hub::MessageId { ms: ahead, seq: 5 };
+    for e in &entries {
+        assert_eq!(e.prev, prev, "{}", e.id);
+        prev = e.id;
+    }
+    let meta: String = ::redis::cmd("GET")
+        .arg("t:{ahead}:m")
+        .query_async(&mut conn)
+        .await
+        .expect("test setup");
+    assert_eq!(meta, format!("{ahead}-{} {}", 5 + N, 1 + N));
+}
+
+#[test]
+fn a_server_older_than_redis_7_is_refused_by_name() {
+    let info = |v: &str| format!("# Server\r\nredis_version:{v}\r\nredis_mode:standalone\r\n");
+    assert_eq!(
+        super::too_old(&info("6.2.14")).as_deref(),
+        Some("Redis 6.2.14 is too old: crier needs 7.0 or later")
+    );
+    for ok in ["7.0.15", "7.2.4", "8.0.0"] {
+        assert_eq!(super::too_old(&info(ok)), None, "{ok}");
+    }
+    assert_eq!(super::too_old("# Server\r\n"), None, "says nothing");
+}
