@@ -45,6 +45,8 @@ const CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// keeps a task on its worker longer while 10,000 others wait (fanout-ws-max, 3 runs each
 /// against the same base: p99 1.34x base with 256, 1.20x with 64).
 const WS_BATCH: usize = 64;
+/// Wake-ups in a row that take waiting messages before the client's side is looked at again.
+const FEED_STREAK: u32 = 8;
 
 /// The read buffer of a location whose clients' messages are refused: they send pongs, close
 /// frames and the odd crier.json command, so a 512-byte buffer (a tenth of an idle
@@ -403,17 +405,41 @@ fn run(
             }
         }
         let mut inbound = Inbound::default();
+        let mut feed_streak = 0;
         let close: Option<(CloseCode, String)> = loop {
             // The select only says what woke the task; what to do about it comes after. The
             // task's future is then as large as the larger of the two, not their sum: every idle
             // subscriber holds it for its whole life (benches/sizing.sh).
-            let woke = tokio::select! {
-                // A full forward queue stops reading the client (TCP slows it down) until the app
-                // answers.
-                frame = ws.next(), if !inbound.is_full() => Woke::Frame(frame),
-                (to, r) = inbound.forwarded(), if inbound.is_forwarding() => Woke::Forwarded(to, r),
-                r = feed.next(&mut items, WS_BATCH) => Woke::Feed(r),
-                _ = ping.tick() => Woke::Ping,
+            //
+            // Waiting messages are looked at first: a wake-up is nearly always the channel's,
+            // and polling the client's side on the way (through tungstenite) and the timer
+            // finds nothing and costs a good part of a delivery (benches/callgrind.sh, ws).
+            // Unpolled, their wakers stay registered. After FEED_STREAK wake-ups in a row that
+            // took messages, the others go first once, so the client's frames (pongs, closes,
+            // commands), the forwarded answers and the pings get their turn on a busy channel.
+            let others_first = feed_streak >= FEED_STREAK;
+            let woke = if others_first {
+                tokio::select! {
+                    biased;
+                    // A full forward queue stops reading the client (TCP slows it down) until
+                    // the app answers.
+                    frame = ws.next(), if !inbound.is_full() => Woke::Frame(frame),
+                    (to, r) = inbound.forwarded(), if inbound.is_forwarding() => Woke::Forwarded(to, r),
+                    _ = ping.tick() => Woke::Ping,
+                    r = feed.next(&mut items, WS_BATCH) => Woke::Feed(r),
+                }
+            } else {
+                tokio::select! {
+                    biased;
+                    r = feed.next(&mut items, WS_BATCH) => Woke::Feed(r),
+                    frame = ws.next(), if !inbound.is_full() => Woke::Frame(frame),
+                    (to, r) = inbound.forwarded(), if inbound.is_forwarding() => Woke::Forwarded(to, r),
+                    _ = ping.tick() => Woke::Ping,
+                }
+            };
+            feed_streak = match woke {
+                Woke::Feed(_) if !others_first => feed_streak + 1,
+                _ => 0,
             };
             match woke {
                 Woke::Frame(frame) => match frame {
