@@ -197,24 +197,27 @@ impl Redis {
         })
     }
 
-    /// Asks every shard for a PING: a refused connection, a bad password or a server that
-    /// does not answer is a start-up error naming the shard.
-    /// A server older than Redis 7.0 is one too (the publish script needs `<ms>-*` ids).
+    /// Asks every shard for its `INFO server` (or, where an ACL refuses INFO, a PING): a
+    /// refused connection, a bad password or a server that does not answer is a start-up
+    /// error naming the shard, and so is a server older than Redis 7.0 (the publish script
+    /// needs `<ms>-*` ids).
     pub async fn check(&self) -> Result<(), ClusterError> {
         for s in &self.shards {
-            let info = s
+            let error = |reason| ClusterError::Connect {
+                url: s.name.clone(),
+                reason,
+            };
+            match s
                 .query_reason::<String>(::redis::cmd("INFO").arg("server"))
                 .await
-                .map_err(|reason| ClusterError::Connect {
-                    url: s.name.clone(),
-                    reason,
-                })?;
-            too_old(&info).map_or(Ok(()), |reason| {
-                Err(ClusterError::Connect {
-                    url: s.name.clone(),
-                    reason,
-                })
-            })?;
+            {
+                Ok(info) => too_old(&info).map_or(Ok(()), |r| Err(error(r)))?,
+                Err(_) => {
+                    s.query_reason::<String>(&::redis::cmd("PING"))
+                        .await
+                        .map_err(error)?;
+                }
+            }
         }
         Ok(())
     }
