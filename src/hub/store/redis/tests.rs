@@ -466,3 +466,35 @@ fn a_server_older_than_redis_7_is_refused_by_name() {
     }
     assert_eq!(super::too_old("# Server\r\n"), None, "says nothing");
 }
+
+#[tokio::test]
+async fn a_server_whose_acl_refuses_info_still_passes_the_check() {
+    if let Some(why) = absent() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let server = Server::start();
+    let client = ::redis::Client::open(server.url().as_str()).expect("test setup");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("test setup");
+    let _: () = ::redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("default")
+        .arg("-info")
+        .query_async(&mut conn)
+        .await
+        .expect("test setup");
+    let cluster = ClusterConfig {
+        redis: vec![server.url()],
+        key_prefix: "t:".into(),
+        password_file: None,
+        ca_file: None,
+    };
+    let engine = Redis::new(&cluster, None, Arc::new(Metrics::new())).expect("parses");
+    engine
+        .check()
+        .await
+        .expect("PING answers where INFO may not");
+}
