@@ -411,13 +411,10 @@ impl<'a> Session<'a> {
         let meta_ttl = policy.buffer_ttl + super::META_EXTRA;
         let v: ::redis::Value = self
             .shard
-            .run(
-                script::LOAD
-                    .key(&keys.stream)
-                    .key(&keys.meta)
-                    .arg(policy.buffer_messages)
-                    .arg(meta_ttl.as_millis() as u64),
-            )
+            .eval(&script::LOAD, &[&keys.stream, &keys.meta], |c| {
+                c.arg(policy.buffer_messages)
+                    .arg(meta_ttl.as_millis() as u64);
+            })
             .await?;
         let bad = || Lost("unexpected answer to the load script".into());
         let ::redis::Value::Array(parts) = v else {

@@ -292,18 +292,6 @@ pub(super) fn unix_ms() -> u64 {
 }
 
 impl Shard {
-    /// Runs one script with the deadline, timing it.
-    async fn run<T: ::redis::FromRedisValue>(
-        &self,
-        invocation: &::redis::ScriptInvocation<'_>,
-    ) -> Result<T, HubError> {
-        let mut conn = self.conn.clone();
-        let started = Instant::now();
-        let r = tokio::time::timeout(COMMAND_TIMEOUT, invocation.invoke_async(&mut conn)).await;
-        self.timed(started);
-        error::reason(r, COMMAND_TIMEOUT).map_err(|e| unavailable(&self.name, e))
-    }
-
     async fn query<T: ::redis::FromRedisValue>(&self, cmd: &::redis::Cmd) -> Result<T, HubError> {
         self.query_reason(cmd)
             .await
@@ -418,27 +406,23 @@ impl Shard {
         let policy = chan.policy();
         let keys = Keys::of(&self.prefix, &chan.name);
         let ttl_ms = policy.buffer_ttl.as_millis().max(1) as u64;
-        // EVALSHA built here rather than through redis's ScriptInvocation, which keeps each
-        // argument in an allocation of its own and copies them all again into the command.
-        let mut call = ::redis::cmd("EVALSHA");
-        call.arg(script::PUBLISH.get_hash())
-            .arg(2)
-            .arg(&keys.stream)
-            .arg(&keys.meta)
-            .arg(&keys.topic)
-            .arg(policy.buffer_messages)
-            .arg(ttl_ms)
-            .arg(ttl_ms + META_EXTRA.as_millis() as u64)
-            .arg(chan.head_id().to_string())
-            .arg(batch.len());
-        for q in batch {
-            call.arg(script::Packed {
-                event: q.event.as_deref().unwrap_or(""),
-                content_type: q.content_type.as_bytes(),
-                body: &q.body,
-            });
-        }
-        let (first, len, _n): (String, u64, u64) = self.eval(&script::PUBLISH, &call).await?;
+        let (first, len, _n): (String, u64, u64) = self
+            .eval(&script::PUBLISH, &[&keys.stream, &keys.meta], |call| {
+                call.arg(&keys.topic)
+                    .arg(policy.buffer_messages)
+                    .arg(ttl_ms)
+                    .arg(ttl_ms + META_EXTRA.as_millis() as u64)
+                    .arg(chan.head_id().to_string())
+                    .arg(batch.len());
+                for q in batch {
+                    call.arg(script::Packed {
+                        event: q.event.as_deref().unwrap_or(""),
+                        content_type: q.content_type.as_bytes(),
+                        body: &q.body,
+                    });
+                }
+            })
+            .await?;
         let first: MessageId = first
             .parse()
             .map_err(|_| unavailable(&self.name, format!("unexpected id {first:?}")))?;
@@ -455,13 +439,19 @@ impl Shard {
         Ok((ids, len))
     }
 
-    /// Runs `call`, an EVALSHA of `script`, with the deadline, timing it; loads the script
-    /// first when Redis does not have it (a restarted or flushed Redis).
+    /// Runs `script` on `keys` and the arguments `args` adds, with the deadline, timing it;
+    /// loads the script first when Redis does not have it (a restarted or flushed Redis).
+    /// The EVALSHA is built as one command rather than through redis's ScriptInvocation,
+    /// which keeps each argument in an allocation of its own and copies them all again.
     async fn eval<T: ::redis::FromRedisValue>(
         &self,
         script: &::redis::Script,
-        call: &::redis::Cmd,
+        keys: &[&str],
+        args: impl FnOnce(&mut ::redis::Cmd),
     ) -> Result<T, HubError> {
+        let mut call = ::redis::cmd("EVALSHA");
+        call.arg(script.get_hash()).arg(keys.len()).arg(keys);
+        args(&mut call);
         let mut conn = self.conn.clone();
         let started = Instant::now();
         let r = tokio::time::timeout(COMMAND_TIMEOUT, async {
@@ -668,13 +658,9 @@ impl Engine for Redis {
             let shard = self.shard(channel);
             let keys = Keys::of(&shard.prefix, channel);
             let had: u64 = shard
-                .run(
-                    script::DELETE
-                        .key(&keys.stream)
-                        .key(&keys.meta)
-                        .arg(&keys.topic)
-                        .arg(&*shard.node),
-                )
+                .eval(&script::DELETE, &[&keys.stream, &keys.meta], |c| {
+                    c.arg(&keys.topic).arg(&*shard.node);
+                })
                 .await?;
             shard.active.lock().remove(channel);
             match hub.delete_local(channel) {

@@ -75,15 +75,9 @@ impl SharedTable {
     async fn change(&self, op: &str, field: &str, value: &[u8]) -> Result<bool, HubError> {
         let n: i64 = self
             .shard
-            .run(
-                CHANGE
-                    .key(&self.key)
-                    .key(&self.topic)
-                    .arg(op)
-                    .arg(&*self.shard.node)
-                    .arg(field)
-                    .arg(value),
-            )
+            .eval(&CHANGE, &[&self.key, &self.topic], |c| {
+                c.arg(op).arg(&*self.shard.node).arg(field).arg(value);
+            })
             .await?;
         Ok(n > 0)
     }
