@@ -1,5 +1,11 @@
-//! The crypto provider of crier's sessions: str0m's own (aws-lc-rs), with a DTLS that keeps
-//! the SRTP keys to itself.
+//! The DTLS of crier's sessions: dimpl, the DTLS that str0m's own (aws-lc-rs) provider runs,
+//! set up once per process instead of once per session, and keeping the SRTP keys to itself.
+//!
+//! str0m's provider builds and validates a dimpl `Config` for every session (a key exchange and a
+//! signature check each time), and dimpl parses the certificate's private key into every
+//! session's state: a 360-byte `Config` and 560 bytes of aws-lc key objects kept by every idle
+//! session, the same for all of them (heaptrack, 200 idle sessions). Here every session gets the
+//! one `Config` and a handle on the one parsed key; the handshake is otherwise str0m's.
 //!
 //! A browser always offers DTLS-SRTP, so at the end of every handshake the DTLS layer hands
 //! str0m the SRTP keying material, and str0m builds two SRTP contexts from it (four AES-GCM
@@ -8,8 +14,10 @@
 //! contexts would sit unused for the session's whole life. Without them str0m drops any
 //! SRTP packet a peer sends, which is what a data-only session should do anyway.
 
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
+use dimpl::crypto::{Buf, HashAlgorithm, KeyProvider, SignatureAlgorithm, SigningKey};
 use str0m::config::{CryptoProvider, DtlsCert};
 use str0m::crypto::dtls::{
     DtlsImplError, DtlsInstance, DtlsOutput, DtlsProvider, DtlsVersion, ProtocolVersion,
@@ -23,18 +31,59 @@ pub(crate) fn provider() -> CryptoProvider {
     p
 }
 
-/// `inner` made data-only; one per process (str0m wants a `&'static`).
+/// `inner` (for certificates) with crier's DTLS; one per process (str0m wants a `&'static`).
 fn data_only(inner: &'static dyn DtlsProvider) -> &'static dyn DtlsProvider {
-    static DATA_ONLY: std::sync::OnceLock<DataOnly> = std::sync::OnceLock::new();
-    DATA_ONLY.get_or_init(|| DataOnly(inner))
+    static DATA_ONLY: OnceLock<DataOnly> = OnceLock::new();
+    DATA_ONLY.get_or_init(|| DataOnly {
+        inner,
+        config: Mutex::new(None),
+    })
+}
+
+/// A mutex whose holder cannot leave its value half-changed: a poisoned one is as good.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[derive(Debug)]
-struct DataOnly(&'static dyn DtlsProvider);
+struct DataOnly {
+    /// str0m's own provider: makes the certificate.
+    inner: &'static dyn DtlsProvider,
+    /// The sessions' dimpl config, for the MTU it was built for (str0m asks with the same one
+    /// every time: it comes from the `RtcConfig`, which is the same for every session).
+    config: Mutex<Option<(Option<usize>, Arc<dimpl::Config>)>>,
+}
+
+impl DataOnly {
+    fn config(&self, mtu: Option<usize>) -> Result<Arc<dimpl::Config>, CryptoError> {
+        let mut cached = lock(&self.config);
+        if let Some((m, c)) = cached.as_ref() {
+            if *m == mtu {
+                return Ok(c.clone());
+            }
+        }
+        let mut crypto = dimpl::crypto::aws_lc_rs::default_provider();
+        crypto.key_provider = shared_keys();
+        // As str0m's provider: ICE has verified return routability before DTLS starts, so
+        // a server cookie adds a round trip and nothing else.
+        let mut b = dimpl::Config::builder()
+            .use_server_cookie(false)
+            .with_crypto_provider(crypto);
+        if let Some(mtu) = mtu {
+            b = b.mtu(mtu);
+        }
+        let c = Arc::new(
+            b.build()
+                .map_err(|e| CryptoError::Other(format!("dimpl config: {e}")))?,
+        );
+        *cached = Some((mtu, c.clone()));
+        Ok(c)
+    }
+}
 
 impl DtlsProvider for DataOnly {
     fn generate_certificate(&self) -> Option<DtlsCert> {
-        self.0.generate_certificate()
+        self.inner.generate_certificate()
     }
 
     fn new_dtls(
@@ -44,18 +93,113 @@ impl DtlsProvider for DataOnly {
         dtls_version: DtlsVersion,
         mtu: Option<usize>,
     ) -> Result<Box<dyn DtlsInstance>, CryptoError> {
-        let inner = self.0.new_dtls(cert, now, dtls_version, mtu)?;
-        Ok(Box::new(NoSrtp(inner)))
+        let config = self.config(mtu)?;
+        let cert = dimpl::DtlsCertificate {
+            certificate: cert.certificate.clone(),
+            private_key: cert.private_key.clone(),
+        };
+        let dtls = match dtls_version {
+            DtlsVersion::Dtls12 => dimpl::Dtls::new_12(config, cert, now),
+            DtlsVersion::Dtls13 => dimpl::Dtls::new_13(config, cert, now),
+            DtlsVersion::Auto => dimpl::Dtls::new_auto(config, cert, now),
+            v => return Err(CryptoError::Other(format!("unsupported DTLS version {v}"))),
+        };
+        Ok(Box::new(NoSrtp(dtls)))
     }
 
     fn is_test(&self) -> bool {
-        self.0.is_test()
+        self.inner.is_test()
     }
 }
 
-/// A DTLS instance that never reports SRTP keying material.
+/// The key provider of the sessions' dimpl config: the key dimpl asks for again and again (the
+/// one certificate's) is parsed once and shared; any other is parsed as dimpl would.
+fn shared_keys() -> &'static SharedKeys {
+    static KEYS: OnceLock<SharedKeys> = OnceLock::new();
+    KEYS.get_or_init(|| SharedKeys {
+        inner: dimpl::crypto::aws_lc_rs::default_provider().key_provider,
+        last: Mutex::new(None),
+    })
+}
+
 #[derive(Debug)]
-struct NoSrtp(Box<dyn DtlsInstance>);
+struct SharedKeys {
+    inner: &'static dyn KeyProvider,
+    /// The last key parsed, by its DER.
+    last: Mutex<Option<(Vec<u8>, Arc<SharedKey>)>>,
+}
+
+impl SharedKeys {
+    fn key(&self, der: &[u8]) -> Result<Arc<SharedKey>, dimpl::CryptoError> {
+        let mut last = lock(&self.last);
+        if let Some((d, k)) = last.as_ref() {
+            if d.as_slice() == der {
+                return Ok(k.clone());
+            }
+        }
+        let key = self.inner.load_private_key(der)?;
+        let k = Arc::new(SharedKey {
+            algorithm: key.algorithm(),
+            hash: key.hash_algorithm(),
+            hashes: key.supported_hash_algorithms().to_vec(),
+            key: Mutex::new(key),
+        });
+        *last = Some((der.to_vec(), k.clone()));
+        Ok(k)
+    }
+}
+
+impl KeyProvider for SharedKeys {
+    fn load_private_key(&self, der: &[u8]) -> Result<Box<dyn SigningKey>, dimpl::CryptoError> {
+        Ok(Box::new(KeyHandle(self.key(der)?)))
+    }
+}
+
+/// One parsed private key and what dimpl asks of it without signing (answered without the lock).
+#[derive(Debug)]
+struct SharedKey {
+    algorithm: SignatureAlgorithm,
+    hash: HashAlgorithm,
+    hashes: Vec<HashAlgorithm>,
+    /// dimpl signs through `&mut`; a handshake signs once, so sessions hardly ever wait here.
+    key: Mutex<Box<dyn SigningKey>>,
+}
+
+/// A session's use of the shared key.
+#[derive(Debug)]
+struct KeyHandle(Arc<SharedKey>);
+
+impl SigningKey for KeyHandle {
+    fn sign(
+        &mut self,
+        data: &[u8],
+        hash_alg: HashAlgorithm,
+        out: &mut Buf,
+    ) -> Result<(), dimpl::CryptoError> {
+        lock(&self.0.key).sign(data, hash_alg, out)
+    }
+
+    fn algorithm(&self) -> SignatureAlgorithm {
+        self.0.algorithm
+    }
+
+    fn hash_algorithm(&self) -> HashAlgorithm {
+        self.0.hash
+    }
+
+    fn supported_hash_algorithms(&self) -> &[HashAlgorithm] {
+        &self.0.hashes
+    }
+}
+
+/// A session's DTLS: dimpl's, except that it never reports SRTP keying material.
+struct NoSrtp(dimpl::Dtls);
+
+impl std::fmt::Debug for NoSrtp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NoSrtp").finish_non_exhaustive()
+    }
+}
 
 impl DtlsInstance for NoSrtp {
     fn set_active(&mut self, active: bool) {

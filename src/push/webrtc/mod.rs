@@ -7,12 +7,14 @@
 //! The position is fixed at the POST (the hub subscription starts then), so messages published
 //! while ICE, DTLS and SCTP come up are delivered once the client's first data channel opens.
 //!
-//! Four parts: this file (signalling and the session registry), `udp.rs` (the one task that
-//! owns the socket and hands each datagram to its session), `session.rs` (one task per
-//! session driving its str0m `Rtc` from `poll_output` timeouts) and `dtls.rs` (the sessions'
-//! crypto: DTLS without the SRTP keys a data-only session never uses).
+//! Five parts: this file (signalling and the session registry), `udp.rs` (the one task that
+//! owns the socket and hands each datagram to its session's `inbox.rs`), `session.rs` (one task
+//! per session driving its str0m `Rtc` from `poll_output` timeouts) and `dtls.rs` (the
+//! sessions' DTLS: set up once for all of them, without the SRTP keys a data-only session
+//! never uses).
 
 mod dtls;
+mod inbox;
 mod session;
 mod udp;
 
@@ -33,7 +35,6 @@ use str0m::change::SdpOffer;
 use str0m::config::{CryptoProvider, DtlsCert};
 use str0m::{Candidate, IceCreds, Rtc, RtcConfig};
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -54,10 +55,9 @@ const OFFER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Datagrams queued for one session between the socket task and the session task. UDP
 /// semantics when full: dropped, and SCTP retransmits what mattered.
 const SESSION_QUEUE: usize = 64;
-/// A session's end of its queue. The datagrams go boxed: tokio's channel allocates its
-/// slots 32 at a time and keeps them, so 72-byte datagrams inline would cost every session
-/// 2.3 KB for as long as it lives, idle or not; a pointer a slot is 256 bytes.
-type Queue = mpsc::Sender<Box<Datagram>>;
+/// A session's inbox, shared by the registry (the socket task pushes) and the session task.
+/// The datagrams go boxed: a queued pointer is 8 bytes, a datagram 72.
+type Queue = Arc<inbox::Inbox<Box<Datagram>>>;
 /// Remote addresses one session may be reached from (a host and a reflexive candidate, a
 /// NAT rebinding or two); bounds what a peer can make crier remember.
 const MAX_ADDRS_PER_SESSION: usize = 4;
@@ -253,7 +253,8 @@ pub async fn offer(
     };
     let resume = resume_value(feed.started_with_gap());
     let id = session_id();
-    let (tx, rx) = mpsc::channel(SESSION_QUEUE);
+    let tx: Queue = Arc::new(inbox::Inbox::new(SESSION_QUEUE));
+    let rx = tx.clone();
     let stop = sh.stop.child_token();
     {
         let mut reg = sh.registry.lock();

@@ -9,11 +9,10 @@ use std::time::{Duration, Instant};
 use str0m::channel::ChannelId;
 use str0m::net::{Protocol, Receive};
 use str0m::{Event, Input, Output, Rtc};
-use tokio::sync::mpsc;
 use tokio::time::sleep_until;
 use tokio_util::sync::CancellationToken;
 
-use super::{Datagram, Registered, Shared, Slot};
+use super::{Queue, Registered, Shared, Slot};
 use crate::config::OnLag;
 use crate::hub::CloseReason;
 use crate::metrics::DropReason;
@@ -51,7 +50,7 @@ pub(super) struct Session {
     /// Boxed (see `new_rtc`): the task's future stays a few hundred bytes.
     pub(super) rtc: Box<Rtc>,
     pub(super) feed: Feed,
-    pub(super) rx: mpsc::Receiver<Box<Datagram>>,
+    pub(super) rx: Queue,
     pub(super) stop: CancellationToken,
     /// When the offer was POSTed: the handshake histogram measures from here.
     pub(super) posted: Instant,
@@ -118,8 +117,6 @@ impl Session {
                 biased;
                 _ = self.stop.cancelled() => return End::Stopped,
                 d = self.rx.recv() => {
-                    // The registry holds the sender until this task unregisters: never None.
-                    let Some(d) = d else { return End::Failed };
                     let dest = self.shared.destination_for(d.source);
                     // A datagram str0m cannot parse is dropped, like one lost on the way; it
                     // does not count as hearing from the peer either.
@@ -306,15 +303,15 @@ mod tests {
 
     /// What every idle session keeps for its whole life stays small: its task's future holds
     /// the `Session` (twice, see `new_rtc`), so the 10 KB `Rtc` is behind a pointer; and its
-    /// queue's slots, allocated 32 at a time, are pointers to datagrams, not datagrams.
+    /// queue holds pointers to datagrams, not datagrams.
     #[test]
     fn a_session_and_its_queue_slots_are_small() {
         let session = std::mem::size_of::<Session>();
         assert!(session <= 1024, "a Session is {session} bytes");
-        fn slot<T>(_: &mpsc::Receiver<T>) -> usize {
+        fn slot<T>(_: &Arc<super::super::inbox::Inbox<T>>) -> usize {
             std::mem::size_of::<T>()
         }
-        let (_tx, rx): (super::super::Queue, _) = mpsc::channel(1);
-        assert!(slot(&rx) <= 16, "a queue slot is {} bytes", slot(&rx));
+        let q: Queue = Arc::new(super::super::inbox::Inbox::new(1));
+        assert!(slot(&q) <= 16, "a queue slot is {} bytes", slot(&q));
     }
 }

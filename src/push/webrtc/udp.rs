@@ -8,8 +8,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::mpsc::error::TrySendError;
-
 use super::{Datagram, Queue, Shared, MAX_ADDRS_PER_SESSION};
 
 /// Larger than any datagram a WebRTC peer sends (its path MTU); a longer one is truncated
@@ -41,10 +39,9 @@ fn route(sh: &Shared, data: &[u8], source: SocketAddr) {
         source,
         data: data.to_vec(),
     });
-    match tx.try_send(d) {
-        Ok(()) | Err(TrySendError::Closed(_)) => {}
-        // The session is behind on its input: drop, as the network would.
-        Err(TrySendError::Full(_)) => tracing::debug!("webrtc: session queue full; dropped"),
+    // The session is behind on its input: drop, as the network would.
+    if tx.push(d).is_err() {
+        tracing::debug!("webrtc: session queue full; dropped");
     }
 }
 
