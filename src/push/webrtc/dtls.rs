@@ -41,6 +41,7 @@ fn data_only(inner: &'static dyn DtlsProvider) -> &'static dyn DtlsProvider {
 }
 
 /// A mutex whose holder cannot leave its value half-changed: a poisoned one is as good.
+/// std's, not parking_lot's: dimpl's `KeyProvider` must be `RefUnwindSafe`.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -274,6 +275,27 @@ mod tests {
                 _ => {}
             }
         }
+    }
+
+    /// Every session's DTLS gets the one config and the one parsed key, not copies of its own.
+    #[test]
+    fn sessions_share_one_config_and_one_parsed_key() {
+        let only = DataOnly {
+            inner: str0m::crypto::from_feature_flags().dtls_provider,
+            config: Mutex::new(None),
+        };
+        let cert = only.generate_certificate().expect("a cert");
+        let (a, b) = (
+            only.config(Some(1200)).expect("config"),
+            only.config(Some(1200)).expect("config"),
+        );
+        assert!(Arc::ptr_eq(&a, &b), "a second session built its own config");
+        let keys = shared_keys();
+        let (k1, k2) = (
+            keys.key(&cert.private_key).expect("key"),
+            keys.key(&cert.private_key).expect("key"),
+        );
+        assert!(Arc::ptr_eq(&k1, &k2), "a second session parsed its own key");
     }
 
     /// A client with str0m's plain provider against a server with ours, in memory: the
