@@ -1,5 +1,7 @@
 #!/bin/bash
-# benches/proxy-cpu.sh ROUNDS CRIER_BIN...: where the CPU per proxied request goes (issue 19).
+# benches/proxy-cpu.sh ROUNDS CRIER_BIN[#server-key=value]...: where the CPU per proxied request
+# goes (issue 19). A `#key=value` suffix adds that line to crier's [server] section for that entry,
+# so layouts compare in one run: `target/release/crier target/release/crier#event_loops=2`.
 # nginx as the app (peers/nginx-app.conf, 1 worker) on 18090; alternating rounds of wrk -t1 -c64
 # (DUR s, default 8) through nginx as a proxy (peers/nginx-proxy.conf, 2 workers, 18380) and
 # through each crier binary (peers/crier.toml, 18080). Per round: requests/s, p99, user/sys
@@ -35,9 +37,14 @@ for r in $(seq $R); do
   nginx -p $D/ngx/ -c $D/ngx/nginx.conf 9>&-; sleep 0.3
   meas "r$r nginx" 18380 $(pgrep -P $(cat $D/ngx/nginx.pid))
   kill $(cat $D/ngx/nginx.pid); sleep 0.5
-  for b in "${BINS[@]}"; do
-    $b --config $D/c.toml >$D/log 2>&1 9>&- & PID=$!; sleep 0.5
-    meas "r$r $(basename $b)" 18080 $PID
+  for e in "${BINS[@]}"; do
+    b=${e%%#*}; cfg=$D/c.toml
+    if [[ $e == *#* ]]; then
+      cfg=$D/c-$(echo "${e#*#}" | tr -c 'a-z0-9\n' _).toml
+      awk -v line="${e#*#}" '{print} /^\[server\]/{print line}' $D/c.toml > $cfg
+    fi
+    $b --config $cfg >$D/log 2>&1 9>&- & PID=$!; sleep 0.5
+    meas "r$r $(basename "$e")" 18080 $PID
     kill $PID; wait $PID 2>/dev/null
   done
 done

@@ -17,6 +17,7 @@ pub(crate) mod admin;
 pub(crate) mod auth;
 pub mod config;
 pub mod demo;
+pub mod event_loop;
 /// The properties the fuzz targets in `fuzz/` check (see `fuzz/README.md`); not an API.
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]

@@ -90,6 +90,8 @@ pub struct Metrics {
     pub upstream_errors_timeout: IntCounter,
     pub upstream_errors_other: IntCounter,
     pub client_connections: IntGauge,
+    /// Open public connections per event loop (`server.event_loops`), labelled `loop`.
+    pub event_loop_connections: IntGaugeVec,
     pub connections_refused: IntCounter,
     pub config_reloads_ok: IntCounter,
     pub config_reloads_error: IntCounter,
@@ -314,6 +316,11 @@ impl Metrics {
         .expect("valid metric"); // ok: constant names
         r.register(Box::new(webhook_deliveries.clone()))
             .expect("unique metric"); // ok: registered once
+        let event_loop_connections = gauge_vec(
+            "event_loop_connections",
+            "Open client connections on the public listeners, per event loop (server.event_loops).",
+            "loop",
+        );
         let webhook_queue_depth = gauge_vec(
             "webhook_queue_depth",
             "Outbound webhook events waiting, by endpoint.",
@@ -427,6 +434,7 @@ impl Metrics {
                 "client_connections",
                 "Open client connections on the public listeners.",
             ),
+            event_loop_connections,
             connections_refused: counter(
                 "client_connections_refused_total",
                 "Client connections refused because server.max_connections was reached.",

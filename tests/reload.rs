@@ -42,6 +42,51 @@ async fn reload_opens_and_closes_listeners_keeping_open_connections() {
     c.shutdown().await;
 }
 
+/// A reload that comes before the server runs (a SIGHUP right after start): every listener
+/// still serves what it is for, and the one the reload closed is closed. `Crier::start` spawns
+/// `run` on this single-threaded runtime, so it has not run yet when `reload` is called here.
+/// It once paired the waiting sockets with the reloaded list by position: the public accept
+/// loop got the admin socket and the publish listener's stop closed the old public one.
+#[tokio::test]
+async fn a_reload_before_run_keeps_each_listener_on_its_own_socket() {
+    let up = Upstream::start().await;
+    let c = Crier::start(&up.url(), "").await;
+    let old = c.public;
+    let free = dead_addr().await;
+    let mut cfg = c.handle.config().as_ref().clone();
+    cfg.server.listen = vec![free];
+    c.handle.reload(cfg).unwrap();
+
+    let get = async |url: String| {
+        let r = client().get(url).send().await.expect("request");
+        (r.status().as_u16(), r.text().await.unwrap_or_default())
+    };
+    let (status, body) = get(format!("http://{free}/")).await;
+    assert_eq!((status, body.as_str()), (200, "hello from upstream"));
+    let (status, body) = get(c.admin_url("/metrics")).await;
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("crier_client_connections"),
+        "admin answered: {body:.80}"
+    );
+    // The publish listener is still the publish API (it answers its own 404 for `/`).
+    let (status, body) = get(format!("http://{}/", c.publish)).await;
+    assert_eq!(status, 404);
+    assert!(
+        body.contains("publish"),
+        "publish listener answered: {body:.80}"
+    );
+    c.publish("r", "published").await;
+    assert!(
+        eventually(std::time::Duration::from_secs(2), async || {
+            tokio::net::TcpStream::connect(old).await.is_err()
+        })
+        .await,
+        "the old public listener is closed"
+    );
+    c.shutdown().await;
+}
+
 #[tokio::test]
 async fn reload_with_an_unbindable_listener_changes_nothing() {
     let up = Upstream::start().await;

@@ -81,6 +81,10 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
     /// Runtime worker threads; 0 = one per core.
     pub worker_threads: usize,
+    /// Single-threaded event loops that serve the public listeners' connections (see
+    /// `crate::event_loop`); 0 (the default) = those connections run on the runtime's worker
+    /// threads.
+    pub event_loops: usize,
     /// Proxied requests and subscriber connects/disconnects on stdout.
     pub access_log: AccessLogFormat,
 }

@@ -45,6 +45,7 @@ pub(super) struct RawServer {
     pub(super) h2_max_concurrent_streams: Option<S<i64>>,
     pub(super) shutdown_timeout: Option<S<String>>,
     pub(super) worker_threads: Option<S<i64>>,
+    pub(super) event_loops: Option<S<i64>>,
     pub(super) access_log: Option<S<String>>,
 }
 

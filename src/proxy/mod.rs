@@ -65,7 +65,13 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(cfg: &UpstreamConfig, metrics: Arc<Metrics>, tunnels: TaskTracker) -> Proxy {
+    /// `loops`: `server.event_loops` (the fast path keeps idle connections per loop).
+    pub fn new(
+        cfg: &UpstreamConfig,
+        loops: usize,
+        metrics: Arc<Metrics>,
+        tunnels: TaskTracker,
+    ) -> Proxy {
         let (client, base) = upstream_client(cfg);
         Proxy {
             client,
@@ -74,7 +80,7 @@ impl Proxy {
             read_timeout: cfg.read_timeout,
             metrics,
             tunnels,
-            fast: fast::Pool::new(cfg),
+            fast: fast::Pool::new(cfg, loops),
         }
     }
 

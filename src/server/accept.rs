@@ -207,6 +207,7 @@ impl ConnectionGuard {
             return None;
         }
         state.metrics.client_connections.inc();
+        crate::event_loop::connection_opened();
         Some(ConnectionGuard(state.clone()))
     }
 }
@@ -215,6 +216,7 @@ impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.0.open_connections.fetch_sub(1, Ordering::AcqRel);
         self.0.metrics.client_connections.dec();
+        crate::event_loop::connection_closed();
     }
 }
 

@@ -46,7 +46,20 @@ pub(super) enum ListenKey {
 
 pub(super) enum Bound {
     Tcp(TcpListener),
+    /// A public listener with event loops: one socket per loop on the same address
+    /// (`SO_REUSEPORT`), the first one's port for all.
+    Loops(Vec<TcpListener>),
     Unix(UnixListener),
+}
+
+impl Bound {
+    pub(super) fn local_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Bound::Tcp(l) => l.local_addr().ok(),
+            Bound::Loops(ls) => ls.first().and_then(|l| l.local_addr().ok()),
+            Bound::Unix(_) => None,
+        }
+    }
 }
 
 /// An open listener: its accept loop stops when `stop` is cancelled.
@@ -54,6 +67,9 @@ pub(super) struct Listening {
     pub(super) key: ListenKey,
     pub(super) local: Option<SocketAddr>,
     pub(super) stop: CancellationToken,
+    /// Bound at start and not accepting yet: `Server::run` starts it. Kept with its key so
+    /// that a reload before `run` closes the socket it means (dropped with the entry).
+    pub(super) idle: Option<Bound>,
 }
 
 pub(super) fn listen_keys(c: &Config) -> Vec<ListenKey> {
@@ -81,14 +97,19 @@ pub(super) fn listen_keys(c: &Config) -> Vec<ListenKey> {
     keys
 }
 
-/// Binds every key; on the first error the ones already bound are dropped (closed).
+/// Binds every key (a public one once per event loop, `loops` of them); on the first error
+/// the ones already bound are dropped (closed).
 pub(super) fn bind_keys<'a>(
     keys: impl Iterator<Item = &'a ListenKey>,
     publish: &PublishConfig,
+    loops: usize,
 ) -> Result<Vec<(ListenKey, Bound)>, StartError> {
     keys.map(|k| {
         let b = match k {
-            ListenKey::Tcp(kind, addr) => Bound::Tcp(bind_tcp(*addr, kind.key())?),
+            ListenKey::Tcp(kind @ (Kind::Public | Kind::PublicTls), addr) if loops > 0 => {
+                Bound::Loops(bind_group(*addr, kind.key(), loops)?)
+            }
+            ListenKey::Tcp(kind, addr) => Bound::Tcp(bind_tcp(*addr, kind.key(), false)?),
             ListenKey::Unix(p) => Bound::Unix(bind_unix(p, publish)?),
         };
         Ok((k.clone(), b))
@@ -126,12 +147,10 @@ pub(super) fn listener_stop(
 /// Registers a bound listener and starts its accept loop.
 pub(super) fn start_listener(st: &Arc<State>, key: ListenKey, bound: Bound) -> Listening {
     let l = Listening {
-        local: match &bound {
-            Bound::Tcp(l) => l.local_addr().ok(),
-            Bound::Unix(_) => None,
-        },
+        local: bound.local_addr(),
         stop: listener_stop(&key, &st.stop, &st.finished),
         key,
+        idle: None,
     };
     spawn_accept(st, &l, bound);
     l
@@ -148,6 +167,7 @@ pub(super) fn spawn_accept(st: &Arc<State>, l: &Listening, bound: Bound) {
                 l.stop.clone(),
             ));
         }
+        (Bound::Loops(ls), ListenKey::Tcp(kind, _)) => spawn_on_loops(st, ls, *kind, &l.stop),
         (Bound::Tcp(t), ListenKey::Tcp(kind, _)) => {
             st.accept
                 .spawn(accept::accept_tcp(t, *kind, st.clone(), l.stop.clone()));
@@ -156,11 +176,15 @@ pub(super) fn spawn_accept(st: &Arc<State>, l: &Listening, bound: Bound) {
             st.accept
                 .spawn(accept::accept_unix(u, st.clone(), l.stop.clone()));
         }
-        (Bound::Tcp(_), ListenKey::Unix(_)) => {}
+        (Bound::Tcp(_) | Bound::Loops(_), ListenKey::Unix(_)) => {}
     }
 }
 
-pub(super) fn bind_tcp(addr: SocketAddr, key: &'static str) -> Result<TcpListener, StartError> {
+pub(super) fn bind_tcp(
+    addr: SocketAddr,
+    key: &'static str,
+    reuseport: bool,
+) -> Result<TcpListener, StartError> {
     let err = |source| StartError::Bind { key, addr, source };
     let sock = if addr.is_ipv4() {
         TcpSocket::new_v4()
@@ -169,8 +193,46 @@ pub(super) fn bind_tcp(addr: SocketAddr, key: &'static str) -> Result<TcpListene
     }
     .map_err(err)?;
     sock.set_reuseaddr(true).map_err(err)?;
+    if reuseport {
+        sock.set_reuseport(true).map_err(err)?;
+    }
     sock.bind(addr).map_err(err)?;
     sock.listen(4096).map_err(err)
+}
+
+/// `n` sockets on `addr` with `SO_REUSEPORT`: the kernel spreads new connections over them
+/// by their addresses, so each event loop gets its share without waking the others.
+///
+/// `SO_REUSEPORT` would also let this group join another process's on the same port (same
+/// user, the option set there too) and share its connections without a word. So the address
+/// is first bound the ordinary way, and a listener already there is the usual "address in
+/// use" error.
+fn bind_group(
+    addr: SocketAddr,
+    key: &'static str,
+    n: usize,
+) -> Result<Vec<TcpListener>, StartError> {
+    if addr.port() != 0 {
+        let err = |source| StartError::Bind { key, addr, source };
+        let probe = if addr.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+        .map_err(err)?;
+        probe.set_reuseaddr(true).map_err(err)?;
+        probe.bind(addr).map_err(err)?;
+        // Dropped unlistened: the port is free again at once.
+    }
+    let first = bind_tcp(addr, key, true)?;
+    let at = first
+        .local_addr()
+        .map_err(|source| StartError::Bind { key, addr, source })?;
+    let mut group = vec![first];
+    for _ in 1..n {
+        group.push(bind_tcp(at, key, true)?);
+    }
+    Ok(group)
 }
 
 /// Removes a stale socket file, binds, then sets the mode and group; each step its own error.
@@ -220,4 +282,32 @@ pub(super) fn set_socket_access(path: &Path, publish: &PublishConfig) -> Result<
     }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(publish.unix_mode))
         .map_err(|e| err("cannot set its file mode", e))
+}
+
+/// A public listener's sockets, one to each event loop (its accept loop and every connection
+/// it takes run there).
+fn spawn_on_loops(st: &Arc<State>, group: Vec<TcpListener>, kind: Kind, stop: &CancellationToken) {
+    for (t, h) in group.into_iter().zip(st.loops.handles()) {
+        // Moved from the runtime that bound it to the loop's own epoll.
+        let std = match t.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(
+                    "{}: cannot hand a listener to its event loop: {e}",
+                    kind.key()
+                );
+                continue;
+            }
+        };
+        let (state, stop) = (st.clone(), stop.clone());
+        st.accept.spawn_on(
+            async move {
+                match TcpListener::from_std(std) {
+                    Ok(l) => accept::accept_tcp(l, kind, state, stop).await,
+                    Err(e) => tracing::error!("{}: event loop: {e}", kind.key()),
+                }
+            },
+            h,
+        );
+    }
 }

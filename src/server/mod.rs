@@ -36,6 +36,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Gatekeeper;
 use crate::config::{Config, ConfigError};
+use crate::event_loop::EventLoops;
 use crate::hub::Hub;
 use crate::keys::{Keys, PublishToken};
 use crate::metrics::Metrics;
@@ -46,7 +47,7 @@ use crate::webpush::WebPush;
 use http_conn::HttpBuilders;
 use listen::{
     addrs_of, bind_keys, listen_keys, listener_stop, set_socket_access, spawn_accept,
-    start_listener, Bound, ListenKey, Listening,
+    start_listener, ListenKey, Listening,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +73,8 @@ pub enum StartError {
         group: String,
         source: io::Error,
     },
+    #[error("cannot start the event loops (server.event_loops): {0}")]
+    EventLoops(io::Error),
     #[error("publish socket {0}: another process is listening on it")]
     UnixInUse(PathBuf),
     #[error("TLS: {0}")]
@@ -122,7 +125,12 @@ impl Live {
         };
         Ok(Live {
             locations: Arc::new(Locations::new(&config)),
-            proxy: Proxy::new(&config.upstream, state_metrics.clone(), upgraded.clone()),
+            proxy: Proxy::new(
+                &config.upstream,
+                config.server.event_loops,
+                state_metrics.clone(),
+                upgraded.clone(),
+            ),
             gatekeeper: Arc::new(Gatekeeper::new(&config, keys, state_metrics.clone())),
             relay: Arc::new(crate::push::relay::Relay::new(&config.upstream)),
             http: Arc::new(HttpBuilders::new(&config.server)),
@@ -168,6 +176,8 @@ struct State {
     webrtc: Option<WebRtc>,
     /// `[[poll]]`: started by `run`, changed on reload, stopped when the drain begins.
     polls: crate::publish::poll::Polls,
+    /// `server.event_loops` (none when 0): they serve the public listeners' connections.
+    loops: EventLoops,
 }
 
 /// The addresses the server really listens on (port 0 resolved).
@@ -184,8 +194,6 @@ pub struct Addrs {
 
 pub struct Server {
     state: Arc<State>,
-    /// Bound but not yet accepting, in the order of `State::listeners`: `run` starts them.
-    pending: Vec<Bound>,
     addrs: Addrs,
 }
 
@@ -238,7 +246,11 @@ impl ServerHandle {
         let wanted = listen_keys(&config);
         let mut listeners = st.listeners.lock();
         let open: Vec<ListenKey> = listeners.iter().map(|l| l.key.clone()).collect();
-        let fresh = bind_keys(wanted.iter().filter(|k| !open.contains(k)), &config.publish)?;
+        let fresh = bind_keys(
+            wanted.iter().filter(|k| !open.contains(k)),
+            &config.publish,
+            st.loops.handles().len(),
+        )?;
         // A socket that stays open takes the new mode and group.
         for key in wanted.iter().filter(|k| open.contains(k)) {
             if let ListenKey::Unix(p) = key {
@@ -252,6 +264,12 @@ impl ServerHandle {
         }
         if config.cluster != old.config.cluster {
             tracing::warn!("[cluster] changed: it takes effect when crier restarts");
+        }
+        if config.server.event_loops != st.loops.handles().len() {
+            tracing::warn!(
+                "server.event_loops changed: it takes effect when crier restarts ({} running)",
+                st.loops.handles().len()
+            );
         }
         match &st.webpush {
             Some(wp) => wp.reload(config.webpush.as_ref(), keys.vapid.as_ref()),
@@ -366,11 +384,18 @@ impl Server {
                 hub
             }
         };
+        let loops = EventLoops::start(config.server.event_loops, &metrics.event_loop_connections)
+            .await
+            .map_err(StartError::EventLoops)?;
         let live = Live::new(config.clone(), &keys, &metrics, &upgraded)?;
         crate::access_log::configure(config.server.access_log);
         let webhooks = crate::webhook::Webhooks::new(hub.clone(), metrics.clone());
         let endpoints = webhooks.prepare(&config, &keys)?;
-        let bound = bind_keys(listen_keys(&config).iter(), &config.publish)?;
+        let bound = bind_keys(
+            listen_keys(&config).iter(),
+            &config.publish,
+            loops.handles().len(),
+        )?;
         let webpush = match (&config.webpush, &keys.vapid) {
             (Some(w), Some(vapid)) => {
                 Some(WebPush::start(w, vapid, &hub, &metrics.registry, shared_table.clone()).await?)
@@ -381,20 +406,15 @@ impl Server {
         webhooks.install(endpoints);
         let stop = CancellationToken::new();
         let finished = CancellationToken::new();
-        let mut listening = Vec::new();
-        let mut pending = Vec::new();
-        for (key, b) in bound {
-            let local = match &b {
-                Bound::Tcp(l) => l.local_addr().ok(),
-                Bound::Unix(_) => None,
-            };
-            listening.push(Listening {
+        let listening: Vec<Listening> = bound
+            .into_iter()
+            .map(|(key, b)| Listening {
                 stop: listener_stop(&key, &stop, &finished),
+                local: b.local_addr(),
                 key,
-                local,
-            });
-            pending.push(b);
-        }
+                idle: Some(b),
+            })
+            .collect();
         let webrtc = match &config.webrtc {
             Some(w) => Some(WebRtc::bind(w, metrics.clone())?),
             None => None,
@@ -419,8 +439,8 @@ impl Server {
                 listeners: Mutex::new(listening),
                 webpush,
                 webrtc,
+                loops,
             }),
-            pending,
             addrs,
         })
     }
@@ -438,11 +458,15 @@ impl Server {
     /// Serves until the handle's `shutdown`, then drains: stop accepting, tell subscribers to
     /// go, let in-flight requests finish up to `server.shutdown_timeout`.
     pub async fn run(self) {
-        let Server { state, pending, .. } = self;
+        let Server { state, .. } = self;
         {
-            let listeners = state.listeners.lock();
-            for (l, bound) in listeners.iter().zip(pending) {
-                spawn_accept(&state, l, bound);
+            // Each listener still waiting, with its own socket: a reload that came first has
+            // already closed some and started others.
+            let mut listeners = state.listeners.lock();
+            for l in listeners.iter_mut() {
+                if let Some(bound) = l.idle.take() {
+                    spawn_accept(&state, l, bound);
+                }
             }
         }
         let sweeper = tokio::spawn(state.hub.clone().run_sweeper(Duration::from_secs(1)));
@@ -506,6 +530,9 @@ impl Server {
                 let _ = std::fs::remove_file(p);
             }
         }
+        // Whatever still runs on the event loops (connections past shutdown_timeout) is
+        // dropped with them, as the runtime's would be at exit.
+        state.loops.stop();
         // The access log's last lines (the subscribers just closed) reach stdout before exit.
         let _ =
             tokio::task::spawn_blocking(|| crate::access_log::flush(Duration::from_secs(2))).await;

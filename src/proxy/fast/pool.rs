@@ -109,9 +109,11 @@ impl Upstream {
     }
 }
 
-/// Idle upstream connections of the fast path (LIFO: the warmest first).
+/// Idle upstream connections of the fast path (LIFO: the warmest first), one list per event
+/// loop and one for the runtime's workers: a connection goes back to the loop that used it, so
+/// its socket stays on that loop's epoll (`crate::event_loop`).
 pub struct Pool {
-    idle: Mutex<Vec<Upstream>>,
+    idle: Box<[Mutex<Vec<Upstream>>]>,
     addr: UpstreamAddr,
     connect_timeout: Duration,
     idle_timeout: Duration,
@@ -119,9 +121,10 @@ pub struct Pool {
 }
 
 impl Pool {
-    pub fn new(cfg: &UpstreamConfig) -> Pool {
+    /// `loops`: the number of event loops (`server.event_loops`).
+    pub fn new(cfg: &UpstreamConfig, loops: usize) -> Pool {
         Pool {
-            idle: Mutex::new(Vec::new()),
+            idle: (0..=loops).map(|_| Mutex::new(Vec::new())).collect(),
             addr: cfg.url.clone(),
             connect_timeout: cfg.connect_timeout,
             idle_timeout: cfg.pool_idle_timeout,
@@ -129,10 +132,16 @@ impl Pool {
         }
     }
 
+    /// The caller's list: its loop's, or the workers' (index 0). A reload that changed
+    /// `server.event_loops` (which takes a restart) still finds a list.
+    fn idle(&self) -> &Mutex<Vec<Upstream>> {
+        &self.idle[crate::event_loop::current() % self.idle.len()]
+    }
+
     pub(super) fn checkout(&self) -> Option<Upstream> {
         loop {
             let u = {
-                let mut idle = self.idle.lock();
+                let mut idle = self.idle().lock();
                 let u = idle.pop()?;
                 if u.idle_since.elapsed() >= self.idle_timeout {
                     // Older ones are below it: drop them all.
@@ -151,7 +160,7 @@ impl Pool {
         u.idle_since = Instant::now();
         u.pos = 0;
         u.buf.clear();
-        let mut idle = self.idle.lock();
+        let mut idle = self.idle().lock();
         if idle.len() < self.max_idle {
             idle.push(u);
         }
