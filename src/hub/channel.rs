@@ -237,6 +237,29 @@ pub struct AppendOutcome {
     pub buffered: usize,
     /// The publish is to wait for its subscribers (a busy channel, see [`Paced`]).
     pub paced: Option<Paced>,
+    /// Subscribers per transport when the message went in, before any was woken: what
+    /// [`AppendOutcome::count_fanout`] counts.
+    pub subscribers: [usize; Transport::COUNT],
+}
+
+impl AppendOutcome {
+    /// Counts the message as handed to every subscriber connected when it was appended, once
+    /// per transport (`crier_messages_delivered_total`): the publish pays, not every
+    /// subscriber's read. The counts are the ones taken before the wake-up: a subscriber woken
+    /// by this message can take it and leave before the publisher gets here. Long-poll is
+    /// counted by its responses instead (one message each, see `push/longpoll.rs`): a poll
+    /// connected during two publishes answers with one of them.
+    pub fn count_fanout(&self, metrics: &crate::metrics::Metrics, body_len: usize) {
+        for t in Transport::ALL {
+            if t == Transport::LongPoll {
+                continue;
+            }
+            let n = self.subscribers[t.index()] as u64;
+            if n > 0 {
+                metrics.delivered(t, n, n * body_len as u64);
+            }
+        }
+    }
 }
 
 /// What [`Channel::append_assigned`] did.
@@ -381,6 +404,9 @@ impl Channel {
                     .map(|m| m.published_at + self.policy.buffer_ttl)
             })
             .flatten();
+        for t in Transport::ALL {
+            outcome.subscribers[t.index()] = self.subscribers[t.index()].load(Ordering::Relaxed);
+        }
         let turn = told.as_ref().map(|_| self.observing.lock());
         drop(st);
         self.notify.notify_waiters();
@@ -539,17 +565,6 @@ impl Channel {
         st.last_id.unwrap_or(st.floor)
     }
 
-    /// Counts one message handed to every subscriber connected now, once per transport
-    /// (`crier_messages_delivered_total`): the publish pays, not every subscriber's read.
-    pub fn count_fanout(&self, metrics: &crate::metrics::Metrics, body_len: usize) {
-        for t in Transport::ALL {
-            let n = self.subscribers[t.index()].load(Ordering::Relaxed) as u64;
-            if n > 0 {
-                metrics.delivered(t, n, n * body_len as u64);
-            }
-        }
-    }
-
     pub fn subscriber_count(&self) -> usize {
         self.subscribers
             .iter()
@@ -607,6 +622,7 @@ impl State {
             id,
             buffered: self.messages.len(),
             paced: None,
+            subscribers: [0; Transport::COUNT],
         }
     }
 

@@ -274,7 +274,7 @@ impl Hub {
                 continue; // freed while we looked it up: take the new one
             };
             self.inner.metrics.messages_published.inc();
-            chan.count_fanout(&self.inner.metrics, msg.body.len());
+            out.count_fanout(&self.inner.metrics, msg.body.len());
             let receipt = PublishReceipt {
                 id: out.id.to_string(),
                 channel: name.as_str().to_string(),
@@ -298,7 +298,7 @@ impl Hub {
     ) -> PublishReceipt {
         let now = Instant::now();
         let observers = self.observers();
-        let buffered = loop {
+        let (buffered, appended) = loop {
             let told = observers.as_ref().map(|obs| {
                 |m: &Arc<Message>| {
                     let p = Published {
@@ -310,23 +310,25 @@ impl Hub {
                 }
             });
             match chan.append_assigned(msg.clone(), now, told) {
-                Assigned::Appended(out) => break out.buffered,
+                Assigned::Appended(out) => break (out.buffered, Some(out)),
                 // Not reachable while the engine assigns ids above the tail's; the message
                 // is stored either way, so the publish stands.
-                Assigned::Stale => break chan.stats().buffered,
+                Assigned::Stale => break (chan.stats().buffered, None),
                 Assigned::Removed => match self.get_or_create(name, None) {
                     Ok((c, _)) => chan = c,
                     Err(e) => {
                         // Stored (it is there after a restart) but not on the local tail now:
                         // the publish stands, as answering an error would make a client repeat it.
                         tracing::warn!(channel = name.as_str(), "stored message not buffered: {e}");
-                        break 0;
+                        break (0, None);
                     }
                 },
             }
         };
         self.inner.metrics.messages_published.inc();
-        chan.count_fanout(&self.inner.metrics, msg.body.len());
+        if let Some(out) = &appended {
+            out.count_fanout(&self.inner.metrics, msg.body.len());
+        }
         PublishReceipt {
             id: msg.id.to_string(),
             channel: name.as_str().to_string(),
@@ -342,8 +344,8 @@ impl Hub {
     pub(crate) fn append_fanout(&self, chan: &Arc<Channel>, msg: Arc<Message>) -> Assigned {
         let len = msg.body.len();
         let r = chan.append_assigned(msg, Instant::now(), None::<fn(&Arc<Message>)>);
-        if matches!(r, Assigned::Appended(_)) {
-            chan.count_fanout(&self.inner.metrics, len);
+        if let Assigned::Appended(out) = &r {
+            out.count_fanout(&self.inner.metrics, len);
         }
         r
     }
@@ -718,9 +720,13 @@ impl Subscription {
     }
 
     /// Counts the messages of a read that were published before this subscription joined
-    /// (the publish did not count them for it). A live subscriber never gets here.
+    /// (the publish did not count them for it). A live subscriber never gets here; nor does a
+    /// long-poll, which counts what its response carries.
     fn count_backlog(&self, from: u64, out: &[Arc<Message>], r: &Read) {
         let Read::Messages(n) = *r else { return };
+        if self.transport == Transport::LongPoll {
+            return;
+        }
         let k = ((self.joined_seq - from) as usize).min(n);
         let batch = &out[out.len() - n..][..k];
         let bytes: usize = batch.iter().map(|m| m.body.len()).sum();
@@ -800,6 +806,31 @@ mod tests {
             });
         }
         read
+    }
+
+    /// A subscriber woken by a message may take it and leave before the publish has counted
+    /// it (on another thread): it is counted all the same. The observer runs in that window
+    /// (after the wake-up, before the count) and lets the subscriber go.
+    #[tokio::test]
+    async fn a_subscriber_that_leaves_right_after_the_wake_up_is_counted() {
+        struct LetGo(parking_lot::Mutex<Option<Subscription>>);
+        impl HubObserver for LetGo {
+            fn message(&self, _m: &Published<'_>) {
+                drop(self.0.lock().take());
+            }
+        }
+        let h = hub();
+        let sub = h
+            .subscribe(&name("lp"), Transport::Sse, Start::Newest, None)
+            .await
+            .expect("test setup");
+        h.set_observer(
+            "let-go",
+            Some(Arc::new(LetGo(parking_lot::Mutex::new(Some(sub))))),
+        );
+        h.publish(&name("lp"), msg("m")).await.expect("published");
+        assert_eq!(h.metrics().delivered_total(Transport::Sse), 1);
+        assert_eq!(h.get("lp").map(|c| c.subscriber_count()), Some(0));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

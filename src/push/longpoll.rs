@@ -10,6 +10,7 @@ use super::feed::{Feed, Item, Next};
 use super::{envelope, record_batch, resume_value, Position, RESUME_HEADER};
 use crate::config::PushLocation;
 use crate::hub::{CloseReason, MessageId};
+use crate::model::Transport;
 use crate::response::{self, Body};
 
 pub async fn respond(mut feed: Feed, loc: &PushLocation, pos: &Position) -> Response<Body> {
@@ -46,7 +47,10 @@ pub async fn respond(mut feed: Feed, loc: &PushLocation, pos: &Position) -> Resp
             } else {
                 (msg.body.clone(), msg.content_type.clone())
             };
-            // Only the first message counts: the rest are read again from the cursor.
+            // Only the first message counts: the rest are read again from the cursor. The hub
+            // counts no long-poll delivery (see `AppendOutcome::count_fanout`): this is the one.
+            feed.metrics()
+                .delivered(Transport::LongPoll, 1, msg.body.len() as u64);
             feed.delivered(&Item::Message {
                 msg: msg.clone(),
                 chan,
