@@ -248,7 +248,7 @@ impl Metrics {
         ));
         let messages_delivered = per_transport(&counter_vec(
             "messages_delivered_total",
-            "Messages handed to subscriber connections: counted at publish for each subscriber connected then, and when a resume reads older ones.",
+            "Messages handed to subscriber connections: counted at publish for each subscriber connected then, and when a resume reads older ones; long-poll: one per response.",
             "transport",
         ));
         let delivered_bytes = per_transport(&counter_vec(

@@ -180,22 +180,28 @@ pub(super) fn spawn_accept(st: &Arc<State>, l: &Listening, bound: Bound) {
     }
 }
 
+/// A socket for `addr` with SO_REUSEADDR (a restart binds at once over old connections in
+/// TIME_WAIT), and SO_REUSEPORT when asked.
+fn tcp_socket(addr: SocketAddr, reuseport: bool) -> io::Result<TcpSocket> {
+    let sock = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }?;
+    sock.set_reuseaddr(true)?;
+    if reuseport {
+        sock.set_reuseport(true)?;
+    }
+    Ok(sock)
+}
+
 pub(super) fn bind_tcp(
     addr: SocketAddr,
     key: &'static str,
     reuseport: bool,
 ) -> Result<TcpListener, StartError> {
     let err = |source| StartError::Bind { key, addr, source };
-    let sock = if addr.is_ipv4() {
-        TcpSocket::new_v4()
-    } else {
-        TcpSocket::new_v6()
-    }
-    .map_err(err)?;
-    sock.set_reuseaddr(true).map_err(err)?;
-    if reuseport {
-        sock.set_reuseport(true).map_err(err)?;
-    }
+    let sock = tcp_socket(addr, reuseport).map_err(err)?;
     sock.bind(addr).map_err(err)?;
     sock.listen(4096).map_err(err)
 }
@@ -213,16 +219,10 @@ fn bind_group(
     n: usize,
 ) -> Result<Vec<TcpListener>, StartError> {
     if addr.port() != 0 {
-        let err = |source| StartError::Bind { key, addr, source };
-        let probe = if addr.is_ipv4() {
-            TcpSocket::new_v4()
-        } else {
-            TcpSocket::new_v6()
-        }
-        .map_err(err)?;
-        probe.set_reuseaddr(true).map_err(err)?;
-        probe.bind(addr).map_err(err)?;
         // Dropped unlistened: the port is free again at once.
+        tcp_socket(addr, false)
+            .and_then(|probe| probe.bind(addr))
+            .map_err(|source| StartError::Bind { key, addr, source })?;
     }
     let first = bind_tcp(addr, key, true)?;
     let at = first
