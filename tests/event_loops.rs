@@ -13,6 +13,10 @@ use common::*;
 
 const LOOPS: &str = "event_loops = 2\n";
 
+/// One test of this file at a time: the shutdown test counts the process's loop threads, which
+/// another test's server would add to or take from meanwhile.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn loop_connections(c: &Crier) -> (f64, f64) {
     let a = metric(c, "crier_event_loop_connections{loop=\"0\"}").await;
     let b = metric(c, "crier_event_loop_connections{loop=\"1\"}").await;
@@ -35,6 +39,7 @@ fn loop_threads() -> usize {
 
 #[tokio::test]
 async fn every_transport_works_on_the_loops_and_connections_spread_over_them() {
+    let _serial = SERIAL.lock().await;
     let up = Upstream::start().await;
     let c = Crier::start(&up.url(), LOOPS).await;
 
@@ -91,10 +96,15 @@ async fn every_transport_works_on_the_loops_and_connections_spread_over_them() {
 /// Shutdown drains the subscribers on the loops, `run` returns, and the loops' threads end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_drains_the_loops_and_ends_their_threads() {
+    let _serial = SERIAL.lock().await;
     let up = Upstream::start().await;
-    let before = loop_threads();
+    // The loops of the test before this one end just after its server's `run` returned.
+    assert!(
+        eventually(Duration::from_secs(5), async || loop_threads() == 0).await,
+        "loop threads of an earlier test are still running"
+    );
     let c = Crier::start(&up.url(), LOOPS).await;
-    assert_eq!(loop_threads(), before + 2);
+    assert_eq!(loop_threads(), 2);
     let mut sse = SseClient::connect(&c.url("/live/bye"), None).await;
     wait_subscribers(&c, "bye", 1).await;
     c.handle.shutdown();
@@ -110,15 +120,16 @@ async fn shutdown_drains_the_loops_and_ends_their_threads() {
         .expect("run returned")
         .expect("run did not panic");
     assert!(
-        eventually(Duration::from_secs(5), async || loop_threads() == before).await,
+        eventually(Duration::from_secs(5), async || loop_threads() == 0).await,
         "{} loop threads left",
-        loop_threads() - before
+        loop_threads()
     );
 }
 
 /// A listener that a reload adds is served on the loops as well.
 #[tokio::test]
 async fn a_listener_opened_by_reload_is_on_the_loops() {
+    let _serial = SERIAL.lock().await;
     let up = Upstream::start().await;
     let c = Crier::start(&up.url(), LOOPS).await;
     // Serving already (a reload before `run` has its own test in tests/reload.rs).
@@ -151,6 +162,7 @@ async fn a_listener_opened_by_reload_is_on_the_loops() {
 /// startup error as without loops, whether the holder has loops or not.
 #[tokio::test]
 async fn a_port_already_taken_is_still_a_startup_error() {
+    let _serial = SERIAL.lock().await;
     let up = Upstream::start().await;
     // Held by a crier with loops (its sockets have SO_REUSEPORT) ...
     let holder = Crier::start(&up.url(), LOOPS).await;
