@@ -251,6 +251,9 @@ start_crier() { # variant workload node → appends to SERVER_PIDS; fails with S
     if [[ $variant == crier-file || $variant == crier-file-base ]]; then
         sed -i "/^\[channels\]/a store = \"$dir/channels.redb\"" "$dir/crier.toml"
     fi
+    if [[ $variant == crier-loops ]]; then # one event loop per worker thread
+        sed -i "/^\[server\]/a event_loops = $WORKERS" "$dir/crier.toml"
+    fi
     local logged
     logged=$(stat -c %s "$dir/crier.log" 2>/dev/null || echo 0)
     "$bin" --config "$dir/crier.toml" >>"$dir/crier.log" 2>&1 &
@@ -299,7 +302,7 @@ start_server() { # name [workload]: fails (START_ERROR says why) when the server
     ports_free || exit 1
     SERVER_PIDS=() EXTRA_PIDS=() START_ERROR=""
     case $name in
-    crier | crier-base | crier-file | crier-file-base | crier-rules10 | crier-postrule | crier-poll)
+    crier | crier-base | crier-loops | crier-file | crier-file-base | crier-rules10 | crier-postrule | crier-poll)
         start_crier "$name" "$w" 1 || return 1
         ;;
     crier-cluster)
@@ -575,11 +578,12 @@ wrk_once() { # target port rep round workload app [path] [script]: one measured 
 
 run_wrk_workload() { # workload rep: proxies in alternating rounds in front of one app
     local w=$1 rep=$2 app=nginx targets rounds=$ROUNDS path=/ script="" t r port
-    local base=""
+    local base="" loops=""
     if [[ " $SERVERS " == *" crier-base "* ]]; then base=crier-base; fi
+    if [[ " $SERVERS " == *" crier-loops "* ]]; then loops=crier-loops; fi
     case $w in
-    proxy) app=$PROXY_APP targets="direct $base crier nginx" rounds=1 ;;
-    proxy-nginxapp) targets="direct $base crier nginx" ;;
+    proxy) app=$PROXY_APP targets="direct $base crier $loops nginx" rounds=1 ;;
+    proxy-nginxapp) targets="direct $base crier $loops nginx" ;;
     publish-on-get) targets="crier crier-rules10" ;;
     publish-on-post) targets="crier crier-postrule" path=/api/orders/42 script=$PEERS/wrk-post.lua ;;
     esac
