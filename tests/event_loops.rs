@@ -183,7 +183,7 @@ async fn a_port_already_taken_is_still_a_startup_error() {
         assert!(stderr.contains(&addr.to_string()), "{stderr}");
         assert!(stderr.contains("server.listen"), "{stderr}");
     }
-    // The holder still has every connection to itself.
+    // The holder still serves its port.
     for _ in 0..8 {
         let mut r = RawConn::connect(holder.public).await;
         assert_eq!(r.get("/").await.status, 200);

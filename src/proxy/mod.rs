@@ -65,7 +65,7 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// `loops`: `server.event_loops` (the fast path keeps idle connections per loop).
+    /// `loops`: the event loops running (the fast path keeps idle connections per loop).
     pub fn new(
         cfg: &UpstreamConfig,
         loops: usize,

@@ -113,11 +113,13 @@ struct Live {
 }
 
 impl Live {
+    /// `loops`: the event loops running (a reload does not change them).
     fn new(
         config: Arc<Config>,
         keys: &Keys,
         state_metrics: &Arc<Metrics>,
         upgraded: &TaskTracker,
+        loops: usize,
     ) -> Result<Live, StartError> {
         let tls = match &config.server.tls {
             Some(t) => Some(TlsAcceptor::from(crate::tls::load(t)?)),
@@ -127,7 +129,7 @@ impl Live {
             locations: Arc::new(Locations::new(&config)),
             proxy: Proxy::new(
                 &config.upstream,
-                config.server.event_loops,
+                loops,
                 state_metrics.clone(),
                 upgraded.clone(),
             ),
@@ -233,7 +235,13 @@ impl ServerHandle {
             return Err(ReloadError::ShuttingDown);
         }
         let config = Arc::new(config);
-        let mut live = Live::new(config.clone(), &keys, &st.metrics, &st.upgraded)?;
+        let mut live = Live::new(
+            config.clone(),
+            &keys,
+            &st.metrics,
+            &st.upgraded,
+            st.loops.handles().len(),
+        )?;
         let old = st.live.load();
         live.ingress.keep_seen(&old.ingress);
         let webhooks = st
@@ -387,7 +395,13 @@ impl Server {
         let loops = EventLoops::start(config.server.event_loops, &metrics.event_loop_connections)
             .await
             .map_err(StartError::EventLoops)?;
-        let live = Live::new(config.clone(), &keys, &metrics, &upgraded)?;
+        let live = Live::new(
+            config.clone(),
+            &keys,
+            &metrics,
+            &upgraded,
+            loops.handles().len(),
+        )?;
         crate::access_log::configure(config.server.access_log);
         let webhooks = crate::webhook::Webhooks::new(hub.clone(), metrics.clone());
         let endpoints = webhooks.prepare(&config, &keys)?;

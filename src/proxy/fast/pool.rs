@@ -121,7 +121,7 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// `loops`: the number of event loops (`server.event_loops`).
+    /// `loops`: the number of event loops running.
     pub fn new(cfg: &UpstreamConfig, loops: usize) -> Pool {
         Pool {
             idle: (0..=loops).map(|_| Mutex::new(Vec::new())).collect(),
@@ -132,8 +132,8 @@ impl Pool {
         }
     }
 
-    /// The caller's list: its loop's, or the workers' (index 0). A reload that changed
-    /// `server.event_loops` (which takes a restart) still finds a list.
+    /// The caller's list: its loop's, or the workers' (index 0). `loops` is the number
+    /// running, so every loop has its own; the modulo only keeps an index in range.
     fn idle(&self) -> &Mutex<Vec<Upstream>> {
         &self.idle[crate::event_loop::current() % self.idle.len()]
     }
