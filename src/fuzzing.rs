@@ -37,6 +37,7 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("webhook_signature", check_webhook_signature),
     ("webpush_subscription", check_webpush_subscription),
     ("webrtc_offer", check_webrtc_offer),
+    ("webrtc_stun", check_webrtc_stun),
     ("journal", check_journal),
     ("fanout", check_fanout),
 ];
@@ -996,44 +997,76 @@ pub fn check_webpush_subscription(data: &[u8]) {
     assert_eq!(keys.public[0], 4);
 }
 
-fn webrtc_fixture() -> Option<&'static (
-    std::sync::Arc<str0m::config::CryptoProvider>,
-    str0m::config::DtlsCert,
-)> {
-    static F: OnceLock<
-        Option<(
-            std::sync::Arc<str0m::config::CryptoProvider>,
-            str0m::config::DtlsCert,
-        )>,
-    > = OnceLock::new();
-    F.get_or_init(|| {
-        let crypto = str0m::crypto::from_feature_flags();
-        let cert = crypto.dtls_provider.generate_certificate()?;
-        Some((std::sync::Arc::new(crypto), cert))
-    })
-    .as_ref()
-}
-
-/// The WebRTC offer path up to the network: an offer is checked and, when it has a data
-/// channel, answered by a session `Rtc` as crier builds it; the answer is SDP that parses
-/// again. Never a panic, whatever the offer.
+/// The WebRTC offer path up to the network: an offer that crier answers gets an answer with
+/// one media section per offered one, which crier's own parser reads back (the data section
+/// in its place, crier's credentials in it), and which str0m's SDP parser (an independent
+/// one) reads when the offer is data only (str0m wants codecs in any audio or video section,
+/// even a rejected one). Never a panic, whatever the offer.
 pub fn check_webrtc_offer(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    let Ok(offer) = crate::push::webrtc::check_offer(text) else {
-        return;
-    };
-    let Some((crypto, cert)) = webrtc_fixture() else {
-        return;
-    };
     let candidates = ["192.0.2.1:3478".parse().expect("literal address")];
-    let mut rtc = crate::push::webrtc::new_rtc(crypto, cert, &candidates, str0m::IceCreds::new());
-    if let Ok(answer) = rtc.sdp_api().accept_offer(offer) {
-        let sdp = answer.to_sdp_string();
+    let Ok(answer) = crate::push::webrtc::answer_for_fuzzing(text, &candidates) else {
+        return;
+    };
+    let m_lines = |sdp: &str| -> Vec<String> {
+        sdp.lines()
+            .filter(|l| l.starts_with("m="))
+            .map(str::to_string)
+            .collect()
+    };
+    let (offered, answered) = (m_lines(text), m_lines(&answer));
+    assert_eq!(offered.len(), answered.len(), "{answer}");
+    let accepted: Vec<&String> = answered.iter().filter(|m| !m.contains(" 0 ")).collect();
+    assert_eq!(accepted.len(), 1, "one accepted section: {answer}");
+    assert!(
+        crate::push::webrtc::answer_for_fuzzing(&answer, &candidates).is_ok(),
+        "our answer does not read back: {answer}"
+    );
+    if offered.iter().all(|m| m.starts_with("m=application")) {
+        let parsed = str0m::change::SdpAnswer::from_sdp_string(&answer);
         assert!(
-            str0m::change::SdpAnswer::from_sdp_string(&sdp).is_ok(),
-            "our answer does not parse: {sdp}"
+            parsed.is_ok(),
+            "our answer does not parse: {answer}\n{parsed:?}"
+        );
+    }
+}
+
+/// A WebRTC session's ICE-lite checks (src/push/webrtc/stun.rs), on what anyone can send to
+/// the UDP socket: any datagram is answered or dropped without a panic, an answer is a
+/// binding success of the request's transaction; and the same bytes made into attributes of a
+/// correctly signed request (the first byte's low bit: with FINGERPRINT) are answered unless
+/// an attribute is malformed (its length past the end) or is MESSAGE-INTEGRITY or
+/// FINGERPRINT itself, or a USERNAME (a request with two).
+pub fn check_webrtc_stun(data: &[u8]) {
+    let source = "192.0.2.9:40000".parse().expect("literal address");
+    if let Some(r) = crate::push::webrtc::stun_answer_for_fuzzing(data, source) {
+        assert_eq!(&r[..2], &[0x01, 0x01], "a binding success");
+        assert_eq!(&r[8..20], &data[8..20], "the request's transaction");
+    }
+    let (k, rest) = knobs(data);
+    // `rest` as attributes: type (2 bytes), a value of up to 255 bytes (1-byte length).
+    let mut attrs: Vec<(u16, &[u8])> = Vec::new();
+    let mut i = 0;
+    while i + 3 <= rest.len() {
+        let kind = u16::from_be_bytes([rest[i], rest[i + 1]]);
+        let n = usize::from(rest[i + 2]);
+        let Some(v) = rest.get(i + 3..i + 3 + n) else {
+            break;
+        };
+        attrs.push((kind, v));
+        i += 3 + n;
+    }
+    let req = crate::push::webrtc::stun_request_for_fuzzing(&attrs, k & 1 == 1);
+    let answered = crate::push::webrtc::stun_answer_for_fuzzing(&req, source);
+    let special = attrs
+        .iter()
+        .any(|(t, _)| matches!(*t, 0x0006 | 0x0008 | 0x8028));
+    if !special && req.len() <= 65_535 {
+        assert!(
+            answered.is_some(),
+            "a signed request was not answered: {req:?}"
         );
     }
 }

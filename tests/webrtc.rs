@@ -271,6 +271,57 @@ async fn delivers_in_order_including_messages_published_before_the_channel_opens
     assert_eq!(snap["connections"]["webrtc"], 1, "{snap}");
 }
 
+/// An offer whose DTLS role is `passive` (the client waits for crier's hello): crier is the
+/// DTLS client, says hello once ICE found the peer, and the channel carries messages.
+#[tokio::test]
+async fn an_offer_that_waits_for_our_hello_gets_crier_as_the_dtls_client() {
+    let (_up, c) = start("").await;
+    let (p, sdp) = new_peer().await;
+    assert!(sdp.contains("a=setup:actpass"), "{sdp}");
+    // str0m offered actpass; told it is passive, crier answers active, and str0m (which
+    // takes the role the answer leaves it) is the DTLS server.
+    let (mut p, _) = p
+        .offer_to(
+            &c.url("/live/role"),
+            sdp.replace("a=setup:actpass", "a=setup:passive"),
+        )
+        .await;
+    p.open().await;
+    let id = c.publish("role", "crier said hello first").await;
+    let got = p.receive(1).await;
+    assert_eq!(got[0]["id"], id.as_str());
+}
+
+/// The offer names the certificate its DTLS will show; a peer that shows another (a
+/// man in the middle of the signalling's trust) completes no handshake that counts: the
+/// session ends without a channel and its state is freed.
+#[tokio::test]
+async fn a_peer_whose_certificate_is_not_the_offers_gets_no_channel() {
+    let (_up, c) = start("").await;
+    let (p, sdp) = new_peer().await;
+    let line = sdp
+        .lines()
+        .find(|l| l.starts_with("a=fingerprint:sha-256 "))
+        .expect("a sha-256 fingerprint")
+        .to_string();
+    // Another certificate's fingerprint: the first byte changed.
+    let value = &line["a=fingerprint:sha-256 ".len()..];
+    let flipped = if value.starts_with("00") { "11" } else { "00" };
+    let forged = format!("a=fingerprint:sha-256 {flipped}{}", &value[2..]);
+    let (mut p, _) = p
+        .offer_to(&c.url("/live/mitm"), sdp.replace(&line, &forged))
+        .await;
+    assert!(
+        !p.run_until(Duration::from_secs(4), |p| p.open).await,
+        "a channel opened for a peer with another certificate"
+    );
+    assert!(all_gone(&c).await, "the session was not freed");
+    assert_eq!(
+        metric(&c, "crier_webrtc_handshake_seconds_count").await,
+        Some(0.0)
+    );
+}
+
 /// An offer refused: its status and one-line reason.
 async fn refused(url: &str, sdp: String, headers: &[(&str, &str)]) -> (StatusCode, String) {
     let r = post_offer(url, sdp, headers).await;

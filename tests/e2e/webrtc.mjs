@@ -10,7 +10,8 @@
 // (multi-line, unicode, CR/CRLF, named events, JSON, binary, a 10 KiB one and one near the
 // 64 KiB limit) in order, each one crier.json envelope, byte-exact; after the peer connection
 // is closed, a new one with ?last_event_id= gets exactly the rest; DELETE on the Location ends
-// the session (204, the channel closes) and crier's gauges go back to zero; one data channel
+// the session (204, the channel closes) and crier's gauges go back to zero; an offer that also
+// has an audio section gets it rejected and its data channel all the same; one data channel
 // on /live/a,b,c says where each channel starts, carries all three (named, in publish order), and
 // after a teardown the compound cursor resumes every channel exactly; `crier demo`'s page
 // shows a published message in all four columns (EventSource, WebSocket, long-poll, WebRTC).
@@ -149,6 +150,25 @@ try {
       && (await metric(crier, 'crier_connections{transport="webrtc"}')) === 0);
     const again = await page.evaluate(() => unsubscribe());
     if (again !== 404) throw new Error(`a second DELETE answered ${again}`);
+  });
+
+  await step('an offer with an audio section too: it is rejected, the data channel opens', async () => {
+    await page.evaluate(() => { T.received = []; T.opened = 0; T.errors = []; return subscribe('/live/rtc-av', { audio: true }); });
+    await waitFor('the data channel to open', () => page.evaluate(() => T.opened === 1 || T.errors.length));
+    const errs = await page.evaluate(() => T.errors);
+    if (errs.length) throw new Error(errs.join('\n'));
+    // A rejected transceiver is stopped (and, in current Chromium, gone from the list).
+    const live = await page.evaluate(() => window.pc.getTransceivers()
+      .filter((t) => t.currentDirection !== 'stopped' && t.currentDirection !== 'inactive').length);
+    if (live !== 0) throw new Error(`${live} audio transceiver(s) still negotiated`);
+    const m = await page.evaluate(() => window.pc.remoteDescription.sdp.split('\r\n').filter((l) => l.startsWith('m=')));
+    if (m.length !== 2 || !m[0].startsWith('m=audio 0 ')) throw new Error(`the answer's sections: ${m}`);
+    const { id } = await publish('rtc-av', { body: Buffer.from('with audio offered'), contentType: 'text/plain' });
+    await waitFor('the message', () => page.evaluate(() => T.received.length >= 1));
+    const got = await page.evaluate(() => T.received[0]);
+    if (got.id !== id || got.data !== 'with audio offered') throw new Error(`got ${JSON.stringify(got)}`);
+    await page.evaluate(() => unsubscribe());
+    await waitFor('the session to end', async () => (await metric(crier, 'crier_connections{transport="webrtc"}')) === 0);
   });
 
   await step('one data channel carries three channels; after a teardown their cursor resumes them all', async () => {

@@ -7,16 +7,22 @@
 //! The position is fixed at the POST (the hub subscription starts then), so messages published
 //! while ICE, DTLS and SCTP come up are delivered once the client's first data channel opens.
 //!
-//! Five parts: this file (signalling and the session registry), `udp.rs` (the one task that
+//! The parts: this file (signalling and the session registry), `udp.rs` (the one task that
 //! owns the socket and hands each datagram to its session's `inbox.rs`), `session.rs` (one task
-//! per session driving its str0m `Rtc` from `poll_output` timeouts) and `dtls.rs` (the
-//! sessions' DTLS: set up once for all of them, without the SRTP keys a data-only session
-//! never uses).
+//! per session pumping its protocol stack), and that stack, sans-IO: `sdp.rs` (offer and
+//! answer), `stun.rs` (ICE-lite checks), `dtls.rs` (dimpl, set up once for all sessions) and
+//! `sctp.rs` (sctp-proto and the data channel's DCEP). A general WebRTC stack keeps state for
+//! media, bandwidth estimation and full ICE in every session; a subscriber needs none of it.
 
 mod dtls;
 mod inbox;
+mod sctp;
+mod sdp;
 mod session;
+mod stun;
 mod udp;
+
+pub use dtls::DtlsSetupError;
 
 use std::collections::HashMap;
 use std::io;
@@ -31,9 +37,6 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use parking_lot::Mutex;
-use str0m::change::SdpOffer;
-use str0m::config::{CryptoProvider, DtlsCert};
-use str0m::{Candidate, IceCreds, Rtc, RtcConfig};
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -66,8 +69,8 @@ const MAX_ADDRS_PER_SESSION: usize = 4;
 pub enum WebRtcError {
     #[error("cannot listen on {addr} (webrtc.listen): {source}")]
     Bind { addr: SocketAddr, source: io::Error },
-    #[error("webrtc: the crypto provider cannot make a DTLS certificate")]
-    NoCertificate,
+    #[error(transparent)]
+    Dtls(#[from] DtlsSetupError),
 }
 
 /// One datagram for one session.
@@ -89,10 +92,10 @@ struct Shared {
     candidates: Vec<SocketAddr>,
     max_sessions: usize,
     ice_timeout: Duration,
-    /// One certificate for every session: making one is the costliest part of a new `Rtc`,
-    /// and the fingerprint in each answer authenticates it just the same.
-    cert: DtlsCert,
-    crypto: Arc<CryptoProvider>,
+    /// One certificate and DTLS config for every session: making them is the costliest part
+    /// of a session, and the fingerprint in each answer authenticates it just the same.
+    dtls: dtls::Setup,
+    sctp: sctp::Configs,
     /// Reserved at the POST (before anything is allocated), released when the session ends.
     count: AtomicUsize,
     /// parking_lot: held for map lookups and inserts only (once per datagram by the socket
@@ -145,19 +148,15 @@ impl WebRtc {
                 c.set_port(local.port());
             }
         }
-        let crypto = dtls::provider();
-        let cert = crypto
-            .dtls_provider
-            .generate_certificate()
-            .ok_or(WebRtcError::NoCertificate)?;
+        let dtls = dtls::Setup::new()?;
         Ok(WebRtc {
             shared: Arc::new(Shared {
                 socket: Arc::new(socket),
                 candidates,
                 max_sessions: cfg.max_sessions,
                 ice_timeout: cfg.ice_timeout,
-                cert,
-                crypto: Arc::new(crypto),
+                dtls,
+                sctp: sctp::Configs::new(dtls::MTU),
                 count: AtomicUsize::new(0),
                 registry: Mutex::new(Registry::default()),
                 metrics,
@@ -216,7 +215,7 @@ pub async fn offer(
         Ok(t) => t,
         Err(resp) => return resp,
     };
-    let offer = match check_offer(&text) {
+    let offer = match sdp::parse_offer(&text) {
         Ok(o) => o,
         Err(reason) => return response::text(StatusCode::BAD_REQUEST, &reason),
     };
@@ -235,35 +234,40 @@ pub async fn offer(
         return r;
     }
     let slot = Slot(sh.clone());
-    let creds = IceCreds::new();
-    let mut rtc = new_rtc(&sh.crypto, &sh.cert, &sh.candidates, creds.clone());
-    let answer = match rtc.sdp_api().accept_offer(offer) {
-        Ok(a) => a,
-        Err(e) => {
-            return response::text(
-                StatusCode::BAD_REQUEST,
-                &one_line(&format!("the offer cannot be answered: {e}")),
-            )
-        }
+    let (Some(ufrag), Some(pwd), Some(id)) = (random_token(8), random_token(24), session_id())
+    else {
+        return response::text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "no randomness for the session's credentials",
+        );
     };
+    let answer = sdp::answer(
+        &offer,
+        &sdp::Local {
+            ufrag: &ufrag,
+            pwd: &pwd,
+            fingerprint: &sh.dtls.fingerprint,
+            candidates: &sh.candidates,
+        },
+        u64::from_str_radix(&id[..15], 16).unwrap_or(1),
+    );
     let feed = open_feed(hub, loc, admitted, Transport::WebRtc, loc.on_lag, remote);
     let feed = match feed.await {
         Ok(f) => f,
         Err(e) => return hub_error(e),
     };
     let resume = resume_value(feed.started_with_gap());
-    let id = session_id();
     let tx: Queue = Arc::new(inbox::Inbox::new(SESSION_QUEUE));
     let rx = tx.clone();
     let stop = sh.stop.child_token();
     {
         let mut reg = sh.registry.lock();
-        reg.by_ufrag.insert(creds.ufrag.clone(), (id.clone(), tx));
+        reg.by_ufrag.insert(ufrag.clone(), (id.clone(), tx));
         reg.by_id.insert(
             id.clone(),
             Entry {
                 channels: admitted.channels.clone(),
-                ufrag: creds.ufrag.clone(),
+                ufrag: ufrag.clone(),
                 addrs: Vec::new(),
                 stop: stop.clone(),
             },
@@ -279,7 +283,19 @@ pub async fn offer(
             open: false,
         },
         id: id.clone(),
-        rtc,
+        conn: Box::new(session::Conn {
+            ice: stun::Credentials::new(&ufrag, &offer.ice_ufrag, &pwd),
+            verified: Vec::new(),
+            peer: None,
+            nominated: false,
+            dtls: sh.dtls.session(offer.dtls_active, posted),
+            fingerprints: offer.fingerprints,
+            cert_ok: false,
+            dtls_started: false,
+            dtls_deadline: None,
+            sctp: sctp::Sctp::new(&sh.sctp, offer.max_message_size),
+            sctp_port: offer.sctp_port,
+        }),
         feed,
         rx,
         stop,
@@ -287,7 +303,7 @@ pub async fn offer(
     };
     sh.tasks.spawn(task.run());
 
-    let mut r = Response::new(response::full(answer.to_sdp_string()));
+    let mut r = Response::new(response::full(answer));
     *r.status_mut() = StatusCode::CREATED;
     let h = r.headers_mut();
     h.insert(
@@ -360,72 +376,65 @@ async fn read_offer(req: Request<Incoming>) -> Result<String, Response<Body>> {
         .map_err(|_| response::text(StatusCode::BAD_REQUEST, "malformed SDP offer: not UTF-8"))
 }
 
-/// Parses the offer and checks that it has a data channel section; the reason is one line.
-pub(crate) fn check_offer(text: &str) -> Result<SdpOffer, String> {
-    let offer = SdpOffer::from_sdp_string(text).map_err(|e| {
-        // The parser's message carries a memory address ("at PointerOffset(0x…)"): noise.
-        let e = e.to_string();
-        let e = match e.find(" at PointerOffset(") {
-            Some(a) => match e[a..].find(')') {
-                Some(b) => format!("{}{}", &e[..a], &e[a + b + 1..]),
-                None => e,
-            },
-            None => e,
-        };
-        one_line(&format!("malformed SDP offer: {e}"))
-    })?;
-    let has_data = text.lines().any(|l| {
-        let l = l.trim_end();
-        l.starts_with("m=application ") && l.contains("webrtc-datachannel")
-    });
-    if !has_data {
-        return Err(
-            "the offer has no data channel section (m=application ... webrtc-datachannel)".into(),
-        );
-    }
-    Ok(offer)
+/// The answer crier gives `offer`, or why it cannot (for the fuzz target, which checks that
+/// any answer parses again).
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn answer_for_fuzzing(offer: &str, candidates: &[SocketAddr]) -> Result<String, String> {
+    let offer = sdp::parse_offer(offer)?;
+    Ok(sdp::answer(
+        &offer,
+        &sdp::Local {
+            ufrag: "fuzz",
+            pwd: "fuzzfuzzfuzzfuzzfuzzfuzz",
+            fingerprint: "00:11:22:33:44:55:66:77:88:99:AA:BB:CC:DD:EE:FF:00:11:22:33:44:55:66:77:88:99:AA:BB:CC:DD:EE:FF",
+            candidates,
+        },
+        1,
+    ))
 }
 
-/// A session's `Rtc`: ICE lite, data only, the shared certificate, `candidates` announced.
-/// Boxed: an `Rtc` is 10 KB, and inline it would sit in every future that holds one — twice
-/// in the session task's (an async fn keeps its argument and the moved-in local apart).
-pub(crate) fn new_rtc(
-    crypto: &Arc<CryptoProvider>,
-    cert: &DtlsCert,
-    candidates: &[SocketAddr],
-    creds: IceCreds,
-) -> Box<Rtc> {
-    let now = Instant::now();
-    let mut rtc = Box::new(
-        RtcConfig::new()
-            .set_ice_lite(true)
-            .set_crypto_provider(crypto.clone())
-            .set_dtls_cert(cert.clone())
-            .set_local_ice_credentials(creds)
-            // Data only: no codec is offered back, no RTCP stats are kept.
-            .clear_codecs()
-            .set_stats_interval(None)
-            .build(now),
-    );
-    for c in candidates {
-        match Candidate::host(*c, "udp") {
-            Ok(c) => {
-                rtc.add_local_candidate(c);
-            }
-            Err(e) => tracing::warn!("webrtc: candidate {c} not usable: {e}"),
-        }
-    }
-    rtc
+/// The ICE-lite check path on one datagram, for the fuzz target: `req` answered for a
+/// session whose ufrag is `fuzz` (the peer's `peer`), password `FUZZ_PWD`; the response.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn stun_answer_for_fuzzing(req: &[u8], source: SocketAddr) -> Option<Vec<u8>> {
+    let creds = stun::Credentials::new("fuzz", "peer", FUZZ_PWD);
+    let mut out = [0u8; stun::MAX_RESPONSE];
+    stun::local_ufrag(req);
+    let (_, n) = stun::answer(req, &creds, source, &mut out)?;
+    Some(out[..n].to_vec())
 }
+
+/// A binding request for the fuzz target's session with `attrs` (type, value) after its
+/// USERNAME, signed with `FUZZ_PWD`, with or without FINGERPRINT.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn stun_request_for_fuzzing(attrs: &[(u16, &[u8])], fingerprint: bool) -> Vec<u8> {
+    let mut all: Vec<(u16, &[u8])> = vec![(0x0006, b"fuzz:peer")];
+    all.extend_from_slice(attrs);
+    stun::request(&all, Some(FUZZ_PWD), fingerprint)
+}
+
+#[cfg(any(test, feature = "fuzzing"))]
+const FUZZ_PWD: &str = "fuzzfuzzfuzzfuzzfuzzfuzz";
 
 /// 128 random bits, hex: the session's URL is its capability.
-fn session_id() -> String {
+fn session_id() -> Option<String> {
     let mut b = [0u8; 16];
-    if aws_lc_rs::rand::fill(&mut b).is_err() {
-        // aws-lc's RNG does not fail in practice; fall back to str0m's random ufrag.
-        return IceCreds::new().pass;
-    }
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    aws_lc_rs::rand::fill(&mut b).ok()?;
+    Some(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// `n` random ice-chars (RFC 8839: ALPHA / DIGIT / "+" / "/"), 6 bits each: an ICE ufrag or
+/// password.
+fn random_token(n: usize) -> Option<String> {
+    const ICE_CHARS: &[u8; 64] =
+        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut b = vec![0u8; n];
+    aws_lc_rs::rand::fill(&mut b).ok()?;
+    Some(
+        b.iter()
+            .map(|x| ICE_CHARS[usize::from(x & 63)] as char)
+            .collect(),
+    )
 }
 
 fn one_line(s: &str) -> String {
@@ -491,17 +500,12 @@ impl Shared {
         }
     }
 
-    /// The `Receive` destination for a datagram from `source`: the announced candidate
-    /// the peer sent to (ICE matches it against our local candidates). With one socket the
-    /// kernel does not say which; the first candidate of the source's family is it in the
-    /// usual one-candidate setup.
-    fn destination_for(&self, source: SocketAddr) -> SocketAddr {
-        self.candidates
-            .iter()
-            .find(|c| c.is_ipv4() == source.is_ipv4())
-            .or(self.candidates.first())
-            .copied()
-            .unwrap_or(source)
+    /// Sends one datagram without waiting: a full socket buffer drops it, as the network
+    /// may, and the protocols above retransmit what mattered.
+    fn send(&self, data: &[u8], to: SocketAddr) {
+        if let Err(e) = self.socket.try_send_to(data, to) {
+            tracing::debug!("webrtc: send to {to}: {e}");
+        }
     }
 }
 
@@ -509,24 +513,17 @@ impl Shared {
 mod tests {
     use super::*;
 
-    const OFFER: &str = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\na=group:BUNDLE 0\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\nc=IN IP4 0.0.0.0\r\na=ice-ufrag:abcd\r\na=ice-pwd:abcdefghijklmnopqrstuvwx\r\na=fingerprint:sha-256 00:11:22:33:44:55:66:77:88:99:AA:BB:CC:DD:EE:FF:00:11:22:33:44:55:66:77:88:99:AA:BB:CC:DD:EE:FF\r\na=setup:actpass\r\na=mid:0\r\na=sctp-port:5000\r\n";
-
     #[test]
-    fn offer_needs_a_data_section() {
-        assert!(check_offer(OFFER).is_ok(), "{:?}", check_offer(OFFER).err());
-        let no_data = OFFER.replace("webrtc-datachannel", "bfcp");
-        let e = check_offer(&no_data).err().unwrap_or_default();
-        assert!(e.contains("no data channel section"), "{e}");
-        let e = check_offer("hello").err().unwrap_or_default();
-        assert!(e.starts_with("malformed SDP offer"), "{e}");
-        assert!(!e.contains('\n') && !e.contains("PointerOffset"), "{e}");
-    }
-
-    #[test]
-    fn session_ids_are_128_bit_hex() {
-        let a = session_id();
+    fn session_ids_are_128_bit_hex_and_credentials_ice_chars() {
+        let a = session_id().expect("random");
         assert_eq!(a.len(), 32);
         assert!(a.bytes().all(|b| b.is_ascii_hexdigit()));
-        assert_ne!(a, session_id());
+        assert_ne!(Some(a), session_id());
+        let pwd = random_token(24).expect("random");
+        assert_eq!(pwd.len(), 24);
+        assert!(pwd
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/'));
+        assert_ne!(Some(pwd), random_token(24));
     }
 }

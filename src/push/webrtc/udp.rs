@@ -48,7 +48,7 @@ fn route(sh: &Shared, data: &[u8], source: SocketAddr) {
 /// The session a datagram is for: by ufrag (STUN), else by the peer address.
 fn find(sh: &Shared, data: &[u8], source: SocketAddr) -> Option<Queue> {
     let mut reg = sh.registry.lock();
-    let Some(ufrag) = stun_local_ufrag(data) else {
+    let Some(ufrag) = super::stun::local_ufrag(data) else {
         return reg.by_addr.get(&source).map(|(_, tx)| tx.clone());
     };
     let (id, tx) = reg.by_ufrag.get(ufrag).cloned()?;
@@ -64,74 +64,4 @@ fn find(sh: &Shared, data: &[u8], source: SocketAddr) -> Option<Queue> {
         }
     }
     Some(tx)
-}
-
-/// The receiver's username fragment of a STUN message (RFC 8489): the part of USERNAME
-/// before ':' — in a binding request to crier, crier's own ufrag. None for anything that is
-/// not a well-formed STUN message with a USERNAME.
-fn stun_local_ufrag(d: &[u8]) -> Option<&str> {
-    const MAGIC: [u8; 4] = [0x21, 0x12, 0xA4, 0x42];
-    const USERNAME: u16 = 0x0006;
-    if d.len() < 20 || d[0] & 0xC0 != 0 || d[4..8] != MAGIC {
-        return None;
-    }
-    let len = u16::from_be_bytes([d[2], d[3]]) as usize;
-    let attrs = d.get(20..20 + len)?;
-    let mut i = 0;
-    while i + 4 <= attrs.len() {
-        let kind = u16::from_be_bytes([attrs[i], attrs[i + 1]]);
-        let n = u16::from_be_bytes([attrs[i + 2], attrs[i + 3]]) as usize;
-        let value = attrs.get(i + 4..i + 4 + n)?;
-        if kind == USERNAME {
-            let name = std::str::from_utf8(value).ok()?;
-            return name.split(':').next().filter(|u| !u.is_empty());
-        }
-        // Attributes are padded to 4 bytes.
-        i += 4 + n.div_ceil(4) * 4;
-    }
-    None
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn stun(attrs: &[(u16, &[u8])]) -> Vec<u8> {
-        let mut body = Vec::new();
-        for (kind, v) in attrs {
-            body.extend_from_slice(&kind.to_be_bytes());
-            body.extend_from_slice(&(v.len() as u16).to_be_bytes());
-            body.extend_from_slice(v);
-            body.resize(body.len().div_ceil(4) * 4, 0);
-        }
-        let mut m = vec![0x00, 0x01];
-        m.extend_from_slice(&(body.len() as u16).to_be_bytes());
-        m.extend_from_slice(&[0x21, 0x12, 0xA4, 0x42]);
-        m.extend_from_slice(&[7; 12]);
-        m.extend_from_slice(&body);
-        m
-    }
-
-    #[test]
-    fn finds_our_ufrag() {
-        let m = stun(&[(0x0024, b"\0\0\0\x01"), (0x0006, b"srv1:cli")]);
-        assert_eq!(stun_local_ufrag(&m), Some("srv1"));
-        // Padding: a 3-byte attribute before USERNAME.
-        let m = stun(&[(0x8022, b"abc"), (0x0006, b"s:c")]);
-        assert_eq!(stun_local_ufrag(&m), Some("s"));
-    }
-
-    #[test]
-    fn rejects_what_is_not_stun_with_a_username() {
-        assert_eq!(stun_local_ufrag(b""), None);
-        assert_eq!(stun_local_ufrag(&[0x16; 40]), None, "DTLS record");
-        assert_eq!(stun_local_ufrag(&stun(&[(0x0024, b"1234")])), None);
-        let mut m = stun(&[(0x0006, b"srv:cli")]);
-        m.truncate(m.len() - 3);
-        assert_eq!(stun_local_ufrag(&m), None, "truncated");
-        let mut m = stun(&[(0x0006, b"srv:cli")]);
-        m[3] = 200; // length past the end
-        assert_eq!(stun_local_ufrag(&m), None);
-        assert_eq!(stun_local_ufrag(&stun(&[(0x0006, b":cli")])), None);
-    }
 }
