@@ -118,7 +118,7 @@ WORKLOADS=$(expand_workloads "$WORKLOADS")
 
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
-if [[ " $SERVERS " == *" crier-base "* && -z "${CRIER_BASE_BIN:-}" ]]; then
+if [[ " $SERVERS " == *" crier-base"* && -z "${CRIER_BASE_BIN:-}" ]]; then
     echo "SERVERS names crier-base: set CRIER_BASE_BIN to the other crier build (benches/build-base.sh REV prints one)" >&2
     exit 1
 fi
@@ -245,13 +245,13 @@ crier_config() { # variant workload dir node
 start_crier() { # variant workload node → appends to SERVER_PIDS; fails with START_ERROR
     local variant=$1 w=$2 node=$3 dir=$RUN_DIR/$1 bin=$CRIER_BIN pid public=18080 publish=18081
     if [[ $node == 2 ]]; then dir=$RUN_DIR/$1/node2 public=18480 publish=18481; fi
-    if [[ $variant == crier-base || $variant == crier-file-base ]]; then bin=$CRIER_BASE_BIN; fi
+    if [[ $variant == crier-base || $variant == crier-file-base || $variant == crier-base-loops ]]; then bin=$CRIER_BASE_BIN; fi
     mkdir -p "$dir"
     crier_config "$variant" "$w" "$dir" "$node" >"$dir/crier.toml"
     if [[ $variant == crier-file || $variant == crier-file-base ]]; then
         sed -i "/^\[channels\]/a store = \"$dir/channels.redb\"" "$dir/crier.toml"
     fi
-    if [[ $variant == crier-loops ]]; then # one event loop per worker thread
+    if [[ $variant == crier-loops || $variant == crier-base-loops ]]; then # one event loop per worker thread
         sed -i "/^\[server\]/a event_loops = $WORKERS" "$dir/crier.toml"
     fi
     local logged
@@ -302,7 +302,7 @@ start_server() { # name [workload]: fails (START_ERROR says why) when the server
     ports_free || exit 1
     SERVER_PIDS=() EXTRA_PIDS=() START_ERROR=""
     case $name in
-    crier | crier-base | crier-loops | crier-file | crier-file-base | crier-rules10 | crier-postrule | crier-poll)
+    crier | crier-base | crier-loops | crier-base-loops | crier-file | crier-file-base | crier-rules10 | crier-postrule | crier-poll)
         start_crier "$name" "$w" 1 || return 1
         ;;
     crier-cluster)

@@ -10,6 +10,7 @@ use parking_lot::RwLock;
 use tokio::sync::Notify;
 
 use super::expiry::Expiries;
+use super::loop_wake::{LoopRelays, LoopWaiters};
 use super::message::{Message, MessageId};
 use crate::config::BufferPolicy;
 use crate::model::Transport;
@@ -43,8 +44,12 @@ pub struct Channel {
     /// trim and close take it exclusively.
     state: RwLock<State>,
     /// Woken (all waiters at once) after every append and on close. Notified *after* the
-    /// state lock is released, so woken subscribers do not find it still held.
+    /// state lock is released, so woken subscribers do not find it still held. Only the
+    /// waiters off the event loops are here; those on a loop are in `loop_waiters`.
     notify: Arc<Notify>,
+    /// The same for the subscribers on each event loop, woken there (see [`super::loop_wake`]).
+    loop_waiters: Box<[LoopWaiters]>,
+    loop_relays: Arc<LoopRelays>,
     /// Live subscribers per transport. Changed under the hub's map lock (see `Hub`), so a
     /// channel is never freed while a subscriber is joining it.
     subscribers: [AtomicUsize; Transport::COUNT],
@@ -311,6 +316,7 @@ impl Channel {
         policy: BufferPolicy,
         floor: MessageId,
         expiries: Arc<Expiries>,
+        loop_relays: Arc<LoopRelays>,
     ) -> Arc<Channel> {
         Arc::new_cyclic(|me| Channel {
             name,
@@ -326,6 +332,8 @@ impl Channel {
                 removed: false,
             }),
             notify: Arc::new(Notify::new()),
+            loop_waiters: loop_relays.waiters(),
+            loop_relays,
             subscribers: Default::default(),
             observing: parking_lot::Mutex::new(()),
             expiries,
@@ -346,8 +354,37 @@ impl Channel {
         }
     }
 
-    pub fn notify(&self) -> &Arc<Notify> {
-        &self.notify
+    /// The `Notify` a subscriber running on this thread waits on for the next append: its
+    /// event loop's (armed, so the append tells that loop), or off the loops the channel's
+    /// own. Call it before registering and before looking at the channel.
+    pub fn notify_here(&self) -> &Arc<Notify> {
+        match crate::event_loop::current()
+            .checked_sub(1)
+            .and_then(|i| self.loop_waiters.get(i))
+        {
+            Some(w) => w.arm(),
+            None => &self.notify,
+        }
+    }
+
+    /// Wakes every waiting subscriber: those off the loops now, each loop's through its relay
+    /// (one post per loop that has a waiter). After the state lock is let go.
+    fn wake(&self) {
+        self.notify.notify_waiters();
+        for (i, w) in self.loop_waiters.iter().enumerate() {
+            if w.take() {
+                if let Some(me) = self.me.upgrade() {
+                    self.loop_relays.post(i, me);
+                }
+            }
+        }
+    }
+
+    /// On event loop `i` (its relay task): wakes the subscribers waiting there.
+    pub(super) fn wake_loop(&self, i: usize) {
+        if let Some(w) = self.loop_waiters.get(i) {
+            w.wake();
+        }
     }
 
     /// The buffer bound and TTL this channel was made with (a storage engine trims its copy
@@ -409,7 +446,7 @@ impl Channel {
         }
         let turn = told.as_ref().map(|_| self.observing.lock());
         drop(st);
-        self.notify.notify_waiters();
+        self.wake();
         if let Some((f, msg)) = told {
             f(&msg);
         }
@@ -456,7 +493,7 @@ impl Channel {
             st.floor = floor;
             st.evicted_through = Some(floor);
         }
-        self.notify.notify_waiters();
+        self.wake();
     }
 
     /// Drops messages older than the TTL. Returns true when the channel is idle and empty
@@ -480,7 +517,7 @@ impl Channel {
                 st.closed = Some(reason);
             }
         }
-        self.notify.notify_waiters();
+        self.wake();
     }
 
     /// Marks the channel removed if it is still free to remove (no subscribers, empty buffer).
@@ -659,6 +696,7 @@ mod tests {
             },
             MessageId::ZERO,
             Arc::default(),
+            Arc::new(LoopRelays::new(0)),
         )
     }
 

@@ -8,6 +8,7 @@
 
 mod channel;
 mod expiry;
+mod loop_wake;
 mod message;
 mod observer;
 pub mod store;
@@ -29,6 +30,7 @@ pub use message::{BadMessageId, Message, MessageId, ENCODING_SLOTS};
 pub use observer::{HubObserver, Published, SubscriberEvent};
 
 use expiry::Expiries;
+use loop_wake::LoopRelays;
 use observer::Observers;
 
 use crate::config::Config;
@@ -125,6 +127,8 @@ struct Inner {
     engine: Arc<dyn Engine>,
     /// The channels the sweep visits, by when their oldest message expires.
     expiries: Arc<Expiries>,
+    /// Each event loop's relay, which wakes the channels' subscribers on that loop.
+    loop_relays: Arc<LoopRelays>,
 }
 
 /// How long a freed channel's last id is remembered for gap reporting.
@@ -137,6 +141,7 @@ impl Hub {
     }
 
     pub fn with_engine(config: Arc<Config>, metrics: Arc<Metrics>, engine: Arc<dyn Engine>) -> Hub {
+        let loop_relays = Arc::new(LoopRelays::new(config.server.event_loops));
         Hub {
             inner: Arc::new(Inner {
                 channels: RwLock::new(HashMap::new()),
@@ -148,8 +153,15 @@ impl Hub {
                 observers: RwLock::new(Observers::default()),
                 engine,
                 expiries: Arc::default(),
+                loop_relays,
             }),
         }
+    }
+
+    /// Starts the relays that wake subscribers on the event loops from the loops themselves
+    /// (`handles[i]` runs loop `i + 1`). Once, when the loops have started.
+    pub fn start_loop_relays(&self, handles: &[tokio::runtime::Handle]) {
+        self.inner.loop_relays.start(handles);
     }
 
     pub fn set_config(&self, config: Arc<Config>) {
@@ -214,6 +226,7 @@ impl Hub {
                     config.buffer_policy_for(&name),
                     floor,
                     self.inner.expiries.clone(),
+                    self.inner.loop_relays.clone(),
                 );
                 map.insert(name, c.clone());
                 self.inner.metrics.channels.set(map.len() as i64);
@@ -380,6 +393,7 @@ impl Hub {
             config.buffer_policy_for(&name),
             floor,
             self.inner.expiries.clone(),
+            self.inner.loop_relays.clone(),
         );
         let now = Instant::now();
         for m in messages {
@@ -741,7 +755,7 @@ impl Subscription {
     /// client is let go when it falls behind, not only when (if ever) it reads again.
     pub async fn fell_behind(&self) {
         loop {
-            let notified = self.channel.notify().notified();
+            let notified = self.channel.notify_here().notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             if self.channel.is_behind(self.next_seq) {
@@ -756,7 +770,7 @@ impl Subscription {
     pub async fn next(&mut self, out: &mut Vec<Arc<Message>>, max: usize) -> Read {
         loop {
             let from = self.next_seq;
-            let notified = self.channel.notify().notified();
+            let notified = self.channel.notify_here().notified();
             tokio::pin!(notified);
             // Register before looking, so an append between the look and the wait still wakes us.
             notified.as_mut().enable();
@@ -806,6 +820,98 @@ mod tests {
             });
         }
         read
+    }
+
+    /// Subscribers on event loops wait on their loop's list and are woken by its relay: each
+    /// of them reads every message of a fast publisher (a lost wake-up would leave one waiting
+    /// for good), and a loop is told at most once per publish, only while someone waits there.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn subscribers_on_event_loops_are_woken_from_their_loop_and_miss_nothing() {
+        use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+        const PER_LOOP: usize = 50;
+        const MESSAGES: usize = 400;
+        let mut config = Config::default();
+        config.server.event_loops = 2;
+        config.channels.buffer.buffer_messages = MESSAGES;
+        let h = Hub::new(Arc::new(config), Arc::new(Metrics::new()));
+        let gauge = prometheus::IntGaugeVec::new(prometheus::Opts::new("g", "g"), &["loop"])
+            .expect("gauge");
+        let loops = crate::event_loop::EventLoops::start(2, &gauge)
+            .await
+            .expect("loops");
+        h.start_loop_relays(loops.handles());
+        let read = Arc::new(AtomicUsize::new(0));
+        let (joined_tx, mut joined) = tokio::sync::mpsc::unbounded_channel();
+        for (i, handle) in loops.handles().iter().enumerate() {
+            for _ in 0..PER_LOOP {
+                let (h, read, joined_tx) = (h.clone(), read.clone(), joined_tx.clone());
+                handle.spawn(async move {
+                    let mut s = h
+                        .subscribe(&name("looped"), Transport::Sse, Start::Newest, None)
+                        .await
+                        .expect("test setup");
+                    assert_eq!(crate::event_loop::current(), i + 1);
+                    let _ = joined_tx.send(());
+                    let mut out = Vec::new();
+                    let mut expect = 1;
+                    while let Read::Messages(_) = s.next(&mut out, 64).await {
+                        for m in out.drain(..) {
+                            assert_eq!(m.body, expect.to_string().as_bytes(), "in order");
+                            expect += 1;
+                            read.fetch_add(1, Relaxed);
+                        }
+                    }
+                });
+            }
+        }
+        for _ in 0..2 * PER_LOOP {
+            joined.recv().await.expect("a subscriber joined");
+        }
+        let relays = h.inner.loop_relays.clone();
+        for k in 1..=MESSAGES {
+            h.publish(&name("looped"), msg(&k.to_string()))
+                .await
+                .expect("published");
+            if k % 50 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        let want = 2 * PER_LOOP * MESSAGES;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while read.load(Relaxed) < want && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            read.load(Relaxed),
+            want,
+            "every subscriber read every message"
+        );
+        let posted = relays.posted();
+        assert!(
+            (1..=2 * MESSAGES as u64).contains(&posted),
+            "{posted} posts to the loops for {MESSAGES} publishes"
+        );
+        // Off the loops, the channel's own list: a subscriber here is woken without a post.
+        let mut here = h
+            .subscribe(&name("looped"), Transport::Sse, Start::Newest, None)
+            .await
+            .expect("test setup");
+        let before = relays.posted();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let mut out = Vec::new();
+            let _ = tx.send((here.next(&mut out, 64).await, out.len()));
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        h.publish(&name("looped"), msg("last"))
+            .await
+            .expect("published");
+        let got = tokio::time::timeout(Duration::from_secs(5), rx)
+            .await
+            .expect("woken")
+            .expect("sent");
+        assert_eq!(got, (Read::Messages(1), 1));
+        assert!(relays.posted() - before <= 2, "one post per loop at most");
     }
 
     /// A subscriber woken by a message may take it and leave before the publish has counted

@@ -434,7 +434,7 @@ impl Many {
         for e in &mut self.chans {
             let Some(sub) = &e.sub else { continue };
             if e.wait.is_none() {
-                let mut n = Box::pin(sub.channel().notify().clone().notified_owned());
+                let mut n = Box::pin(sub.channel().notify_here().clone().notified_owned());
                 n.as_mut().enable();
                 e.wait = Some(n);
             }

@@ -395,6 +395,7 @@ impl Server {
         let loops = EventLoops::start(config.server.event_loops, &metrics.event_loop_connections)
             .await
             .map_err(StartError::EventLoops)?;
+        hub.start_loop_relays(loops.handles());
         let live = Live::new(
             config.clone(),
             &keys,
