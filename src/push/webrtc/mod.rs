@@ -385,7 +385,7 @@ pub(crate) fn answer_for_fuzzing(offer: &str, candidates: &[SocketAddr]) -> Resu
         &offer,
         &sdp::Local {
             ufrag: "fuzz",
-            pwd: "fuzzfuzzfuzzfuzzfuzzfuzz",
+            pwd: FUZZ_PWD,
             fingerprint: "00:11:22:33:44:55:66:77:88:99:AA:BB:CC:DD:EE:FF:00:11:22:33:44:55:66:77:88:99:AA:BB:CC:DD:EE:FF",
             candidates,
         },
@@ -399,7 +399,8 @@ pub(crate) fn answer_for_fuzzing(offer: &str, candidates: &[SocketAddr]) -> Resu
 pub(crate) fn stun_answer_for_fuzzing(req: &[u8], source: SocketAddr) -> Option<Vec<u8>> {
     let creds = stun::Credentials::new("fuzz", "peer", FUZZ_PWD);
     let mut out = [0u8; stun::MAX_RESPONSE];
-    stun::local_ufrag(req);
+    // The socket task's routing parse, which every datagram meets first.
+    let _ = stun::local_ufrag(req);
     let (_, n) = stun::answer(req, &creds, source, &mut out)?;
     Some(out[..n].to_vec())
 }

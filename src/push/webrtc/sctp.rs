@@ -1,7 +1,7 @@
 //! A session's SCTP association and its data channel (RFC 8831, DCEP of RFC 8832), on
-//! sctp-proto. crier is the SCTP server: the client opens the association and its channels;
-//! the first channel it opens carries every message, and any later one is acknowledged and
-//! left unused. What the client sends is read and dropped.
+//! sctp-proto. The DTLS client opens the association (the browser, unless its offer was
+//! passive); the client always opens the channels: the first carries every message, and any
+//! later one is acknowledged and left unused. What the client sends is read and dropped.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

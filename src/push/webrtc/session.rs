@@ -116,13 +116,19 @@ struct Flow {
     just_opened: bool,
 }
 
-impl Session {
-    pub(super) async fn run(mut self) {
-        let mut flow = Flow {
+impl Flow {
+    fn new() -> Flow {
+        Flow {
             pending: VecDeque::new(),
             last_heard: Instant::now(),
             just_opened: false,
-        };
+        }
+    }
+}
+
+impl Session {
+    pub(super) async fn run(mut self) {
+        let mut flow = Flow::new();
         let end = self.serve(&mut flow).await;
         tracing::debug!("webrtc session {} ended: {end:?}", self.id);
         if end.peer_listens() {
@@ -216,7 +222,6 @@ impl Session {
         // dimpl's clock: advanced before each input (its timers count from it), and only
         // ever forward, so always the current time rather than the datagram's arrival.
         let now = Instant::now();
-        let c = &mut *self.conn;
         c.dtls_started = true;
         c.dtls.handle_timeout(now).map_err(|_| End::Failed)?;
         // dimpl drops what it cannot parse or authenticate; an error is the connection's end
@@ -352,11 +357,7 @@ impl Session {
     /// Says goodbye: the SCTP shutdown (what is in flight is delivered first) and, once it
     /// is through or `CLOSE_WAIT` passed, DTLS close_notify.
     async fn finish(&mut self) {
-        let mut flow = Flow {
-            pending: VecDeque::new(),
-            last_heard: Instant::now(),
-            just_opened: false,
-        };
+        let mut flow = Flow::new();
         let end = Instant::now() + CLOSE_WAIT;
         self.conn.sctp.shutdown();
         while !self.conn.sctp.is_closed() {
