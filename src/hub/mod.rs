@@ -891,6 +891,16 @@ mod tests {
             (1..=2 * MESSAGES as u64).contains(&posted),
             "{posted} posts to the loops for {MESSAGES} publishes"
         );
+        // A channel nobody on a loop waits for is posted nowhere.
+        let before = relays.posted();
+        h.publish(&name("unwatched"), msg("x"))
+            .await
+            .expect("published");
+        assert_eq!(
+            relays.posted(),
+            before,
+            "a post with no waiter on the loops"
+        );
         // Off the loops, the channel's own list: a subscriber here is woken without a post.
         let mut here = h
             .subscribe(&name("looped"), Transport::Sse, Start::Newest, None)
